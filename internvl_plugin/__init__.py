@@ -33,4 +33,9 @@ def register() -> None:
     if ModelRegistry is not None:
         for arch, target in MODEL_CLASSES.items():
             ModelRegistry.register_model(arch, target)
+        from vllm.transformers_utils.chat_templates.registry import register_chat_template_fallback_path
+
+        from internvl_plugin.chat_templates import fallback_for_model
+
+        register_chat_template_fallback_path("internvl_chat", fallback_for_model)
     _registered = True
