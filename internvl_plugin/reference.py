@@ -115,7 +115,8 @@ def load_reference(path: str | Path, dtype: torch.dtype = torch.float32) -> Inte
             state.pop(head, None)
     missing, extra = sorted(expected - state.keys()), sorted(state.keys() - expected)
     if missing or extra:
-        raise ValueError(f"{folder}: checkpoint does not match the config:{_name_list('missing', missing)}{_name_list('unexpected', extra)}")
+        problems = _name_list("missing", missing) + _name_list("unexpected", extra)
+        raise ValueError(f"{folder}: checkpoint does not match the config:{problems}")
     model.load_state_dict({k: v.to(dtype) for k, v in state.items()}, strict=True, assign=True)
     model.requires_grad_(False)
     return model.eval()
@@ -276,11 +277,13 @@ _SYSTEM_INTERNVL2 = "你是由上海人工智能实验室联合商汤科技开�
 _SYSTEM_INTERNVL2_5 = "你是书生·万象，英文名是InternVL，是由上海人工智能实验室、清华大学及多家合作单位联合开发的多模态大语言模型。"
 _CHATML_ROLES = ("<|im_start|>user\n", "<|im_start|>assistant\n")
 
+_CHATML_SYSTEM = "<|im_start|>system\n{system_message}"
+
 REF_TEMPLATES: dict[str, _Template] = {
-    "Hermes-2": _Template("<|im_start|>system\n{system_message}", _SYSTEM_INTERNVL2, _CHATML_ROLES, "<|im_end|>"),
-    "internlm2-chat": _Template("<|im_start|>system\n{system_message}", _SYSTEM_INTERNVL2, _CHATML_ROLES, "<|im_end|>"),
+    "Hermes-2": _Template(_CHATML_SYSTEM, _SYSTEM_INTERNVL2, _CHATML_ROLES, "<|im_end|>"),
+    "internlm2-chat": _Template(_CHATML_SYSTEM, _SYSTEM_INTERNVL2, _CHATML_ROLES, "<|im_end|>"),
     "phi3-chat": _Template("<|system|>\n{system_message}", _SYSTEM_INTERNVL2, ("<|user|>\n", "<|assistant|>\n"), "<|end|>"),
-    "internvl2_5": _Template("<|im_start|>system\n{system_message}", _SYSTEM_INTERNVL2_5, _CHATML_ROLES, "<|im_end|>\n"),
+    "internvl2_5": _Template(_CHATML_SYSTEM, _SYSTEM_INTERNVL2_5, _CHATML_ROLES, "<|im_end|>\n"),
 }
 
 

@@ -267,7 +267,7 @@ class InternViTAttentionRef(nn.Module):
         tiles, tokens, _ = x.shape
         q, k, v = self.qkv(x).split(self.hidden, dim=-1)  # q rows first, then k, then v
         if self.qk_normalization:
-            pass
+            q, k = self.q_norm(q), self.k_norm(k)
 
         def heads(t: torch.Tensor) -> torch.Tensor:
             return t.reshape(tiles, tokens, self.heads, self.head_dim).transpose(1, 2)
@@ -306,7 +306,8 @@ class InternViTLayerRef(nn.Module):
         )
         self.ls1 = nn.Parameter(torch.empty(hidden))
         self.norm2 = _norm(norm_type, hidden, eps)
-        self.mlp = InternViTMLPRef(hidden, int(cfg_get(vcfg, "intermediate_size")), cfg_get(vcfg, "hidden_act", "gelu"))
+        intermediate, act = int(cfg_get(vcfg, "intermediate_size")), cfg_get(vcfg, "hidden_act", "gelu")
+        self.mlp = InternViTMLPRef(hidden, intermediate, act)
         self.ls2 = nn.Parameter(torch.empty(hidden))
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
@@ -328,7 +329,8 @@ class InternViTRef(nn.Module):
     def __init__(self, vcfg: Any, image_size: int | None = None):
         super().__init__()
         size = int(image_size or cfg_get(vcfg, "image_size"))
-        self.embeddings = InternViTEmbeddingsRef(int(cfg_get(vcfg, "hidden_size")), size, int(cfg_get(vcfg, "patch_size")))
+        hidden, patch = int(cfg_get(vcfg, "hidden_size")), int(cfg_get(vcfg, "patch_size"))
+        self.embeddings = InternViTEmbeddingsRef(hidden, size, patch)
         self.encoder = InternViTEncoderRef(vcfg)
 
     @property

@@ -1,0 +1,71 @@
+"""Shared fixtures: tiny checkpoints (built once per session) and one vLLM engine per layout.
+
+Engines run in-process (VLLM_ENABLE_V1_MULTIPROCESSING=0, enforce_eager, 1 GiB KV) in float32 so
+that they can be compared with the plain-PyTorch reference at tight tolerances. The multi-process
+path (plugin loaded by entry point in the engine core and worker) has its own tests.
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+
+import pytest
+
+os.environ.setdefault("VLLM_TARGET_DEVICE", "cpu")
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+VL_LAYOUTS = ("internvl2-2b", "internvl2-1b", "internvl-chat-v1-5")
+
+
+@pytest.fixture(scope="session")
+def tiny_root(tmp_path_factory):
+    return tmp_path_factory.mktemp("tiny-models")
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tiny_root):
+    """tiny_model(layout) -> path of that tiny checkpoint (built on first use)."""
+    from internvl_plugin.tiny import build_tiny_model
+
+    def get(layout: str, **kwargs):
+        suffix = "-".join(f"{k}{v}" for k, v in sorted(kwargs.items()))
+        return build_tiny_model(layout, tiny_root / (layout + (f"-{suffix}" if suffix else "")), **kwargs)
+
+    return get
+
+
+def make_llm(model_path, **kwargs):
+    from vllm import LLM
+
+    args = dict(model=str(model_path), dtype="float32", max_model_len=4096, enforce_eager=True,
+                gpu_memory_utilization=0.2, max_num_seqs=4, limit_mm_per_prompt={"image": 2}, seed=0)
+    args.update(kwargs)
+    return LLM(**args)
+
+
+def release_llm(llm) -> None:
+    from vllm.distributed import cleanup_dist_env_and_memory
+
+    del llm
+    gc.collect()
+    cleanup_dist_env_and_memory()
+
+
+@pytest.fixture(scope="module", params=VL_LAYOUTS)
+def vl_engine(request, tiny_model, monkeypatch_module):
+    """(layout, model path, in-process LLM) for each tiny InternVL layout; one engine per module."""
+    monkeypatch_module.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    path = tiny_model(request.param)
+    llm = make_llm(path)
+    yield request.param, path, llm
+    release_llm(llm)
+
+
+@pytest.fixture(scope="module")
+def monkeypatch_module():
+    mp = pytest.MonkeyPatch()
+    yield mp
+    mp.undo()
