@@ -26,7 +26,7 @@ from internvl_plugin.chat_templates import template_text
 
 __all__ = ["LAYOUTS", "build_tiny_model", "INTERNVL_SPECIAL_TOKENS"]
 
-FACTORY_VERSION = 1
+FACTORY_VERSION = 2
 DATA_DIR = Path(__file__).parent / "data"
 INTERNVL_SPECIAL_TOKENS = ["<img>", "</img>", "<IMG_CONTEXT>", "<quad>", "</quad>", "<ref>", "</ref>",
                            "<box>", "</box>"]
@@ -264,14 +264,15 @@ def _added_token(content: str, special: bool = True) -> dict[str, Any]:
 
 
 def _write_internlm2_tokenizer(out: Path, template: str, with_internvl_tokens: bool) -> int:
-    """sentencepiece BPE like InternLM2's: <unk>=0 <s>=1 </s>=2, ChatML tokens as user pieces."""
+    """sentencepiece BPE like InternLM2's: <unk>=0 <s>=1 </s>=2, ChatML tokens as user pieces, no
+    dummy "▁" prefix (InternLM2's normalizer has add_dummy_prefix off; llama.cpp's converter reads it)."""
     import sentencepiece as spm
 
     model = io.BytesIO()
     spm.SentencePieceTrainer.train(
         sentence_iterator=iter(_corpus_lines()), model_writer=model, vocab_size=420, model_type="bpe",
         character_coverage=1.0, byte_fallback=True, split_digits=True, num_threads=1,
-        normalization_rule_name="identity", remove_extra_whitespaces=False, add_dummy_prefix=True,
+        normalization_rule_name="identity", remove_extra_whitespaces=False, add_dummy_prefix=False,
         unk_id=0, bos_id=1, eos_id=2, pad_id=-1, user_defined_symbols=INTERNLM2_CHAT_TOKENS,
         minloglevel=2, seed_sentencepiece_size=100000, shuffle_input_sentence=False)
     (out / "tokenizer.model").write_bytes(model.getvalue())

@@ -1,1 +1,34 @@
-"""TODO"""
+"""Triton kernels of vllm-internvl and their plain-torch references (import name: internvl_kernels).
+
+Imports only torch and triton (triton optionally: without it only the torch paths work), never vllm,
+so it also runs on a GPU machine where vLLM is not installed.
+
+W4A16 on the AWQ "gemm" format (qweight int32 [K, N/8], qzeros int32 [K/G, N/8], scales [K/G, N]):
+    w4a16_linear(x, qweight, qzeros, scales, group_size, bias=None)      model code calls this
+    w4a16_matmul(...)        the Triton path (CUDA, or CPU under TRITON_INTERPRET=1)
+    w4a16_matmul_ref(...)    the float32 torch reference
+    dequantize_awq, quantize_awq, pack_awq_int4, unpack_awq_int4, AWQ_ORDER, AWQ_REVERSE_ORDER
+"""
+
+from .awq_format import (
+    AWQ_ORDER,
+    AWQ_REVERSE_ORDER,
+    dequantize_awq,
+    pack_awq_int4,
+    quantize_awq,
+    unpack_awq_int4,
+    w4a16_matmul_ref,
+)
+from .w4a16 import w4a16_linear, w4a16_matmul
+
+__all__ = [
+    "w4a16_linear",
+    "w4a16_matmul",
+    "w4a16_matmul_ref",
+    "dequantize_awq",
+    "quantize_awq",
+    "pack_awq_int4",
+    "unpack_awq_int4",
+    "AWQ_ORDER",
+    "AWQ_REVERSE_ORDER",
+]

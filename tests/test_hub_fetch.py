@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import socket
 import struct
 import subprocess
@@ -111,7 +110,7 @@ def env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, hub: FakeHub, tmp_path_
         "HF_HUB_DISABLE_UPDATE_CHECK": "1", "HF_ENDPOINT": hub.hf_endpoint, "MODELSCOPE_ENDPOINT": hub.ms_endpoint,
         "MODELSCOPE_DOWNLOAD_INTRA_CLOUD": "false", "INTRA_CLOUD_ACCELERATION": "false",
         "HUB_CLI_OPENXLAB_ENDPOINT": hub.openxlab_endpoint, "TQDM_DISABLE": "",
-        "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+        "HF_HUB_DISABLE_PROGRESS_BARS": "1", "HUB_CLI_RETRY_BACKOFF": "0.01",
     }
     for key, value in values.items():
         monkeypatch.setenv(key, value)
@@ -271,6 +270,16 @@ def test_server_errors_are_retried(source, hub, env, repos, tmp_path):
     assert statuses[:2] == [503, 503] and statuses[-1] == 200
 
 
+def test_hf_server_error_is_retried(hub, env, repos, tmp_path):
+    hub.add_fault("/hf/api/models/owner/tiny", "status", status=500, times=1)  # repo info (A1)
+    hub.add_fault("*model.safetensors", "status", status=502, method="GET", times=1)
+    code, out = cli_fetch(hub, "hf", "owner/tiny", tmp_path / "out", env)
+    assert code == 0, out
+    assert visible_files(tmp_path / "out") == source_bytes(repos, "owner/tiny")
+    assert [r.status for r in hub.log if r.path == "/hf/api/models/owner/tiny"] == [500, 200]
+    assert [r.status for r in hub.requests(method="GET", contains="model.safetensors")] == [502, 200]
+
+
 def test_persistent_server_error_is_a_network_error(hub, env, tmp_path):
     hub.add_fault("*getFileDownloadUrl", "status", status=502, times=None)
     code, out = cli_fetch(hub, "openxlab", "owner/tiny", tmp_path / "out", env, "--retries", "1")
@@ -420,6 +429,7 @@ def test_git_route(env, tmp_path):
     _git("commit", "-q", "-am", "two", cwd=work)
     _git("add", "weights.bin", cwd=work)
     _git("commit", "-q", "-m", "lfs", cwd=work)
+    _git("checkout", "-q", "main", cwd=work)
     (base / "owner").mkdir(parents=True)
     _git("clone", "-q", "--bare", str(work), str(base / "owner" / "gitrepo.git"), cwd=tmp_path)
     url = f"file://{base}"
@@ -488,6 +498,13 @@ def test_fakehub_slow_and_stall(hub, repos):
     r = requests.get(f"{hub.url}/openxlab-files/owner/tiny/model.safetensors")
     assert r.content == source_bytes(repos, "owner/tiny")["model.safetensors"]
     assert [e.fault for e in hub.log] == ["stall", "slow"]
+    hub.add_fault("*model.safetensors", "ignore_range")
+    hub.add_fault("*model.safetensors", "wrong_size")
+    data = source_bytes(repos, "owner/tiny")["model.safetensors"]
+    r = requests.get(f"{hub.url}/openxlab-files/owner/tiny/model.safetensors", headers={"Range": "bytes=100-"})
+    assert r.status_code == 200 and r.content == data
+    r = requests.get(f"{hub.url}/openxlab-files/owner/tiny/model.safetensors")
+    assert r.content == data[:-1]
 
 
 def test_fakehub_module_entry_point(repos):

@@ -30,7 +30,9 @@ IMAGES = [_image(640, 480, 1), _image(300, 900, 2)]
 @pytest.fixture(scope="module")
 def ref(vl_engine):
     layout, path, llm = vl_engine
-    tok = llm.get_tokenizer()
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(path), trust_remote_code=False)  # not vLLM's copy
     return load_reference(path), tok, tok.convert_tokens_to_ids(IMG_CONTEXT_TOKEN)
 
 

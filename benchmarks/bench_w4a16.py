@@ -1,0 +1,210 @@
+"""Time the W4A16 kernels on the InternLM2-7B/20B linear shapes against cuBLAS bf16 and tinygemm.
+
+    python3 benchmarks/bench_w4a16.py [--json benchmarks/results/w4a16-h100.json] [--models 7B 20B]
+    python3 benchmarks/bench_w4a16.py --sweep [--json sweep.json]     # time candidate configs
+
+Columns (microseconds, median of triton.testing.do_bench, which clears L2 before every rep):
+  bf16_us      torch F.linear with the dense bf16 weight [N, K] (cuBLAS)
+  tinygemm_us  torch.ops.aten._weight_int4pack_mm (same 4-bit values and scales, tinygemm layout)
+  ours_us      internvl_kernels.w4a16_matmul (launcher's choice of kernel and config)
+  floor_us     bytes that must move (int4 weight + fp16 scales + packed zeros + x + out) over the
+               device-to-device copy bandwidth measured at the start of the run
+Activations are bf16, group size 128.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+import torch
+import torch.nn.functional as F
+import triton
+from triton.testing import do_bench
+
+from _shim import INTERNLM2_SHAPES, import_kernels
+
+K_ = import_kernels()
+from internvl_kernels.w4a16 import GemmConfig, GemvConfig  # noqa: E402
+
+GROUP = 128
+MS = [1, 4, 16, 32, 64, 128, 512]
+
+
+def median_us(fn, rep=200) -> float:
+    return do_bench(fn, warmup=25, rep=rep, return_mode="median") * 1e3
+
+
+def copy_bandwidth() -> float:
+    """Bytes read + written per second of a 2 GiB device-to-device copy."""
+    a = torch.empty(2 << 30, dtype=torch.uint8, device="cuda")
+    a.random_()
+    b = torch.empty_like(a)
+    t = do_bench(lambda: b.copy_(a), warmup=50, rep=500, return_mode="median") * 1e-3
+    del a, b
+    return 2 * (2 << 30) / t
+
+
+class Layer:
+    """One linear: random weight, its AWQ tensors, the dense bf16 copy and the tinygemm copy."""
+
+    def __init__(self, k, n, gen):
+        w = torch.randn(n, k, device="cuda", generator=gen) * 0.02
+        self.k, self.n = k, n
+        self.qweight, self.qzeros, self.scales = K_.quantize_awq(w, GROUP, scale_dtype=torch.float16)
+        dense = K_.dequantize_awq(self.qweight, self.qzeros, self.scales, GROUP, dtype=torch.float32)  # [K, N]
+        self.dense_nk = dense.t().contiguous().to(torch.bfloat16)
+        self.tinygemm = _tinygemm_prepare(self.qweight, self.qzeros, self.scales)
+
+    def floor_bytes(self, m):
+        weight = self.k * self.n // 2 + self.scales.numel() * 2 + self.qzeros.numel() * 4
+        return weight + m * self.k * 2 + m * self.n * 2
+
+
+def _tinygemm_prepare(qweight, qzeros, scales):
+    """tinygemm computes w = (q - 8) * scale + zero with a [K/G, N, 2] bf16 scale-and-zero tensor and
+    q packed by torch._convert_weight_to_int4pack from uint8 [N, K/2] (two values per byte, the even
+    k in the high nibble). AWQ's (q - z) * s is the same with zero = (8 - z) * s."""
+    try:
+        q = K_.unpack_awq_int4(qweight).t().contiguous()  # [N, K], 0..15
+        z = K_.unpack_awq_int4(qzeros).float()  # [K/G, N]
+        s = scales.float()
+        packed_u8 = ((q[:, ::2] << 4) | q[:, 1::2]).to(torch.uint8)
+        w = torch.ops.aten._convert_weight_to_int4pack(packed_u8, 8)
+        sz = torch.stack([s, (8 - z) * s], dim=-1).to(torch.bfloat16).contiguous()
+        return w, sz
+    except Exception as e:  # report, keep benchmarking the rest
+        print(f"tinygemm unavailable: {type(e).__name__}: {e}", file=sys.stderr)
+        return None
+
+
+def tinygemm_mm(layer, x):
+    w, sz = layer.tinygemm
+    return torch.ops.aten._weight_int4pack_mm(x, w, GROUP, sz)
+
+
+def bench(models, gen):
+    bw = copy_bandwidth()
+    print(f"device {torch.cuda.get_device_name()}  copy bandwidth {bw / 1e12:.2f} TB/s (read + write)")
+    rows = []
+    for model in models:
+        for name, k, n in INTERNLM2_SHAPES[model]:
+            layer = Layer(k, n, gen)
+            tg_err = None
+            for m in MS:
+                x = torch.randn(m, k, device="cuda", generator=gen).to(torch.bfloat16)
+                ref = x.float() @ layer.dense_nk.float().t()
+                ours = K_.w4a16_matmul(x, layer.qweight, layer.qzeros, layer.scales, GROUP)
+                err = float((ours.float() - ref).norm() / ref.norm())
+                row = dict(model=model, shape=name, K=k, N=n, M=m, rel_err=err)
+                row["bf16_us"] = median_us(lambda: F.linear(x, layer.dense_nk))
+                if layer.tinygemm is not None:
+                    tg_err = float((tinygemm_mm(layer, x).float() - ref).norm() / ref.norm())
+                    row["tinygemm_us"] = median_us(lambda: tinygemm_mm(layer, x))
+                    row["tinygemm_rel_err"] = tg_err
+                else:
+                    row["tinygemm_us"] = None
+                row["ours_us"] = median_us(
+                    lambda: K_.w4a16_matmul(x, layer.qweight, layer.qzeros, layer.scales, GROUP))
+                row["floor_us"] = layer.floor_bytes(m) / bw * 1e6
+                rows.append(row)
+                print(_fmt(row), flush=True)
+            del layer
+            torch.cuda.empty_cache()
+    return bw, rows
+
+
+def _fmt(r):
+    tg = f"{r['tinygemm_us']:8.1f}" if r.get("tinygemm_us") else "     n/a"
+    return (f"{r['model']:>3s} {r['shape']:5s} K={r['K']:5d} N={r['N']:5d} M={r['M']:3d}  "
+            f"bf16 {r['bf16_us']:8.1f}  tinygemm {tg}  ours {r['ours_us']:8.1f}  floor {r['floor_us']:7.1f}  "
+            f"x{r['bf16_us'] / r['ours_us']:5.2f} vs bf16  err {r['rel_err']:.1e}")
+
+
+def summary(rows):
+    print("\nmodel shape     M   bf16_us  tinygemm_us  ours_us  floor_us  bf16/ours  tg/ours  ours/floor")
+    for r in rows:
+        tg = r.get("tinygemm_us")
+        print(f"{r['model']:>5s} {r['shape']:5s} {r['M']:4d} {r['bf16_us']:9.1f} {tg if tg else float('nan'):12.1f} "
+              f"{r['ours_us']:8.1f} {r['floor_us']:9.1f} {r['bf16_us'] / r['ours_us']:10.2f} "
+              f"{(tg / r['ours_us']) if tg else float('nan'):8.2f} {r['ours_us'] / r['floor_us']:11.2f}")
+
+
+# ------------------------------------------------------------------------------------------------
+# --sweep: candidate configs per M bucket; the winners go into kernels/w4a16.py's tables.
+# ------------------------------------------------------------------------------------------------
+
+SWEEP_SHAPES = [("7B", "wo", 4096, 4096), ("7B", "w13", 4096, 28672), ("7B", "w2", 14336, 4096)]
+
+
+def sweep_candidates(m):
+    if m <= 4:
+        for nw in (1, 2, 4):
+            for bk in (4, 8):
+                for waves in (2.0, 4.0, 8.0):
+                    yield GemvConfig(block_k=bk, num_warps=nw, waves=waves)
+    if m >= 2:
+        bm = max(16, min(128, triton.next_power_of_2(m)))
+        bms = [bm] if m <= 64 else [64, 128]
+        for bm_ in bms:
+            for bn in (64, 128, 256):
+                for bk in (64, 128):
+                    for nw, ns in ((4, 3), (4, 4), (8, 3)):
+                        if bm_ * bn >= 128 * 256 and nw == 4:
+                            continue
+                        if bm_ <= 16 and nw == 8:
+                            continue
+                        yield GemmConfig(block_m=bm_, block_n=bn, block_k=bk, num_warps=nw, num_stages=ns)
+
+
+def sweep(gen, ms):
+    out = []
+    for model, name, k, n in SWEEP_SHAPES:
+        layer = Layer(k, n, gen)
+        for m in ms:
+            x = torch.randn(m, k, device="cuda", generator=gen).to(torch.bfloat16)
+            bf16 = median_us(lambda: F.linear(x, layer.dense_nk))
+            results = []
+            for cfg in sweep_candidates(m):
+                try:
+                    fn = lambda: K_.w4a16_matmul(x, layer.qweight, layer.qzeros, layer.scales, GROUP, config=cfg)  # noqa: E731
+                    fn()
+                    results.append((median_us(fn, rep=40), cfg))
+                except Exception as e:  # out of shared memory and the like
+                    print(f"  skip {cfg}: {type(e).__name__}", flush=True)
+            results.sort(key=lambda t: t[0])
+            default = median_us(lambda: K_.w4a16_matmul(x, layer.qweight, layer.qzeros, layer.scales, GROUP))
+            print(f"{model} {name} M={m:3d} bf16 {bf16:7.1f} default {default:7.1f}  best:", flush=True)
+            for t, cfg in results[:3]:
+                print(f"     {t:7.1f}  {cfg}")
+            out.append(dict(model=model, shape=name, K=k, N=n, M=m, bf16_us=bf16, default_us=default,
+                            top=[dict(us=t, config=repr(c)) for t, c in results[:6]]))
+        del layer
+        torch.cuda.empty_cache()
+    return out
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--json")
+    ap.add_argument("--models", nargs="+", default=["7B", "20B"])
+    ap.add_argument("--sweep", action="store_true")
+    ap.add_argument("--sweep-ms", type=int, nargs="+", default=[1, 4, 16, 64, 128, 512])
+    args = ap.parse_args()
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    meta = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
+                group_size=GROUP, activation_dtype="bfloat16")
+    if args.sweep:
+        result = dict(meta, sweep=sweep(gen, args.sweep_ms))
+    else:
+        bw, rows = bench(args.models, gen)
+        summary(rows)
+        result = dict(meta, copy_bandwidth_TBps=bw / 1e12, rows=rows)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,453 @@
+"""W4A16 matmul in Triton on the AWQ "gemm" format: y = x @ dequant(qweight, qzeros, scales) (+ bias).
+
+Two kernels, chosen by the number of rows M of x (tokens) in `w4a16_matmul`:
+
+* `_gemv_kernel` (M <= GEMV_MAX_M, decode): CUDA-core split-K GEMV. One program covers 8 * BLOCK_W
+  output columns and a slice of whole quantization groups; its loads put one packed word per thread
+  and all K rows of a tile in the same thread, so every reduction stays in registers. A nibble is
+  turned into a float with no int->float conversion: shifted to mantissa bits 19..22 and OR-ed with
+  the bits of 1.0 it reads as 1 + q/16, so each weight costs a shift, a LOP3 and an FMA. The offset
+  and the zero point are removed once per group and column:
+      sum_k x_k (q_k - z) s = s * (16 * (A - X) - z * X),  A = sum_k x_k (1 + q_k/16),  X = sum_k x_k.
+  Rows of x are a grid axis next to the columns, so the programs of one weight tile run together and
+  share it through L2.
+* `_gemm_kernel` (larger M): tiled GEMM; the tile of packed words is spread to [BLOCK_K, BLOCK_N],
+  dequantized to x's dtype ((q - z) * s in fp32, exact before the one rounding) and fed to tl.dot.
+
+Both split K across programs when the output alone would not fill the GPU; the fp32 partial sums go
+to a workspace that `_splitk_reduce_kernel` sums (with the bias) into the output, so results are
+deterministic. Configurations are explicit tables below (GEMV_CONFIGS, GEMM_CONFIGS), with the shapes
+they were tuned for. The plain-torch reference is awq_format.w4a16_matmul_ref.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+
+from .awq_format import check_awq_shapes, w4a16_matmul_ref
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # the CPU path (w4a16_linear) needs no Triton
+    triton = None
+
+__all__ = ["w4a16_matmul", "w4a16_linear", "GemvConfig", "GemmConfig", "pick_config"]
+
+
+def w4a16_matmul(x, qweight, qzeros, scales, group_size: int, bias=None, *, out=None, config=None):
+    """x [..., K] (fp16/bf16) @ AWQ weight [K, N] -> [..., N] in x.dtype, through Triton.
+
+    Runs on CUDA tensors, or on CPU tensors under TRITON_INTERPRET=1. `out` (contiguous, [M, N] or
+    [..., N], x.dtype) receives the result; `config` (a GemvConfig or GemmConfig) overrides the
+    table lookup, which benchmarks use to sweep.
+    """
+    if triton is None:
+        raise RuntimeError("w4a16_matmul needs triton; use w4a16_linear for a CPU fallback")
+    k, n = check_awq_shapes(qweight, qzeros, scales, group_size)
+    if x.shape[-1] != k:
+        raise ValueError(f"w4a16_matmul: x has {x.shape[-1]} features, the weight expects K={k}")
+    if x.dtype not in (torch.float16, torch.bfloat16):
+        raise ValueError(f"w4a16_matmul: x must be float16 or bfloat16, got {x.dtype}")
+    if bias is not None and tuple(bias.shape) != (n,):
+        raise ValueError(f"w4a16_matmul: bias must have shape ({n},), got {tuple(bias.shape)}")
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, k)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    qweight, qzeros, scales = (t if t.stride(-1) == 1 else t.contiguous() for t in (qweight, qzeros, scales))
+    m = x2.shape[0]
+    if out is None:
+        out = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    elif out.dtype != x.dtype or out.numel() != m * n or not out.is_contiguous():
+        raise ValueError(f"w4a16_matmul: out must be a contiguous {x.dtype} tensor of {m}x{n} elements")
+    out = out.view(m, n)
+    if m == 0:
+        return out.view(*lead, n)
+    cfg = config or pick_config(m, n, k, group_size, x.device)
+    if isinstance(cfg, GemvConfig):
+        _launch_gemv(x2, qweight, qzeros, scales, group_size, bias, out, cfg)
+    else:
+        _launch_gemm(x2, qweight, qzeros, scales, group_size, bias, out, cfg)
+    return out.view(*lead, n)
+
+
+def w4a16_linear(x, qweight, qzeros, scales, group_size: int, bias=None):
+    """The entry point for model code: Triton on CUDA fp16/bf16 tensors, else the torch reference.
+
+    Stateless: the CPU path recomputes the float32 dequantization on every call (the reference math),
+    so it is numerically identical to w4a16_matmul_ref.
+    """
+    if triton is not None and x.is_cuda and x.dtype in (torch.float16, torch.bfloat16):
+        return w4a16_matmul(x, qweight, qzeros, scales, group_size, bias)
+    return w4a16_matmul_ref(x, qweight, qzeros, scales, group_size, bias)
+
+
+# ------------------------------------------------------------------------------------------------
+# Configurations
+# ------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class GemvConfig:
+    """The decode kernel: a program covers 32 * num_warps packed words (256 * num_warps columns)."""
+
+    block_k: int = 8  # rows per load; a step loads 4 such tiles, and 4 * block_k divides the group size
+    num_warps: int = 4
+    split_k: int = 0  # 0: derived from the grid size (see _gemv_split)
+    waves: float = 4.0  # with split_k == 0: aim for this many programs per multiprocessor
+
+    @property
+    def block_w(self) -> int:
+        return 32 * self.num_warps
+
+
+@dataclass(frozen=True)
+class GemmConfig:
+    block_m: int = 64
+    block_n: int = 128
+    block_k: int = 64  # clipped to the group size
+    num_warps: int = 4
+    num_stages: int = 3
+    split_k: int = 0  # 0: derived from the grid size (see _gemm_split)
+
+
+# Rows of x up to which the GEMV kernel is used.
+GEMV_MAX_M = 2
+
+# Tuned on one H100 80GB HBM3 (benchmarks/bench_w4a16.py --sweep) for the InternLM2-7B/20B linears
+# (K x N: 4096x6144, 4096x4096, 4096x28672, 14336x4096, 6144x8192, 6144x6144, 6144x32768,
+# 16384x6144) at group size 128; the other group sizes use the same table.
+GEMV_CONFIGS = {
+    # M: config
+    1: GemvConfig(block_k=8, num_warps=4, waves=4.0),
+    2: GemvConfig(block_k=8, num_warps=4, waves=4.0),
+}
+# (largest M of the bucket, config), first match wins. Same shapes as above.
+GEMM_CONFIGS = [
+    (16, GemmConfig(block_m=16, block_n=128, block_k=128, num_warps=4, num_stages=4)),
+    (32, GemmConfig(block_m=32, block_n=128, block_k=128, num_warps=4, num_stages=4)),
+    (64, GemmConfig(block_m=64, block_n=128, block_k=64, num_warps=4, num_stages=4)),
+    (128, GemmConfig(block_m=128, block_n=128, block_k=64, num_warps=8, num_stages=3)),
+    (1 << 62, GemmConfig(block_m=128, block_n=256, block_k=64, num_warps=8, num_stages=3)),
+]
+
+
+def pick_config(m: int, n: int, k: int, group_size: int, device):
+    if m <= GEMV_MAX_M:
+        return GEMV_CONFIGS[max(b for b in GEMV_CONFIGS if b <= m) if m >= 1 else 1]
+    for bound, cfg in GEMM_CONFIGS:
+        if m <= bound:
+            return cfg
+    raise AssertionError("unreachable")
+
+
+_SM_COUNT: dict = {}
+
+
+def _sm_count(device) -> int:
+    if device.type != "cuda":
+        return 4  # the interpreter: small grids, still split
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    if idx not in _SM_COUNT:
+        _SM_COUNT[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
+    return _SM_COUNT[idx]
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+# ------------------------------------------------------------------------------------------------
+# Launchers
+# ------------------------------------------------------------------------------------------------
+
+
+def _gemv_split(cfg: GemvConfig, m: int, n_blocks: int, groups: int, device) -> int:
+    if cfg.split_k:
+        return max(1, min(cfg.split_k, groups))
+    want = int(cfg.waves * _sm_count(device))
+    return max(1, min(groups, -(-want // (m * n_blocks))))
+
+
+def _launch_gemv(x, qweight, qzeros, scales, group_size, bias, out, cfg: GemvConfig):
+    m, k = x.shape
+    n = out.shape[1]
+    block_k = cfg.block_k
+    if group_size % (4 * block_k):
+        raise ValueError(f"GEMV: 4 * block_k={block_k} must divide group_size={group_size}")
+    groups = k // group_size
+    n_blocks = triton.cdiv(n // 8, cfg.block_w)
+    split = _gemv_split(cfg, m, n_blocks, groups, x.device)
+    per_split = triton.cdiv(groups, split)
+    split = triton.cdiv(groups, per_split)
+    dest = out if split == 1 else torch.empty((split, m, n), dtype=torch.float32, device=x.device)
+    _gemv_kernel[(m, n_blocks, split)](
+        x, qweight, qzeros, scales, bias if bias is not None else scales, dest,
+        n, x.stride(0), qweight.stride(0), qzeros.stride(0), scales.stride(0), n, m * n,
+        per_split, groups,
+        GROUP_SIZE=group_size, BLOCK_K=block_k, BLOCK_W=cfg.block_w,
+        HAS_BIAS=bias is not None and split == 1, WRITE_PARTIAL=split > 1,
+        num_warps=cfg.num_warps,
+    )
+    if split > 1:
+        _reduce_partials(dest, bias, out)
+
+
+def _gemm_split(cfg: GemmConfig, tiles: int, k_tiles: int, device) -> int:
+    if cfg.split_k:
+        return max(1, min(cfg.split_k, k_tiles))
+    sms = _sm_count(device)
+    if tiles >= sms:
+        return 1
+    # Enough programs to cover the GPU twice, each keeping at least 4 K tiles.
+    return max(1, min(-(-2 * sms // tiles), k_tiles // 4))
+
+
+def _launch_gemm(x, qweight, qzeros, scales, group_size, bias, out, cfg: GemmConfig):
+    m, k = x.shape
+    n = out.shape[1]
+    block_k = min(cfg.block_k, group_size)
+    if group_size % block_k:
+        raise ValueError(f"GEMM block_k={block_k} must divide group_size={group_size}")
+    k_tiles = k // block_k
+    tiles = triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n)
+    split = _gemm_split(cfg, tiles, k_tiles, x.device)
+    per_split = triton.cdiv(k_tiles, split)
+    split = triton.cdiv(k_tiles, per_split)
+    dest = out if split == 1 else torch.empty((split, m, n), dtype=torch.float32, device=x.device)
+    _gemm_kernel[(tiles, split)](
+        x, qweight, qzeros, scales, bias if bias is not None else scales, dest,
+        m, n, k, x.stride(0), qweight.stride(0), qzeros.stride(0), scales.stride(0), n, m * n,
+        per_split * block_k,
+        GROUP_SIZE=group_size, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=block_k,
+        HAS_BIAS=bias is not None and split == 1, WRITE_PARTIAL=split > 1,
+        # Triton 3.9's interpreter computes bf16 tl.dot wrongly (it multiplies the raw bits); there the
+        # bf16 operands are widened to fp32 first, which is exact, so the numerics are unchanged.
+        DOT_FP32=_interpreting() and x.dtype == torch.bfloat16,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    if split > 1:
+        _reduce_partials(dest, bias, out)
+
+
+def _reduce_partials(partials, bias, out):
+    split, m, n = partials.shape
+    block = 1024
+    _splitk_reduce_kernel[(triton.cdiv(m * n, block),)](
+        partials, bias if bias is not None else partials, out, m * n, n, split,
+        HAS_BIAS=bias is not None, BLOCK=block, num_warps=4,
+    )
+
+
+# ------------------------------------------------------------------------------------------------
+# Kernels
+# ------------------------------------------------------------------------------------------------
+
+if triton is not None:
+
+    # The GEMV multiplies x by 2**X_PRESCALE so that x * (subnormal nibble) lands in the normal range:
+    # products keep full precision while |x * q| >= 2**-52, and x may reach 2**53 before overflowing.
+    X_PRESCALE = tl.constexpr(75)
+
+    @triton.jit
+    def _subnormal(w, MASK: tl.constexpr):
+        """The nibble under MASK (bits below 23) read as a float32 with a zero exponent field:
+        exactly q * 2**(bit - 149), a subnormal. No shift, no int->float conversion."""
+        return (w & MASK).to(tl.float32, bitcast=True)
+
+    @triton.jit
+    def _fma_nibbles(w, x_scaled, a0, a1, a2, a3, a4, a5, a6, a7):
+        """a_i += x * q_i * 2**(4 * p_i + X_PRESCALE - 149) over a tile w [rows, words], where p_i is
+        the nibble's position when read: i, but 4 and 5 for nibbles 6 and 7."""
+        xc = x_scaled[:, None]
+        a0 += xc * _subnormal(w, 0xF)
+        a1 += xc * _subnormal(w, 0xF0)
+        a2 += xc * _subnormal(w, 0xF00)
+        a3 += xc * _subnormal(w, 0xF000)
+        a4 += xc * _subnormal(w, 0xF0000)
+        a5 += xc * _subnormal(w, 0xF00000)
+        hi = w >> 8  # nibbles 6 and 7 would reach into the exponent field: move them to bits 16..23
+        a6 += xc * _subnormal(hi, 0xF0000)
+        a7 += xc * _subnormal(hi, 0xF00000)
+        return a0, a1, a2, a3, a4, a5, a6, a7
+
+    @triton.jit
+    def _group_close(a, xsum, zw, s_row, mask, NIBBLE: tl.constexpr, COLUMN: tl.constexpr):
+        """One group's contribution for the column held in nibble NIBBLE (logical column COLUMN):
+        s * (sum_k x_k q_k - z * sum_k x_k); `a` comes from _fma_nibbles, `xsum` is unscaled."""
+        s = tl.load(s_row + COLUMN, mask=mask, other=0.0).to(tl.float32)
+        z = ((zw >> (4 * NIBBLE)) & 0xF).to(tl.float32)
+        UNSCALE: tl.constexpr = 2.0 ** (149 - X_PRESCALE - 4 * (NIBBLE - 2 * (NIBBLE // 6)))
+        return s * (a * UNSCALE - z * xsum)
+
+    @triton.jit
+    def _store_column(row_ptr, bias_ptr, offs_w, acc, mask, COLUMN: tl.constexpr,
+                      HAS_BIAS: tl.constexpr, WRITE_PARTIAL: tl.constexpr):
+        cols = offs_w * 8 + COLUMN
+        if WRITE_PARTIAL:
+            tl.store(row_ptr + cols, acc, mask=mask)
+        else:
+            if HAS_BIAS:
+                acc += tl.load(bias_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+            tl.store(row_ptr + cols, acc.to(row_ptr.dtype.element_ty), mask=mask)
+
+    @triton.jit(do_not_specialize=["stride_qw"])
+    def _gemv_kernel(
+        x_ptr, qw_ptr, qz_ptr, s_ptr, bias_ptr, out_ptr,
+        N, stride_xm, stride_qw, stride_qz, stride_s, stride_om, stride_split,
+        groups_per_split, n_groups,
+        GROUP_SIZE: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_W: tl.constexpr,
+        HAS_BIAS: tl.constexpr, WRITE_PARTIAL: tl.constexpr,
+    ):
+        pid_m = tl.program_id(0)
+        pid_n = tl.program_id(1)
+        pid_k = tl.program_id(2)
+        # stride_qw is not specialized, so its alignment is unknown and loads stay one word wide:
+        # one 128-byte line per warp and row, one word (8 columns) and all rows per thread. Wider
+        # loads would multiply the per-thread accumulators and spill.
+        offs_w = pid_n * BLOCK_W + tl.arange(0, BLOCK_W)
+        mask_w = offs_w < N // 8
+        offs_k = tl.arange(0, BLOCK_K)
+        w_offs = offs_k[:, None] * stride_qw + offs_w[None, :]
+        x_row = x_ptr + pid_m.to(tl.int64) * stride_xm
+
+        acc0 = tl.zeros([BLOCK_W], dtype=tl.float32)
+        acc1 = tl.zeros([BLOCK_W], dtype=tl.float32)
+        acc2 = tl.zeros([BLOCK_W], dtype=tl.float32)
+        acc3 = tl.zeros([BLOCK_W], dtype=tl.float32)
+        acc4 = tl.zeros([BLOCK_W], dtype=tl.float32)
+        acc5 = tl.zeros([BLOCK_W], dtype=tl.float32)
+        acc6 = tl.zeros([BLOCK_W], dtype=tl.float32)
+        acc7 = tl.zeros([BLOCK_W], dtype=tl.float32)
+        g_lo = pid_k * groups_per_split
+        g_hi = tl.minimum(g_lo + groups_per_split, n_groups)
+        for g in range(g_lo, g_hi):
+            # Per-thread partial sums over the rows of a tile; reduced once per group.
+            a0 = tl.zeros([BLOCK_K, BLOCK_W], dtype=tl.float32)
+            a1 = tl.zeros([BLOCK_K, BLOCK_W], dtype=tl.float32)
+            a2 = tl.zeros([BLOCK_K, BLOCK_W], dtype=tl.float32)
+            a3 = tl.zeros([BLOCK_K, BLOCK_W], dtype=tl.float32)
+            a4 = tl.zeros([BLOCK_K, BLOCK_W], dtype=tl.float32)
+            a5 = tl.zeros([BLOCK_K, BLOCK_W], dtype=tl.float32)
+            a6 = tl.zeros([BLOCK_K, BLOCK_W], dtype=tl.float32)
+            a7 = tl.zeros([BLOCK_K, BLOCK_W], dtype=tl.float32)
+            xsum = tl.zeros([BLOCK_K], dtype=tl.float32)
+            for kk in range(0, GROUP_SIZE, 4 * BLOCK_K):
+                row0 = g * GROUP_SIZE + kk
+                # Four tiles' loads are issued before any of them is used: four in flight per thread.
+                tile = qw_ptr + row0 * stride_qw + w_offs
+                w0 = tl.load(tile, mask=mask_w[None, :], other=0)
+                w1 = tl.load(tile + BLOCK_K * stride_qw, mask=mask_w[None, :], other=0)
+                w2 = tl.load(tile + 2 * BLOCK_K * stride_qw, mask=mask_w[None, :], other=0)
+                w3 = tl.load(tile + 3 * BLOCK_K * stride_qw, mask=mask_w[None, :], other=0)
+                x0 = tl.load(x_row + row0 + offs_k).to(tl.float32) * (2.0 ** X_PRESCALE)
+                x1 = tl.load(x_row + row0 + BLOCK_K + offs_k).to(tl.float32) * (2.0 ** X_PRESCALE)
+                x2 = tl.load(x_row + row0 + 2 * BLOCK_K + offs_k).to(tl.float32) * (2.0 ** X_PRESCALE)
+                x3 = tl.load(x_row + row0 + 3 * BLOCK_K + offs_k).to(tl.float32) * (2.0 ** X_PRESCALE)
+                xsum += (x0 + x1) + (x2 + x3)
+                a0, a1, a2, a3, a4, a5, a6, a7 = _fma_nibbles(w0, x0, a0, a1, a2, a3, a4, a5, a6, a7)
+                a0, a1, a2, a3, a4, a5, a6, a7 = _fma_nibbles(w1, x1, a0, a1, a2, a3, a4, a5, a6, a7)
+                a0, a1, a2, a3, a4, a5, a6, a7 = _fma_nibbles(w2, x2, a0, a1, a2, a3, a4, a5, a6, a7)
+                a0, a1, a2, a3, a4, a5, a6, a7 = _fma_nibbles(w3, x3, a0, a1, a2, a3, a4, a5, a6, a7)
+            xs = tl.sum(xsum, axis=0) * (2.0 ** -X_PRESCALE)
+            zw = tl.load(qz_ptr + g * stride_qz + offs_w, mask=mask_w, other=0)
+            s_row = s_ptr + g * stride_s + offs_w * 8
+            # nibble i holds logical column AWQ_ORDER[i] = (0, 2, 4, 6, 1, 3, 5, 7)[i]
+            acc0 += _group_close(tl.sum(a0, axis=0), xs, zw, s_row, mask_w, 0, 0)
+            acc1 += _group_close(tl.sum(a1, axis=0), xs, zw, s_row, mask_w, 1, 2)
+            acc2 += _group_close(tl.sum(a2, axis=0), xs, zw, s_row, mask_w, 2, 4)
+            acc3 += _group_close(tl.sum(a3, axis=0), xs, zw, s_row, mask_w, 3, 6)
+            acc4 += _group_close(tl.sum(a4, axis=0), xs, zw, s_row, mask_w, 4, 1)
+            acc5 += _group_close(tl.sum(a5, axis=0), xs, zw, s_row, mask_w, 5, 3)
+            acc6 += _group_close(tl.sum(a6, axis=0), xs, zw, s_row, mask_w, 6, 5)
+            acc7 += _group_close(tl.sum(a7, axis=0), xs, zw, s_row, mask_w, 7, 7)
+
+        row_ptr = out_ptr + pid_m.to(tl.int64) * stride_om
+        if WRITE_PARTIAL:
+            row_ptr += pid_k.to(tl.int64) * stride_split
+        _store_column(row_ptr, bias_ptr, offs_w, acc0, mask_w, 0, HAS_BIAS, WRITE_PARTIAL)
+        _store_column(row_ptr, bias_ptr, offs_w, acc1, mask_w, 2, HAS_BIAS, WRITE_PARTIAL)
+        _store_column(row_ptr, bias_ptr, offs_w, acc2, mask_w, 4, HAS_BIAS, WRITE_PARTIAL)
+        _store_column(row_ptr, bias_ptr, offs_w, acc3, mask_w, 6, HAS_BIAS, WRITE_PARTIAL)
+        _store_column(row_ptr, bias_ptr, offs_w, acc4, mask_w, 1, HAS_BIAS, WRITE_PARTIAL)
+        _store_column(row_ptr, bias_ptr, offs_w, acc5, mask_w, 3, HAS_BIAS, WRITE_PARTIAL)
+        _store_column(row_ptr, bias_ptr, offs_w, acc6, mask_w, 5, HAS_BIAS, WRITE_PARTIAL)
+        _store_column(row_ptr, bias_ptr, offs_w, acc7, mask_w, 7, HAS_BIAS, WRITE_PARTIAL)
+
+    @triton.jit
+    def _spread8(w):
+        """[..., W] -> [..., 8W]: each packed word repeated 8 times, in registers."""
+        w = tl.interleave(w, w)
+        w = tl.interleave(w, w)
+        return tl.interleave(w, w)
+
+    @triton.jit
+    def _gemm_kernel(
+        x_ptr, qw_ptr, qz_ptr, s_ptr, bias_ptr, out_ptr,
+        M, N, K, stride_xm, stride_qw, stride_qz, stride_s, stride_om, stride_split, k_per_split,
+        GROUP_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+        HAS_BIAS: tl.constexpr, WRITE_PARTIAL: tl.constexpr, DOT_FP32: tl.constexpr,
+    ):
+        pid = tl.program_id(0)
+        pid_k = tl.program_id(1)
+        # M tiles vary fastest, so the programs that share a weight tile run side by side.
+        num_m = tl.cdiv(M, BLOCK_M)
+        pid_m = pid % num_m
+        pid_n = pid // num_m
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        offs_w = pid_n * (BLOCK_N // 8) + tl.arange(0, BLOCK_N // 8)
+        offs_k = tl.arange(0, BLOCK_K)
+        mask_m = offs_m < M
+        mask_n = offs_n < N
+        mask_w = offs_w < N // 8
+        # Column j of a block of 8 is nibble AWQ_REVERSE_ORDER[j] = (0, 4, 1, 5, 2, 6, 3, 7)[j].
+        j = tl.arange(0, BLOCK_N) % 8
+        shifts = (((j & 1) << 2) | (j >> 1)) << 2
+
+        x_rows = x_ptr + offs_m[:, None].to(tl.int64) * stride_xm
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        k_lo = pid_k * k_per_split
+        k_hi = tl.minimum(k_lo + k_per_split, K)
+        for k in range(k_lo, k_hi, BLOCK_K):
+            rows = k + offs_k
+            a = tl.load(x_rows + rows[None, :], mask=mask_m[:, None], other=0.0)
+            w = tl.load(qw_ptr + rows[:, None].to(tl.int64) * stride_qw + offs_w[None, :],
+                        mask=mask_w[None, :], other=0)
+            g = k // GROUP_SIZE  # BLOCK_K divides GROUP_SIZE: one group per tile
+            zw = tl.load(qz_ptr + g * stride_qz + offs_w, mask=mask_w, other=0)
+            s = tl.load(s_ptr + g * stride_s + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+            # OR-ing a nibble into the bits of 2**23 gives the float 2**23 + q: no int->float convert.
+            q = ((_spread8(w) >> shifts[None, :]) & 0xF) | 0x4B000000
+            z = ((_spread8(zw) >> shifts) & 0xF) | 0x4B000000
+            b = (q.to(tl.float32, bitcast=True) - z.to(tl.float32, bitcast=True)[None, :]) * s[None, :]
+            b = b.to(x_ptr.dtype.element_ty)
+            if DOT_FP32:
+                acc += tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+            else:
+                acc = tl.dot(a, b, acc)
+
+        out_ptrs = out_ptr + offs_m[:, None].to(tl.int64) * stride_om + offs_n[None, :]
+        mask = mask_m[:, None] & mask_n[None, :]
+        if WRITE_PARTIAL:
+            tl.store(out_ptrs + pid_k.to(tl.int64) * stride_split, acc, mask=mask)
+        else:
+            if HAS_BIAS:
+                acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+            tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def _splitk_reduce_kernel(part_ptr, bias_ptr, out_ptr, MN, N, split, HAS_BIAS: tl.constexpr,
+                              BLOCK: tl.constexpr):
+        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        mask = offs < MN
+        acc = tl.zeros([BLOCK], dtype=tl.float32)
+        for i in range(split):
+            acc += tl.load(part_ptr + i * MN + offs, mask=mask, other=0.0)
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + offs % N, mask=mask, other=0.0).to(tl.float32)
+        tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)

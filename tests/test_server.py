@@ -1,0 +1,151 @@
+"""The OpenAI-compatible server, started the way the README says (``hub_cli demo``), through the
+official ``openai`` client: models list, chat with a base64 image and with an http URL on
+127.0.0.1, usage counts against the reference prompt, a garbage image -> HTTP 400, still serving."""
+
+from __future__ import annotations
+
+import base64
+import functools
+import http.server
+import io
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+pytestmark = pytest.mark.slow
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _png(w, h, color) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (w, h), color).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def demo_server(tmp_path_factory):
+    cache = tmp_path_factory.mktemp("demo-cache")
+    port = _free_port()
+    log = cache / "server.log"
+    env = dict(os.environ)
+    env.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)   # the real multi-process server
+    env.pop("VLLM_PLUGINS", None)                      # plugin found through its entry point
+    hub_cli = Path(sys.executable).with_name("hub_cli")
+    proc = subprocess.Popen([str(hub_cli), "demo", "--port", str(port), "--cache-dir", str(cache)],
+                            stdout=open(log, "w"), stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 400
+    try:
+        while True:
+            assert proc.poll() is None, f"hub_cli demo exited early:\n{log.read_text()[-3000:]}"
+            try:
+                if urllib.request.urlopen(base + "/health", timeout=2).status == 200:
+                    break
+            except OSError:
+                pass
+            assert time.monotonic() < deadline, f"server never healthy:\n{log.read_text()[-3000:]}"
+            time.sleep(1)
+        # the ready message with a curl command follows health by a moment
+        for _ in range(40):
+            if "curl -s" in log.read_text():
+                break
+            time.sleep(0.25)
+        yield base, cache / "internvl2-2b", log
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode in (0, 130), log.read_text()[-2000:]
+
+
+@pytest.fixture(scope="module")
+def client(demo_server):
+    import openai
+
+    return openai.OpenAI(base_url=demo_server[0] + "/v1", api_key="unused", max_retries=0, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def image_host(tmp_path_factory):
+    root = tmp_path_factory.mktemp("images")
+    (root / "cat.png").write_bytes(_png(900, 300, (20, 120, 220)))
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(root))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+
+
+def _expected_prompt_tokens(model_dir, images, text):
+    from transformers import AutoTokenizer
+
+    from internvl_plugin import register
+    from internvl_plugin.reference import ref_build_prompt, ref_num_tiles
+
+    register()
+    tok = AutoTokenizer.from_pretrained(str(model_dir))
+    question = "".join("<image>\n" for _ in images) + text
+    tiles = [ref_num_tiles(im.width, im.height, None, model_dir) for im in images]
+    return len(tok(ref_build_prompt(question, tiles, model_dir)).input_ids)
+
+
+def test_ready_message_and_models(demo_server, client):
+    base, _, log = demo_server
+    assert "curl -s " + base + "/v1/chat/completions" in log.read_text()
+    assert [m.id for m in client.models.list().data] == ["tiny-internvl"]
+
+
+def test_chat_with_base64_image(demo_server, client):
+    _, model_dir, _ = demo_server
+    png = _png(640, 480, (10, 200, 30))
+    url = "data:image/png;base64," + base64.b64encode(png).decode()
+    resp = client.chat.completions.create(model="tiny-internvl", max_tokens=6, temperature=0, messages=[
+        {"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}},
+                                     {"type": "text", "text": "Describe the image."}]}])
+    assert resp.choices[0].message.content
+    assert resp.usage.completion_tokens == 6
+    # 640x480 -> 3x2 tiles + thumbnail = 1792 image tokens, plus the templated text
+    expected = _expected_prompt_tokens(model_dir, [Image.open(io.BytesIO(png))], "Describe the image.")
+    assert resp.usage.prompt_tokens == expected > 1792
+
+
+def test_chat_with_http_image_url(demo_server, client, image_host):
+    _, model_dir, _ = demo_server
+    resp = client.chat.completions.create(model="tiny-internvl", max_tokens=4, temperature=0, messages=[
+        {"role": "user", "content": [{"type": "image_url", "image_url": {"url": image_host + "/cat.png"}},
+                                     {"type": "text", "text": "What is this?"}]}])
+    img = Image.new("RGB", (900, 300))
+    assert resp.usage.prompt_tokens == _expected_prompt_tokens(model_dir, [img], "What is this?")
+
+
+def test_garbage_image_is_400_and_server_survives(demo_server, client):
+    import openai
+
+    garbage = "data:image/png;base64," + base64.b64encode(b"this is not a png at all" * 10).decode()
+    with pytest.raises(openai.BadRequestError) as info:
+        client.chat.completions.create(model="tiny-internvl", max_tokens=4, messages=[
+            {"role": "user", "content": [{"type": "image_url", "image_url": {"url": garbage}},
+                                         {"type": "text", "text": "hi"}]}])
+    assert info.value.status_code == 400
+    message = str(info.value).lower()
+    assert "image" in message, message
+    resp = client.chat.completions.create(model="tiny-internvl", max_tokens=3, temperature=0,
+                                          messages=[{"role": "user", "content": "still there?"}])
+    assert resp.usage.completion_tokens == 3
