@@ -108,7 +108,9 @@ def _expected_prompt_tokens(model_dir, images, text):
 
 def test_ready_message_and_models(demo_server, client):
     base, _, log = demo_server
-    assert "curl -s " + base + "/v1/chat/completions" in log.read_text()
+    text = log.read_text()
+    assert "curl -s " + base + "/v1/chat/completions" in text
+    assert "'trust_remote_code': True" not in text and "trust_remote_code=True" not in text
     assert [m.id for m in client.models.list().data] == ["tiny-internvl"]
 
 
