@@ -1,0 +1,41 @@
+"""awq_tools estimate: the fp16 figure equals the bytes of the tiny checkpoint's tensors."""
+
+from __future__ import annotations
+
+import json
+
+from click.testing import CliRunner
+from safetensors import safe_open
+
+from awq_tools.cli import main
+
+
+def test_estimate_matches_bytes_on_disk(tiny_model):
+    path = tiny_model("internvl2-2b")
+    res = CliRunner().invoke(main, ["estimate", str(path), "--json", "--w-group-size", "64"])
+    assert res.exit_code == 0, res.output
+    est = json.loads(res.output)
+    with safe_open(str(path / "model.safetensors"), "pt") as f:
+        on_disk = sum(f.get_tensor(k).numel() * 2 for k in f.keys())  # bf16 = fp16 bytes
+    assert est["fp16"]["total_bytes"] == on_disk
+    assert est["w4a16"]["vision_bytes"] == est["fp16"]["vision_bytes"]  # vision stays 16-bit
+    assert est["w4a16"]["llm_bytes"] < est["fp16"]["llm_bytes"]
+    cfg = json.loads((path / "config.json").read_text())["llm_config"]
+    head_dim = cfg["hidden_size"] // cfg["num_attention_heads"]
+    per_layer_heads = cfg["num_hidden_layers"] * cfg["num_key_value_heads"]
+    assert est["fp16"]["kv_bytes_per_token"] == {"0": 2 * per_layer_heads * head_dim * 2,
+                                                 "8": 2 * per_layer_heads * (head_dim + 4),
+                                                 "4": 2 * per_layer_heads * (head_dim // 2 + 4)}
+
+
+def test_estimate_table_and_errors(tiny_model, tmp_path):
+    res = CliRunner().invoke(main, ["estimate", str(tiny_model("internvl2-1b")), "--tokens", "4096"])
+    assert res.exit_code == 0 and "total weights" in res.output and "KV cache for 4096 tokens" in res.output
+    missing = CliRunner().invoke(main, ["estimate", str(tmp_path / "nope")])
+    assert missing.exit_code == 1 and "no such file" in missing.output and "Traceback" not in missing.output
+    (tmp_path / "config.json").write_text("{oops")
+    bad = CliRunner().invoke(main, ["estimate", str(tmp_path)])
+    assert bad.exit_code == 1 and "not valid JSON" in bad.output
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "bert"}))
+    other = CliRunner().invoke(main, ["estimate", str(tmp_path)])
+    assert other.exit_code == 1 and "lacks" in other.output
