@@ -93,8 +93,14 @@ def models(as_json: bool, family: str | None, group_size: int, tokens: int) -> N
 
 
 def _add_lazy_commands() -> None:
+    # These modules import only click and the standard library at the top; vLLM, torch, openai and the hub
+    # clients are imported inside the commands.
+    from hub_cli.chat import chat
     from hub_cli.demo import demo
+    from hub_cli.serve import serve
 
+    main.add_command(serve)
+    main.add_command(chat)
     main.add_command(demo)
 
 

