@@ -15,7 +15,7 @@ from internvl_plugin.reference import (IMG_CONTEXT_TOKEN, load_reference, ref_bu
                                        ref_num_image_tokens)
 from internvl_plugin.reference_vision import ref_num_image_token_per_tile
 
-LOGPROB_ATOL = 2e-3  # float32 on both sides; vLLM's CPU attention/GEMM kernels sum in another order
+LOGPROB_ATOL = 1e-4  # float32 on both sides; measured max 1.4e-5 (vLLM CPU kernels sum in another order)
 MAX_TOKENS = 8
 
 
@@ -51,6 +51,7 @@ def _compare(out, reference, ids, images, ctx_id, max_num=None):
     got = torch.tensor([next(iter(d.values())).logprob if len(d) == 1 else d[t].logprob
                         for d, t in zip(out.prompt_logprobs[1:], ids[1:])])
     diff = (got - ref_lp).abs()
+    print(f"[{len(ids)} prompt tokens, {len(images)} images] max |dlogprob| = {diff.max().item():.2e}")
     assert diff.max().item() < LOGPROB_ATOL, f"max |dlogprob| {diff.max().item():.2e}"
     return diff
 
