@@ -20,7 +20,7 @@ import torch
 from _shim import INTERNLM2_SHAPES, import_kernels
 
 K_ = import_kernels()
-from internvl_kernels.w4a16 import GemmConfig, GemvConfig, pick_config  # noqa: E402
+from internvl_kernels.w4a16 import DequantConfig, GemmConfig, GemvConfig, pick_config  # noqa: E402
 
 # ||out - ref|| / ||ref|| bounds. The GEMV accumulates in fp32 from the exact 4-bit values, so only
 # the final rounding to x.dtype counts; the GEMM also rounds each dequantized weight to x.dtype
@@ -53,6 +53,7 @@ def cases(quick: bool):
             yield k, n, m, 128, GemmConfig(block_m=16, block_n=128, block_k=128, num_warps=4, num_stages=4)
             yield k, n, m, 128, GemvConfig(block_k=8, num_warps=4)
             yield k, n, m, 128, GemvConfig(block_k=4, num_warps=1, split_k=1)
+            yield k, n, m, 128, DequantConfig(block_k=64, block_w=32)
 
 
 def run_case(k, n, m, g, dtype, cfg, gen):
@@ -71,6 +72,7 @@ def run_case(k, n, m, g, dtype, cfg, gen):
     torch.cuda.synchronize()
     finite = bool(torch.isfinite(out).all())
     err = float((out.double() - ref).norm() / ref.norm())
+    # DequantConfig rounds the weight to x.dtype like the GEMM: same tolerance.
     path = "gemv" if isinstance(cfg or pick_config(m, n, k, g, x.device), GemvConfig) else "gemm"
     return path, err, finite
 

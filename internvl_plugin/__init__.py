@@ -3,7 +3,7 @@
 vLLM calls :func:`register` (entry point ``vllm.general_plugins: internvl``) in every process it
 starts: the front-end, the model-inspection subprocess, the engine core and each worker. It only
 registers names; models are registered as lazy ``"module:Class"`` strings so nothing heavy is
-imported here.
+imported here. The quantization method ``awq_w4a16`` (``quant.py``) is registered by importing it.
 """
 
 from __future__ import annotations
@@ -38,4 +38,7 @@ def register() -> None:
         from internvl_plugin.chat_templates import fallback_for_model
 
         register_chat_template_fallback_path("internvl_chat", fallback_for_model)
+        # The W4A16 method "awq_w4a16"; the import registers it (cheap: vLLM's quantization base is
+        # already loaded once vLLM loads plugins; the linear method is imported when layers are built).
+        import internvl_plugin.quant  # noqa: F401
     _registered = True

@@ -35,7 +35,7 @@ try:
 except ImportError:  # the CPU path (w4a16_linear) needs no Triton
     triton = None
 
-__all__ = ["w4a16_matmul", "w4a16_linear", "GemvConfig", "GemmConfig", "pick_config"]
+__all__ = ["w4a16_matmul", "w4a16_linear", "GemvConfig", "GemmConfig", "DequantConfig", "pick_config"]
 
 
 def w4a16_matmul(x, qweight, qzeros, scales, group_size: int, bias=None, *, out=None, config=None):
@@ -70,6 +70,12 @@ def w4a16_matmul(x, qweight, qzeros, scales, group_size: int, bias=None, *, out=
     cfg = config or pick_config(m, n, k, group_size, x.device)
     if isinstance(cfg, GemvConfig):
         _launch_gemv(x2, qweight, qzeros, scales, group_size, bias, out, cfg)
+    elif isinstance(cfg, DequantConfig):
+        w = _launch_dequant(qweight, qzeros, scales, group_size, x.dtype, cfg)
+        if bias is not None:
+            torch.addmm(bias.to(x.dtype), x2, w, out=out)
+        else:
+            torch.matmul(x2, w, out=out)
     else:
         _launch_gemm(x2, qweight, qzeros, scales, group_size, bias, out, cfg)
     return out.view(*lead, n)
@@ -113,6 +119,16 @@ class GemmConfig:
     num_warps: int = 4
     num_stages: int = 3
     split_k: int = 0  # 0: derived from the grid size (see _gemm_split)
+
+
+@dataclass(frozen=True)
+class DequantConfig:
+    """Large M: dequantize the whole weight to x.dtype with _dequant_kernel, then torch.matmul
+    (cuBLAS). The dense copy is made on every call and freed after it; nothing is cached."""
+
+    block_k: int = 64
+    block_w: int = 32  # packed words per program (8 columns each)
+    num_warps: int = 4
 
 
 # Rows of x up to which the GEMV kernel is used.
@@ -234,6 +250,19 @@ def _launch_gemm(x, qweight, qzeros, scales, group_size, bias, out, cfg: GemmCon
         _reduce_partials(dest, bias, out)
 
 
+def _launch_dequant(qweight, qzeros, scales, group_size, dtype, cfg: DequantConfig):
+    k, n = qweight.shape[0], qweight.shape[1] * 8
+    block_k = min(cfg.block_k, group_size)
+    if group_size % block_k:
+        raise ValueError(f"dequant block_k={block_k} must divide group_size={group_size}")
+    w = torch.empty((k, n), dtype=dtype, device=qweight.device)
+    _dequant_kernel[(k // block_k, triton.cdiv(n // 8, cfg.block_w))](
+        qweight, qzeros, scales, w, n, qweight.stride(0), qzeros.stride(0), scales.stride(0),
+        GROUP_SIZE=group_size, BLOCK_K=block_k, BLOCK_W=cfg.block_w, num_warps=cfg.num_warps,
+    )
+    return w
+
+
 def _reduce_partials(partials, bias, out):
     split, m, n = partials.shape
     block = 1024
@@ -276,13 +305,12 @@ if triton is not None:
         return a0, a1, a2, a3, a4, a5, a6, a7
 
     @triton.jit
-    def _group_close(a, xsum, zw, s_row, mask, NIBBLE: tl.constexpr, COLUMN: tl.constexpr):
-        """One group's contribution for the column held in nibble NIBBLE (logical column COLUMN):
+    def _group_close(a, xsum, zw, s, NIBBLE: tl.constexpr):
+        """One group's contribution for the columns of nibble NIBBLE, whose scales are s:
         s * (sum_k x_k q_k - z * sum_k x_k); `a` comes from _fma_nibbles, `xsum` is unscaled."""
-        s = tl.load(s_row + COLUMN, mask=mask, other=0.0).to(tl.float32)
         z = ((zw >> (4 * NIBBLE)) & 0xF).to(tl.float32)
         UNSCALE: tl.constexpr = 2.0 ** (149 - X_PRESCALE - 4 * (NIBBLE - 2 * (NIBBLE // 6)))
-        return s * (a * UNSCALE - z * xsum)
+        return s * (tl.sum(a, axis=0) * UNSCALE - z * xsum)
 
     @triton.jit
     def _store_column(row_ptr, bias_ptr, offs_w, acc, mask, COLUMN: tl.constexpr,
@@ -326,6 +354,18 @@ if triton is not None:
         g_lo = pid_k * groups_per_split
         g_hi = tl.minimum(g_lo + groups_per_split, n_groups)
         for g in range(g_lo, g_hi):
+            # The group's zero points and scales are loaded first, to be in flight with the weights.
+            zw = tl.load(qz_ptr + g * stride_qz + offs_w, mask=mask_w, other=0)
+            s_row = s_ptr + g * stride_s + offs_w * 8
+            # nibble i holds logical column AWQ_ORDER[i] = (0, 2, 4, 6, 1, 3, 5, 7)[i]
+            s0 = tl.load(s_row + 0, mask=mask_w, other=0.0).to(tl.float32)
+            s1 = tl.load(s_row + 2, mask=mask_w, other=0.0).to(tl.float32)
+            s2 = tl.load(s_row + 4, mask=mask_w, other=0.0).to(tl.float32)
+            s3 = tl.load(s_row + 6, mask=mask_w, other=0.0).to(tl.float32)
+            s4 = tl.load(s_row + 1, mask=mask_w, other=0.0).to(tl.float32)
+            s5 = tl.load(s_row + 3, mask=mask_w, other=0.0).to(tl.float32)
+            s6 = tl.load(s_row + 5, mask=mask_w, other=0.0).to(tl.float32)
+            s7 = tl.load(s_row + 7, mask=mask_w, other=0.0).to(tl.float32)
             # Per-thread partial sums over the rows of a tile; reduced once per group.
             a0 = tl.zeros([BLOCK_K, BLOCK_W], dtype=tl.float32)
             a1 = tl.zeros([BLOCK_K, BLOCK_W], dtype=tl.float32)
@@ -354,17 +394,14 @@ if triton is not None:
                 a0, a1, a2, a3, a4, a5, a6, a7 = _fma_nibbles(w2, x2, a0, a1, a2, a3, a4, a5, a6, a7)
                 a0, a1, a2, a3, a4, a5, a6, a7 = _fma_nibbles(w3, x3, a0, a1, a2, a3, a4, a5, a6, a7)
             xs = tl.sum(xsum, axis=0) * (2.0 ** -X_PRESCALE)
-            zw = tl.load(qz_ptr + g * stride_qz + offs_w, mask=mask_w, other=0)
-            s_row = s_ptr + g * stride_s + offs_w * 8
-            # nibble i holds logical column AWQ_ORDER[i] = (0, 2, 4, 6, 1, 3, 5, 7)[i]
-            acc0 += _group_close(tl.sum(a0, axis=0), xs, zw, s_row, mask_w, 0, 0)
-            acc1 += _group_close(tl.sum(a1, axis=0), xs, zw, s_row, mask_w, 1, 2)
-            acc2 += _group_close(tl.sum(a2, axis=0), xs, zw, s_row, mask_w, 2, 4)
-            acc3 += _group_close(tl.sum(a3, axis=0), xs, zw, s_row, mask_w, 3, 6)
-            acc4 += _group_close(tl.sum(a4, axis=0), xs, zw, s_row, mask_w, 4, 1)
-            acc5 += _group_close(tl.sum(a5, axis=0), xs, zw, s_row, mask_w, 5, 3)
-            acc6 += _group_close(tl.sum(a6, axis=0), xs, zw, s_row, mask_w, 6, 5)
-            acc7 += _group_close(tl.sum(a7, axis=0), xs, zw, s_row, mask_w, 7, 7)
+            acc0 += _group_close(a0, xs, zw, s0, 0)
+            acc1 += _group_close(a1, xs, zw, s1, 1)
+            acc2 += _group_close(a2, xs, zw, s2, 2)
+            acc3 += _group_close(a3, xs, zw, s3, 3)
+            acc4 += _group_close(a4, xs, zw, s4, 4)
+            acc5 += _group_close(a5, xs, zw, s5, 5)
+            acc6 += _group_close(a6, xs, zw, s6, 6)
+            acc7 += _group_close(a7, xs, zw, s7, 7)
 
         row_ptr = out_ptr + pid_m.to(tl.int64) * stride_om
         if WRITE_PARTIAL:
@@ -379,13 +416,52 @@ if triton is not None:
         _store_column(row_ptr, bias_ptr, offs_w, acc7, mask_w, 7, HAS_BIAS, WRITE_PARTIAL)
 
     @triton.jit
-    def _spread8(w):
-        """[..., W] -> [..., 8W]: each packed word repeated 8 times, in registers."""
-        w = tl.interleave(w, w)
-        w = tl.interleave(w, w)
-        return tl.interleave(w, w)
+    def _dequant_nibble(w, zw, s, NIBBLE: tl.constexpr):
+        """(q - z) * s in float32 for nibble NIBBLE of a tile w [rows, words]; s [words] holds the
+        scales of that nibble's columns.
+
+        The nibble is moved to mantissa bits 19..22 and OR-ed with the bits of 1.0, which reads as
+        1 + q/16; one FMA with 16 s and (16 + z) s gives (q - z) s with a single rounding (the
+        constant's own rounding is 2**-19 s at most, far below the later cast to 16 bits)."""
+        SHIFT: tl.constexpr = 19 - 4 * NIBBLE
+        if SHIFT >= 0:
+            v = w << SHIFT
+        else:
+            v = w >> (-SHIFT)
+        v = ((v & 0x780000) | 0x3F800000).to(tl.float32, bitcast=True)
+        z = ((zw >> (4 * NIBBLE)) & 0xF).to(tl.float32)
+        return v * (16.0 * s)[None, :] - ((16.0 + z) * s)[None, :]
 
     @triton.jit
+    def _split8(v):
+        """[8W] -> eight [W] vectors: element j of every block of 8, for j = 0..7."""
+        r = tl.reshape(v, [v.shape[0] // 8, 2, 2, 2])  # j = 4a + 2b + c, c last
+        c0, c1 = tl.split(r)
+        b0c0, b1c0 = tl.split(c0)
+        b0c1, b1c1 = tl.split(c1)
+        v0, v4 = tl.split(b0c0)
+        v2, v6 = tl.split(b1c0)
+        v1, v5 = tl.split(b0c1)
+        v3, v7 = tl.split(b1c1)
+        return v0, v1, v2, v3, v4, v5, v6, v7
+
+    @triton.jit
+    def _dequant_tile(w, zw, s):
+        """A tile of packed words [rows, W] -> dequantized [rows, 8W] with columns in logical order;
+        zw [W] the packed zero points, s [8W] the scales (fp32) of the tile's group.
+
+        Each nibble is dequantized on its own (constant shifts); tl.join then puts them side by
+        side, the last join outermost: position p of 8 gets nibble AWQ_REVERSE_ORDER[p].
+        Nibble i holds logical column AWQ_ORDER[i] = (0, 2, 4, 6, 1, 3, 5, 7)[i]."""
+        s0, s1, s2, s3, s4, s5, s6, s7 = _split8(s)
+        lo = tl.join(tl.join(_dequant_nibble(w, zw, s0, 0), _dequant_nibble(w, zw, s4, 2)),
+                     tl.join(_dequant_nibble(w, zw, s2, 1), _dequant_nibble(w, zw, s6, 3)))
+        hi = tl.join(tl.join(_dequant_nibble(w, zw, s1, 4), _dequant_nibble(w, zw, s5, 6)),
+                     tl.join(_dequant_nibble(w, zw, s3, 5), _dequant_nibble(w, zw, s7, 7)))
+        t = tl.join(lo, hi)
+        return tl.reshape(t, [t.shape[0], 8 * t.shape[1]])
+
+    @triton.jit(do_not_specialize=["stride_qw"])
     def _gemm_kernel(
         x_ptr, qw_ptr, qz_ptr, s_ptr, bias_ptr, out_ptr,
         M, N, K, stride_xm, stride_qw, stride_qz, stride_s, stride_om, stride_split, k_per_split,
@@ -405,10 +481,6 @@ if triton is not None:
         mask_m = offs_m < M
         mask_n = offs_n < N
         mask_w = offs_w < N // 8
-        # Column j of a block of 8 is nibble AWQ_REVERSE_ORDER[j] = (0, 4, 1, 5, 2, 6, 3, 7)[j].
-        j = tl.arange(0, BLOCK_N) % 8
-        shifts = (((j & 1) << 2) | (j >> 1)) << 2
-
         x_rows = x_ptr + offs_m[:, None].to(tl.int64) * stride_xm
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
         k_lo = pid_k * k_per_split
@@ -421,11 +493,7 @@ if triton is not None:
             g = k // GROUP_SIZE  # BLOCK_K divides GROUP_SIZE: one group per tile
             zw = tl.load(qz_ptr + g * stride_qz + offs_w, mask=mask_w, other=0)
             s = tl.load(s_ptr + g * stride_s + offs_n, mask=mask_n, other=0.0).to(tl.float32)
-            # OR-ing a nibble into the bits of 2**23 gives the float 2**23 + q: no int->float convert.
-            q = ((_spread8(w) >> shifts[None, :]) & 0xF) | 0x4B000000
-            z = ((_spread8(zw) >> shifts) & 0xF) | 0x4B000000
-            b = (q.to(tl.float32, bitcast=True) - z.to(tl.float32, bitcast=True)[None, :]) * s[None, :]
-            b = b.to(x_ptr.dtype.element_ty)
+            b = _dequant_tile(w, zw, s).to(x_ptr.dtype.element_ty)
             if DOT_FP32:
                 acc += tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
             else:
@@ -439,6 +507,24 @@ if triton is not None:
             if HAS_BIAS:
                 acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
             tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+    @triton.jit(do_not_specialize=["stride_qw"])
+    def _dequant_kernel(qw_ptr, qz_ptr, s_ptr, w_ptr, N, stride_qw, stride_qz, stride_s,
+                        GROUP_SIZE: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_W: tl.constexpr):
+        """W [K, N] = dequant(qweight) in w_ptr's dtype, one [BLOCK_K, 8 * BLOCK_W] tile a program."""
+        pid_k = tl.program_id(0)
+        pid_n = tl.program_id(1)
+        rows = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+        offs_w = pid_n * BLOCK_W + tl.arange(0, BLOCK_W)
+        offs_n = pid_n * (8 * BLOCK_W) + tl.arange(0, 8 * BLOCK_W)
+        mask_w = offs_w < N // 8
+        w = tl.load(qw_ptr + rows[:, None].to(tl.int64) * stride_qw + offs_w[None, :], mask=mask_w[None, :], other=0)
+        g = pid_k * BLOCK_K // GROUP_SIZE
+        zw = tl.load(qz_ptr + g * stride_qz + offs_w, mask=mask_w, other=0)
+        s = tl.load(s_ptr + g * stride_s + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)
+        b = _dequant_tile(w, zw, s)
+        tl.store(w_ptr + rows[:, None].to(tl.int64) * N + offs_n[None, :], b.to(w_ptr.dtype.element_ty),
+                 mask=(offs_n < N)[None, :])
 
     @triton.jit
     def _splitk_reduce_kernel(part_ptr, bias_ptr, out_ptr, MN, N, split, HAS_BIAS: tl.constexpr,

@@ -1,0 +1,67 @@
+"""The linear method of ``awq_w4a16`` (config and selection rules: ``quant.py``).
+
+Weights stay in the checkpoint's AWQ gemm layout from disk to the matmul, so the same three
+tensors feed the Triton kernel on CUDA and the torch reference on CPU (``w4a16_linear``):
+
+    qweight  int32 [K, N/8]     packed along the output dim (AWQ nibble order)
+    qzeros   int32 [K/G, N/8]   packed the same way
+    scales   act dtype [K/G, N]
+
+Fused layers (qkv, gate_up) load their shards through vLLM's parameter classes: a shard of N_i
+output columns lands at column offset sum(N_<i) of ``scales`` and at offset sum(N_<i)/8 of the
+packed tensors, which is why every shard width must be a multiple of 8.
+"""
+
+from __future__ import annotations
+
+import torch
+from vllm.model_executor.layers.linear import LinearMethodBase, register_weight_loader_v2_supported_method
+from vllm.model_executor.layers.quantization.utils.layer_utils import replace_parameter
+from vllm.model_executor.parameter import GroupQuantScaleParameter, PackedvLLMParameter
+
+from internvl_kernels import w4a16_linear
+from internvl_plugin.quant import METHOD_NAME, PACK_FACTOR, AWQW4A16Config
+
+__all__ = ["AWQW4A16LinearMethod"]
+
+
+@register_weight_loader_v2_supported_method
+class AWQW4A16LinearMethod(LinearMethodBase):
+    def __init__(self, quant_config: AWQW4A16Config) -> None:
+        self.quant_config = quant_config
+
+    def create_weights(self, layer: torch.nn.Module, input_size_per_partition: int,
+                       output_partition_sizes: list[int], input_size: int, output_size: int,
+                       params_dtype: torch.dtype, **extra_weight_attrs) -> None:
+        group_size = self.quant_config.group_size
+        name = getattr(layer, "prefix", "") or type(layer).__name__
+        if input_size_per_partition % group_size:
+            raise ValueError(f"{METHOD_NAME}: quantization_config.group_size={group_size} does not divide "
+                             f"the {input_size_per_partition} input features of {name}"
+                             + (f" (per tensor-parallel rank; {input_size} in all)"
+                                if input_size != input_size_per_partition else ""))
+        if any(n % PACK_FACTOR for n in output_partition_sizes):
+            raise ValueError(f"{METHOD_NAME}: output sizes {output_partition_sizes} of {name} must be "
+                             f"multiples of {PACK_FACTOR} to hold packed 4-bit weights")
+        output_size_per_partition = sum(output_partition_sizes)
+        groups = input_size_per_partition // group_size
+        weight_loader = extra_weight_attrs["weight_loader"]
+
+        def packed(rows: int) -> PackedvLLMParameter:
+            return PackedvLLMParameter(
+                data=torch.empty(rows, output_size_per_partition // PACK_FACTOR, dtype=torch.int32),
+                input_dim=0, output_dim=1, packed_dim=1, packed_factor=PACK_FACTOR, weight_loader=weight_loader)
+
+        layer.register_parameter("qweight", packed(input_size_per_partition))
+        layer.register_parameter("qzeros", packed(groups))
+        layer.register_parameter("scales", GroupQuantScaleParameter(
+            data=torch.empty(groups, output_size_per_partition, dtype=params_dtype),
+            input_dim=0, output_dim=1, weight_loader=weight_loader))
+
+    def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
+        # Plain Parameters from here on: the loaders' subclasses are not needed by the kernel.
+        for name in ("qweight", "qzeros", "scales"):
+            replace_parameter(layer, name, getattr(layer, name).data.contiguous())
+
+    def apply(self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        return w4a16_linear(x, layer.qweight, layer.qzeros, layer.scales, self.quant_config.group_size, bias)
