@@ -23,7 +23,7 @@ from internvl_plugin.quant import KV_CACHE_HINT, METHOD_NAME, AWQW4A16Config, ch
 from internvl_plugin.reference import IMG_CONTEXT_TOKEN, load_reference, ref_load_image, ref_num_image_tokens
 from internvl_plugin.reference_vision import ref_num_image_token_per_tile
 
-LOGPROB_ATOL = 2e-3
+LOGPROB_ATOL = 1e-4  # float32; measured at most 1.24e-5 over the four layouts
 MAX_TOKENS = 8
 
 # (tiny layout, producer layout, group size): InternLM2 and Qwen2 backbones, g = 32 / 64 / 128.
