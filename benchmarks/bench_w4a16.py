@@ -201,26 +201,19 @@ SWEEP_SHAPES = [("7B", "wo", 4096, 4096), ("7B", "w13", 4096, 28672), ("7B", "w2
 def sweep_candidates(m):
     if m <= 4:
         for nw in (1, 2, 4):
-            for bk in (4, 8):
-                for waves in (2.0, 4.0, 8.0, 16.0):
-                    yield GemvConfig(block_k=bk, num_warps=nw, waves=waves)
-    if m >= 64:
-        for bk in (64, 128):
-            for bw in (16, 32, 64):
-                for nw in (4, 8):
-                    yield DequantConfig(block_k=bk, block_w=bw, num_warps=nw)
+            for resident in (12, 16, 24):
+                yield GemvConfig(block_k=8, num_warps=nw, resident_warps=resident)
     if m >= 2:
         bm = max(16, min(128, triton.next_power_of_2(m)))
-        bms = [bm] if m <= 64 else [64, 128]
-        for bm_ in bms:
-            for bn in (64, 128, 256):
-                for bk in (64, 128):
-                    for nw, ns in ((4, 3), (4, 4), (8, 3)):
-                        if bm_ * bn >= 128 * 256 and nw == 4:
-                            continue
-                        if bm_ <= 16 and nw == 8:
-                            continue
-                        yield GemmConfig(block_m=bm_, block_n=bn, block_k=bk, num_warps=nw, num_stages=ns)
+        for bm_ in ([bm] if m <= 64 else [64, 128]):
+            for bn in ((32, 64, 128) if bm_ <= 64 else (64, 128)):
+                for bk in ((64, 128) if bm_ <= 64 else (64,)):
+                    for sad in (True, False):
+                        yield GemmConfig(block_m=bm_, block_n=bn, block_k=bk, num_warps=4, num_stages=3,
+                                         scale_after_dot=sad)
+    if m >= 128:
+        for bk, bw, nw in ((64, 32, 8), (64, 16, 4), (128, 16, 8)):
+            yield DequantConfig(block_k=bk, block_w=bw, num_warps=nw)
 
 
 def sweep(gen, ms):

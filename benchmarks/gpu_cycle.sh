@@ -1,10 +1,13 @@
 #!/usr/bin/env bash
 # The whole GPU cycle in one device call, from the repository root:
-#   check (kernel vs reference), optional config sweep, kernel benchmark, decode benchmark.
-# Usage (device tool):  bash benchmarks/gpu_cycle.sh [quick|full|sweep]
+#   check (kernel vs reference), kernel benchmark, decode benchmark; or a config sweep.
+# Usage (device tool):  bash benchmarks/gpu_cycle.sh [full|quick|sweep|profile|all] [sweep Ms...]
+#   full: full check + bench + decode; all: quick check + bench + decode + sweep
 # Writes JSON and logs under $OUT (or benchmarks/results/ when OUT is unset) and prints tables last.
 set -uo pipefail
 MODE=${1:-full}
+shift || true
+SWEEP_MS="$*"
 OUT=${OUT:-benchmarks/results}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
@@ -12,14 +15,34 @@ cd "$(dirname "$0")/.."
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem,temperature.gpu,power.draw --format=csv,noheader
 python3 -c 'import torch, triton; print("torch", torch.__version__, "triton", triton.__version__)'
 rc=0
-if [ "$MODE" = quick ] || [ "$MODE" = sweep ]; then
+if [ "$MODE" = profile ]; then
+    NCU=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu /usr/local/cuda/bin/ncu 2>/dev/null | head -1)
+    for spec in "4096 28672 1 _gemv_kernel" "4096 4096 1 _gemv_kernel" "4096 28672 16 _gemm_kernel"; do
+        set -- $spec
+        echo "== ncu K=$1 N=$2 M=$3 $4"
+        timeout 150 "$NCU" --clock-control none -k "regex:$4" -s 2 -c 1 --section SpeedOfLight --section Occupancy \
+            --section WarpStateStats --section LaunchStats python3 benchmarks/profile_w4a16.py --k "$1" --n "$2" --m "$3" \
+            > "$OUT/ncu-$3-$2.log" 2>&1
+        grep -E "Duration|DRAM Throughput|Memory Throughput|Achieved Occupancy|Theoretical Occupancy|Registers Per|Stall Long|Stall Wait|Stall Math|Stall Not Sel|Stall Short|Warp Cycles Per Issued|Issued Ipc|Eligible Warps|Grid Size|Waves Per" "$OUT/ncu-$3-$2.log" | sed 's/  */ /g' | head -24
+    done
+    MODE=sweep
+fi
+if [ "$MODE" = quick ] || [ "$MODE" = sweep ] || [ "$MODE" = all ]; then
     python3 benchmarks/check_w4a16_gpu.py --quick --json "$OUT/check-h100.json" > "$OUT/check.log" 2>&1 || rc=1
 else
     python3 benchmarks/check_w4a16_gpu.py --json "$OUT/check-h100.json" > "$OUT/check.log" 2>&1 || rc=1
 fi
-tail -8 "$OUT/check.log"
+tail -6 "$OUT/check.log"
+if [ "$MODE" = all ]; then
+    python3 benchmarks/bench_w4a16.py --json "$OUT/w4a16-h100.json" > "$OUT/bench.log" 2>&1 || rc=1
+    python3 benchmarks/bench_decode.py --json "$OUT/decode-h100.json" > "$OUT/decode.log" 2>&1 || rc=1
+    MODE=sweep
+fi
 if [ "$MODE" = sweep ]; then
-    python3 benchmarks/bench_w4a16.py --sweep --json "$OUT/sweep-h100.json" 2>&1 > "$OUT/sweep.log" 2>&1 || rc=1; grep -A2 "best:" "$OUT/sweep.log"
+    python3 benchmarks/bench_w4a16.py --sweep ${SWEEP_MS:+--sweep-ms $SWEEP_MS} --json "$OUT/sweep-h100.json" > "$OUT/sweep.log" 2>&1 || rc=1
+    grep -A2 "best:" "$OUT/sweep.log"
+    [ -f "$OUT/decode.log" ] && cat "$OUT/decode.log"
+    [ -f "$OUT/bench.log" ] && sed -n '/^model shape/,$p' "$OUT/bench.log"
 else
     python3 benchmarks/bench_w4a16.py --json "$OUT/w4a16-h100.json" > "$OUT/bench.log" 2>&1 || rc=1
     python3 benchmarks/bench_decode.py --json "$OUT/decode-h100.json" 2>&1 | tee "$OUT/decode.log" || rc=1

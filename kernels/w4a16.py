@@ -1,22 +1,28 @@
 """W4A16 matmul in Triton on the AWQ "gemm" format: y = x @ dequant(qweight, qzeros, scales) (+ bias).
 
-Two kernels, chosen by the number of rows M of x (tokens) in `w4a16_matmul`:
+Three paths, chosen from the number of rows M of x (tokens) by `pick_config`:
 
-* `_gemv_kernel` (M <= GEMV_MAX_M, decode): CUDA-core split-K GEMV. One program covers 8 * BLOCK_W
-  output columns and a slice of whole quantization groups; its loads put one packed word per thread
-  and all K rows of a tile in the same thread, so every reduction stays in registers. A nibble is
-  turned into a float with no int->float conversion: shifted to mantissa bits 19..22 and OR-ed with
-  the bits of 1.0 it reads as 1 + q/16, so each weight costs a shift, a LOP3 and an FMA. The offset
-  and the zero point are removed once per group and column:
-      sum_k x_k (q_k - z) s = s * (16 * (A - X) - z * X),  A = sum_k x_k (1 + q_k/16),  X = sum_k x_k.
+* `_gemv_kernel` (M <= GEMV_MAX_M, decode): CUDA-core split-K GEMV. A program covers 8 * BLOCK_W
+  output columns, one row of x and a run of K "steps" (4 * BLOCK_K rows, never crossing a group).
+  Its loads put one packed word per thread and all rows of a tile in the same thread, so every
+  reduction stays in registers, and the four tiles of a step are loaded before any is used. A nibble
+  becomes a float with one AND: masked in place it reads as the subnormal q * 2**(bit - 149), and x
+  is pre-multiplied by 2**75 so the products land in the normal range; each weight costs one LOP3
+  and one FMA (plus a shift per word for the two top nibbles). Scales and zero points are applied
+  once per group and column:  sum_k x_k (q_k - z) s = s * (sum_k x_k q_k - z * sum_k x_k).
   Rows of x are a grid axis next to the columns, so the programs of one weight tile run together and
-  share it through L2.
-* `_gemm_kernel` (larger M): tiled GEMM; the tile of packed words is spread to [BLOCK_K, BLOCK_N],
-  dequantized to x's dtype ((q - z) * s in fp32, exact before the one rounding) and fed to tl.dot.
+  share it through L2. The split is chosen to shorten the critical path (see _gemv_split).
+* `_gemm_kernel` (up to 128 rows): tiled tl.dot GEMM (mma.sync for 16/32-row tiles, wgmma from 64).
+  The [BLOCK_K, BLOCK_N/8] tile of words is dequantized nibble by nibble (constant shifts) and the
+  eight results are joined into natural column order. With scale_after_dot the tile holds the exact
+  integers (q - z) * 16**p (one AND+OR, one FADD a weight) and the scale multiplies the tile's fp32
+  partial product; otherwise (q - z) * s is formed per weight (1.0-mantissa trick, one FMA).
+* `DequantConfig` (more rows): `_dequant_kernel` writes the dense weight in x.dtype, then cuBLAS;
+  the dense copy is made and freed on every call.
 
-Both split K across programs when the output alone would not fill the GPU; the fp32 partial sums go
-to a workspace that `_splitk_reduce_kernel` sums (with the bias) into the output, so results are
-deterministic. Configurations are explicit tables below (GEMV_CONFIGS, GEMM_CONFIGS), with the shapes
+The GEMV and GEMM split K when the output alone would not fill the GPU; the fp32 partial sums go to
+a workspace that `_splitk_reduce_kernel` sums (with the bias) into the output, so results are
+deterministic. Configurations are explicit tables below (GEMV_CONFIGS, GEMM_CONFIGS) with the shapes
 they were tuned for. The plain-torch reference is awq_format.w4a16_matmul_ref.
 """
 
@@ -103,8 +109,10 @@ class GemvConfig:
 
     block_k: int = 8  # rows per load; a step loads 4 such tiles, and 4 * block_k divides the group size
     num_warps: int = 4
-    split_k: int = 0  # 0: derived from the grid size (see _gemv_split)
-    waves: float = 4.0  # with split_k == 0: aim for this many programs per multiprocessor
+    split_k: int = 0  # 0: derived from the grid size and resident_warps (see _gemv_split)
+    # Warps of this kernel that fit on one multiprocessor at once: Triton 3.6 gives it 164
+    # registers a thread on sm_90, so 65536 / (164 * 32) -> 12.
+    resident_warps: int = 12
 
     @property
     def block_w(self) -> int:
@@ -118,6 +126,10 @@ class GemmConfig:
     block_k: int = 64  # clipped to the group size
     num_warps: int = 4
     num_stages: int = 3
+    # True: the tile is dequantized to the exact integers q - z and the scale multiplies each tile's
+    # partial product (fewer operations per weight, one more per output element and K tile).
+    # False: (q - z) * s is formed per weight and rounded to x.dtype before the dot.
+    scale_after_dot: bool = True
     split_k: int = 0  # 0: derived from the grid size (see _gemm_split)
 
 
@@ -134,21 +146,22 @@ class DequantConfig:
 # Rows of x up to which the GEMV kernel is used.
 GEMV_MAX_M = 2
 
-# Tuned on one H100 80GB HBM3 (benchmarks/bench_w4a16.py --sweep) for the InternLM2-7B/20B linears
-# (K x N: 4096x6144, 4096x4096, 4096x28672, 14336x4096, 6144x8192, 6144x6144, 6144x32768,
-# 16384x6144) at group size 128; the other group sizes use the same table.
+# Tuned on one H100 80GB HBM3 (benchmarks/bench_w4a16.py --sweep, Triton 3.6) for the InternLM2-7B
+# linears wo (K x N = 4096 x 4096), w13 (4096 x 28672) and w2 (14336 x 4096) at group size 128,
+# bf16 activations; checked on the other 7B/20B shapes by the benchmark; the other group sizes and
+# fp16 use the same tables.
 GEMV_CONFIGS = {
     # M: config
-    1: GemvConfig(block_k=8, num_warps=4, waves=4.0),
-    2: GemvConfig(block_k=8, num_warps=4, waves=4.0),
+    1: GemvConfig(block_k=8, num_warps=2),
+    2: GemvConfig(block_k=8, num_warps=2),
 }
-# (largest M of the bucket, config), first match wins. Same shapes as above.
+# (largest M of the bucket, config), first match wins.
 GEMM_CONFIGS = [
-    (16, GemmConfig(block_m=16, block_n=128, block_k=128, num_warps=4, num_stages=4)),
-    (32, GemmConfig(block_m=32, block_n=128, block_k=128, num_warps=4, num_stages=4)),
-    (64, GemmConfig(block_m=64, block_n=128, block_k=64, num_warps=4, num_stages=4)),
-    (128, GemmConfig(block_m=128, block_n=128, block_k=64, num_warps=8, num_stages=3)),
-    (1 << 62, GemmConfig(block_m=128, block_n=256, block_k=64, num_warps=8, num_stages=3)),
+    (16, GemmConfig(block_m=16, block_n=128, block_k=128, num_warps=4, num_stages=3, scale_after_dot=True)),
+    (32, GemmConfig(block_m=32, block_n=128, block_k=128, num_warps=4, num_stages=3, scale_after_dot=True)),
+    (64, GemmConfig(block_m=64, block_n=128, block_k=128, num_warps=4, num_stages=3, scale_after_dot=True)),
+    (128, GemmConfig(block_m=128, block_n=128, block_k=64, num_warps=4, num_stages=3, scale_after_dot=False)),
+    (1 << 62, DequantConfig(block_k=64, block_w=32, num_warps=8)),
 ]
 
 
@@ -182,11 +195,22 @@ def _interpreting() -> bool:
 # ------------------------------------------------------------------------------------------------
 
 
-def _gemv_split(cfg: GemvConfig, m: int, n_blocks: int, groups: int, device) -> int:
+def _gemv_split(cfg: GemvConfig, m: int, n: int, n_blocks: int, n_steps: int, device) -> int:
+    """Split K into steps so that a program's critical path (waves x steps per program, each step
+    one memory round trip) is shortest; every extra split writes and reads back m x n fp32 partial
+    sums, charged at 0.05 step per 4096 columns (tuned: more splits also cost scheduling)."""
     if cfg.split_k:
-        return max(1, min(cfg.split_k, groups))
-    want = int(cfg.waves * _sm_count(device))
-    return max(1, min(groups, -(-want // (m * n_blocks))))
+        return max(1, min(cfg.split_k, n_steps))
+    resident = _sm_count(device) * max(1, cfg.resident_warps // cfg.num_warps)
+    best = None
+    for split in range(1, n_steps + 1):
+        per = -(-n_steps // split)
+        split_eff = -(-n_steps // per)
+        waves = -(-(m * n_blocks * split_eff) // resident)
+        cost = (waves * per + 0.05 * split_eff * m * n / 4096, split_eff)
+        if best is None or cost < best:
+            best = cost
+    return best[1]
 
 
 def _launch_gemv(x, qweight, qzeros, scales, group_size, bias, out, cfg: GemvConfig):
@@ -195,16 +219,16 @@ def _launch_gemv(x, qweight, qzeros, scales, group_size, bias, out, cfg: GemvCon
     block_k = cfg.block_k
     if group_size % (4 * block_k):
         raise ValueError(f"GEMV: 4 * block_k={block_k} must divide group_size={group_size}")
-    groups = k // group_size
+    n_steps = k // (4 * block_k)
     n_blocks = triton.cdiv(n // 8, cfg.block_w)
-    split = _gemv_split(cfg, m, n_blocks, groups, x.device)
-    per_split = triton.cdiv(groups, split)
-    split = triton.cdiv(groups, per_split)
+    split = _gemv_split(cfg, m, n, n_blocks, n_steps, x.device)
+    per_split = triton.cdiv(n_steps, split)
+    split = triton.cdiv(n_steps, per_split)
     dest = out if split == 1 else torch.empty((split, m, n), dtype=torch.float32, device=x.device)
     _gemv_kernel[(m, n_blocks, split)](
         x, qweight, qzeros, scales, bias if bias is not None else scales, dest,
         n, x.stride(0), qweight.stride(0), qzeros.stride(0), scales.stride(0), n, m * n,
-        per_split, groups,
+        per_split, n_steps,
         GROUP_SIZE=group_size, BLOCK_K=block_k, BLOCK_W=cfg.block_w,
         HAS_BIAS=bias is not None and split == 1, WRITE_PARTIAL=split > 1,
         num_warps=cfg.num_warps,
@@ -243,7 +267,7 @@ def _launch_gemm(x, qweight, qzeros, scales, group_size, bias, out, cfg: GemmCon
         HAS_BIAS=bias is not None and split == 1, WRITE_PARTIAL=split > 1,
         # Triton 3.9's interpreter computes bf16 tl.dot wrongly (it multiplies the raw bits); there the
         # bf16 operands are widened to fp32 first, which is exact, so the numerics are unchanged.
-        DOT_FP32=_interpreting() and x.dtype == torch.bfloat16,
+        DOT_FP32=_interpreting() and x.dtype == torch.bfloat16, SCALE_AFTER_DOT=cfg.scale_after_dot,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     if split > 1:
@@ -265,10 +289,12 @@ def _launch_dequant(qweight, qzeros, scales, group_size, dtype, cfg: DequantConf
 
 def _reduce_partials(partials, bias, out):
     split, m, n = partials.shape
-    block = 1024
+    split_p2 = triton.next_power_of_2(split)
+    # All of a column's partial sums in one [split, block] tile: one load round trip per program.
+    block = max(16, min(1024, 4096 // split_p2))
     _splitk_reduce_kernel[(triton.cdiv(m * n, block),)](
         partials, bias if bias is not None else partials, out, m * n, n, split,
-        HAS_BIAS=bias is not None, BLOCK=block, num_warps=4,
+        HAS_BIAS=bias is not None, SPLIT=split_p2, BLOCK=block, num_warps=4,
     )
 
 
@@ -305,6 +331,36 @@ if triton is not None:
         return a0, a1, a2, a3, a4, a5, a6, a7
 
     @triton.jit
+    def _load_step(qw_ptr, w_offs, x_row, offs_k, stride_qw, mask_w, row0, BLOCK_K: tl.constexpr):
+        """The four [BLOCK_K, words] weight tiles and the x values (pre-scaled fp32) of one step."""
+        tile = qw_ptr + row0 * stride_qw + w_offs
+        w0 = tl.load(tile, mask=mask_w[None, :], other=0)
+        w1 = tl.load(tile + BLOCK_K * stride_qw, mask=mask_w[None, :], other=0)
+        w2 = tl.load(tile + 2 * BLOCK_K * stride_qw, mask=mask_w[None, :], other=0)
+        w3 = tl.load(tile + 3 * BLOCK_K * stride_qw, mask=mask_w[None, :], other=0)
+        x0 = tl.load(x_row + row0 + offs_k).to(tl.float32) * (2.0 ** X_PRESCALE)
+        x1 = tl.load(x_row + row0 + BLOCK_K + offs_k).to(tl.float32) * (2.0 ** X_PRESCALE)
+        x2 = tl.load(x_row + row0 + 2 * BLOCK_K + offs_k).to(tl.float32) * (2.0 ** X_PRESCALE)
+        x3 = tl.load(x_row + row0 + 3 * BLOCK_K + offs_k).to(tl.float32) * (2.0 ** X_PRESCALE)
+        return w0, w1, w2, w3, x0, x1, x2, x3
+
+    @triton.jit
+    def _load_group(qz_ptr, s_ptr, offs_w, mask_w, stride_qz, stride_s, g):
+        """Packed zero points and the 8 per-nibble scale vectors (fp32) of group g."""
+        zw = tl.load(qz_ptr + g * stride_qz + offs_w, mask=mask_w, other=0)
+        s_row = s_ptr + g * stride_s + offs_w * 8
+        # nibble i holds logical column AWQ_ORDER[i] = (0, 2, 4, 6, 1, 3, 5, 7)[i]
+        s0 = tl.load(s_row + 0, mask=mask_w, other=0.0).to(tl.float32)
+        s1 = tl.load(s_row + 2, mask=mask_w, other=0.0).to(tl.float32)
+        s2 = tl.load(s_row + 4, mask=mask_w, other=0.0).to(tl.float32)
+        s3 = tl.load(s_row + 6, mask=mask_w, other=0.0).to(tl.float32)
+        s4 = tl.load(s_row + 1, mask=mask_w, other=0.0).to(tl.float32)
+        s5 = tl.load(s_row + 3, mask=mask_w, other=0.0).to(tl.float32)
+        s6 = tl.load(s_row + 5, mask=mask_w, other=0.0).to(tl.float32)
+        s7 = tl.load(s_row + 7, mask=mask_w, other=0.0).to(tl.float32)
+        return zw, s0, s1, s2, s3, s4, s5, s6, s7
+
+    @triton.jit
     def _group_close(a, xsum, zw, s, NIBBLE: tl.constexpr):
         """One group's contribution for the columns of nibble NIBBLE, whose scales are s:
         s * (sum_k x_k q_k - z * sum_k x_k); `a` comes from _fma_nibbles, `xsum` is unscaled."""
@@ -327,16 +383,21 @@ if triton is not None:
     def _gemv_kernel(
         x_ptr, qw_ptr, qz_ptr, s_ptr, bias_ptr, out_ptr,
         N, stride_xm, stride_qw, stride_qz, stride_s, stride_om, stride_split,
-        groups_per_split, n_groups,
+        steps_per_split, n_steps,
         GROUP_SIZE: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_W: tl.constexpr,
         HAS_BIAS: tl.constexpr, WRITE_PARTIAL: tl.constexpr,
     ):
+        """Program (m, n, k): row m of x, 8 * BLOCK_W columns, steps [k * steps_per_split, ...) of
+        4 * BLOCK_K rows each. A step never crosses a group; the sums of a group (or of the part
+        of it this program holds, which is as good: the closing formula is linear in the rows)
+        are closed with the group's scales and zero points."""
         pid_m = tl.program_id(0)
         pid_n = tl.program_id(1)
         pid_k = tl.program_id(2)
         # stride_qw is not specialized, so its alignment is unknown and loads stay one word wide:
         # one 128-byte line per warp and row, one word (8 columns) and all rows per thread. Wider
         # loads would multiply the per-thread accumulators and spill.
+        STEPS: tl.constexpr = GROUP_SIZE // (4 * BLOCK_K)
         offs_w = pid_n * BLOCK_W + tl.arange(0, BLOCK_W)
         mask_w = offs_w < N // 8
         offs_k = tl.arange(0, BLOCK_K)
@@ -351,21 +412,11 @@ if triton is not None:
         acc5 = tl.zeros([BLOCK_W], dtype=tl.float32)
         acc6 = tl.zeros([BLOCK_W], dtype=tl.float32)
         acc7 = tl.zeros([BLOCK_W], dtype=tl.float32)
-        g_lo = pid_k * groups_per_split
-        g_hi = tl.minimum(g_lo + groups_per_split, n_groups)
-        for g in range(g_lo, g_hi):
+        t_lo = pid_k * steps_per_split
+        t_hi = tl.minimum(t_lo + steps_per_split, n_steps)
+        for g in range(t_lo // STEPS, (t_hi - 1) // STEPS + 1):
             # The group's zero points and scales are loaded first, to be in flight with the weights.
-            zw = tl.load(qz_ptr + g * stride_qz + offs_w, mask=mask_w, other=0)
-            s_row = s_ptr + g * stride_s + offs_w * 8
-            # nibble i holds logical column AWQ_ORDER[i] = (0, 2, 4, 6, 1, 3, 5, 7)[i]
-            s0 = tl.load(s_row + 0, mask=mask_w, other=0.0).to(tl.float32)
-            s1 = tl.load(s_row + 2, mask=mask_w, other=0.0).to(tl.float32)
-            s2 = tl.load(s_row + 4, mask=mask_w, other=0.0).to(tl.float32)
-            s3 = tl.load(s_row + 6, mask=mask_w, other=0.0).to(tl.float32)
-            s4 = tl.load(s_row + 1, mask=mask_w, other=0.0).to(tl.float32)
-            s5 = tl.load(s_row + 3, mask=mask_w, other=0.0).to(tl.float32)
-            s6 = tl.load(s_row + 5, mask=mask_w, other=0.0).to(tl.float32)
-            s7 = tl.load(s_row + 7, mask=mask_w, other=0.0).to(tl.float32)
+            zw, s0, s1, s2, s3, s4, s5, s6, s7 = _load_group(qz_ptr, s_ptr, offs_w, mask_w, stride_qz, stride_s, g)
             # Per-thread partial sums over the rows of a tile; reduced once per group.
             a0 = tl.zeros([BLOCK_K, BLOCK_W], dtype=tl.float32)
             a1 = tl.zeros([BLOCK_K, BLOCK_W], dtype=tl.float32)
@@ -376,18 +427,10 @@ if triton is not None:
             a6 = tl.zeros([BLOCK_K, BLOCK_W], dtype=tl.float32)
             a7 = tl.zeros([BLOCK_K, BLOCK_W], dtype=tl.float32)
             xsum = tl.zeros([BLOCK_K], dtype=tl.float32)
-            for kk in range(0, GROUP_SIZE, 4 * BLOCK_K):
-                row0 = g * GROUP_SIZE + kk
+            for t in range(tl.maximum(t_lo, g * STEPS), tl.minimum(t_hi, g * STEPS + STEPS)):
                 # Four tiles' loads are issued before any of them is used: four in flight per thread.
-                tile = qw_ptr + row0 * stride_qw + w_offs
-                w0 = tl.load(tile, mask=mask_w[None, :], other=0)
-                w1 = tl.load(tile + BLOCK_K * stride_qw, mask=mask_w[None, :], other=0)
-                w2 = tl.load(tile + 2 * BLOCK_K * stride_qw, mask=mask_w[None, :], other=0)
-                w3 = tl.load(tile + 3 * BLOCK_K * stride_qw, mask=mask_w[None, :], other=0)
-                x0 = tl.load(x_row + row0 + offs_k).to(tl.float32) * (2.0 ** X_PRESCALE)
-                x1 = tl.load(x_row + row0 + BLOCK_K + offs_k).to(tl.float32) * (2.0 ** X_PRESCALE)
-                x2 = tl.load(x_row + row0 + 2 * BLOCK_K + offs_k).to(tl.float32) * (2.0 ** X_PRESCALE)
-                x3 = tl.load(x_row + row0 + 3 * BLOCK_K + offs_k).to(tl.float32) * (2.0 ** X_PRESCALE)
+                w0, w1, w2, w3, x0, x1, x2, x3 = _load_step(qw_ptr, w_offs, x_row, offs_k, stride_qw, mask_w,
+                                                            t * 4 * BLOCK_K, BLOCK_K)
                 xsum += (x0 + x1) + (x2 + x3)
                 a0, a1, a2, a3, a4, a5, a6, a7 = _fma_nibbles(w0, x0, a0, a1, a2, a3, a4, a5, a6, a7)
                 a0, a1, a2, a3, a4, a5, a6, a7 = _fma_nibbles(w1, x1, a0, a1, a2, a3, a4, a5, a6, a7)
@@ -406,6 +449,7 @@ if triton is not None:
         row_ptr = out_ptr + pid_m.to(tl.int64) * stride_om
         if WRITE_PARTIAL:
             row_ptr += pid_k.to(tl.int64) * stride_split
+        # nibble i holds logical column AWQ_ORDER[i] = (0, 2, 4, 6, 1, 3, 5, 7)[i]
         _store_column(row_ptr, bias_ptr, offs_w, acc0, mask_w, 0, HAS_BIAS, WRITE_PARTIAL)
         _store_column(row_ptr, bias_ptr, offs_w, acc1, mask_w, 2, HAS_BIAS, WRITE_PARTIAL)
         _store_column(row_ptr, bias_ptr, offs_w, acc2, mask_w, 4, HAS_BIAS, WRITE_PARTIAL)
@@ -446,6 +490,38 @@ if triton is not None:
         return v0, v1, v2, v3, v4, v5, v6, v7
 
     @triton.jit
+    def _int_nibble(w, zw, NIBBLE: tl.constexpr):
+        """(q - z) * 16**(NIBBLE % 4), exact, as float32, for nibble NIBBLE of a tile w [rows, words]
+        (w and zw already shifted right by 16 for nibbles 4..7). The nibble is masked in place and
+        OR-ed into the bits of 2**23, which reads as 2**23 + q * 16**p: one LOP3, no shift, no
+        int->float conversion; the power of 16 (at most 2**12, so fp16 holds 15 * 2**12) is undone
+        with the scale."""
+        MASK: tl.constexpr = 0xF << (4 * (NIBBLE % 4))
+        q = ((w & MASK) | 0x4B000000).to(tl.float32, bitcast=True)
+        z = ((zw & MASK) | 0x4B000000).to(tl.float32, bitcast=True)
+        return q - z[None, :]
+
+    @triton.jit
+    def _int_tile(w, zw):
+        """A tile of packed words [rows, W] -> (q - z) * 16**p [rows, 8W] in logical column order
+        (see _dequant_tile for the join order; p = nibble % 4, see _nibble_unscale)."""
+        wh = w >> 16
+        zh = zw >> 16
+        lo = tl.join(tl.join(_int_nibble(w, zw, 0), _int_nibble(w, zw, 2)),
+                     tl.join(_int_nibble(w, zw, 1), _int_nibble(w, zw, 3)))
+        hi = tl.join(tl.join(_int_nibble(wh, zh, 4), _int_nibble(wh, zh, 6)),
+                     tl.join(_int_nibble(wh, zh, 5), _int_nibble(wh, zh, 7)))
+        t = tl.join(lo, hi)
+        return tl.reshape(t, [t.shape[0], 8 * t.shape[1]])
+
+    @triton.jit
+    def _nibble_unscale(BLOCK_N: tl.constexpr):
+        """16**-p for every column of a block, p = (nibble holding the column) % 4."""
+        j = tl.arange(0, BLOCK_N) % 8
+        nibble = ((j & 1) << 2) | (j >> 1)  # AWQ_REVERSE_ORDER[j]
+        return tl.exp2(-4.0 * (nibble % 4).to(tl.float32))
+
+    @triton.jit
     def _dequant_tile(w, zw, s):
         """A tile of packed words [rows, W] -> dequantized [rows, 8W] with columns in logical order;
         zw [W] the packed zero points, s [8W] the scales (fp32) of the tile's group.
@@ -461,12 +537,13 @@ if triton is not None:
         t = tl.join(lo, hi)
         return tl.reshape(t, [t.shape[0], 8 * t.shape[1]])
 
-    @triton.jit(do_not_specialize=["stride_qw"])
+    @triton.jit
     def _gemm_kernel(
         x_ptr, qw_ptr, qz_ptr, s_ptr, bias_ptr, out_ptr,
         M, N, K, stride_xm, stride_qw, stride_qz, stride_s, stride_om, stride_split, k_per_split,
         GROUP_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
         HAS_BIAS: tl.constexpr, WRITE_PARTIAL: tl.constexpr, DOT_FP32: tl.constexpr,
+        SCALE_AFTER_DOT: tl.constexpr,
     ):
         pid = tl.program_id(0)
         pid_k = tl.program_id(1)
@@ -482,22 +559,33 @@ if triton is not None:
         mask_n = offs_n < N
         mask_w = offs_w < N // 8
         x_rows = x_ptr + offs_m[:, None].to(tl.int64) * stride_xm
+        unscale = _nibble_unscale(BLOCK_N)
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
         k_lo = pid_k * k_per_split
         k_hi = tl.minimum(k_lo + k_per_split, K)
         for k in range(k_lo, k_hi, BLOCK_K):
             rows = k + offs_k
             a = tl.load(x_rows + rows[None, :], mask=mask_m[:, None], other=0.0)
-            w = tl.load(qw_ptr + rows[:, None].to(tl.int64) * stride_qw + offs_w[None, :],
+            w = tl.load(qw_ptr + rows[:, None] * stride_qw + offs_w[None, :],
                         mask=mask_w[None, :], other=0)
             g = k // GROUP_SIZE  # BLOCK_K divides GROUP_SIZE: one group per tile
             zw = tl.load(qz_ptr + g * stride_qz + offs_w, mask=mask_w, other=0)
             s = tl.load(s_ptr + g * stride_s + offs_n, mask=mask_n, other=0.0).to(tl.float32)
-            b = _dequant_tile(w, zw, s).to(x_ptr.dtype.element_ty)
-            if DOT_FP32:
-                acc += tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+            if SCALE_AFTER_DOT:
+                # (q - z) * 16**p is exact in 16 bits; the scale (times 16**-p) multiplies this tile's
+                # fp32 partial product.
+                b = _int_tile(w, zw).to(x_ptr.dtype.element_ty)
+                if DOT_FP32:
+                    part = tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+                else:
+                    part = tl.dot(a, b)
+                acc += part * (s * unscale)[None, :]
             else:
-                acc = tl.dot(a, b, acc)
+                b = _dequant_tile(w, zw, s).to(x_ptr.dtype.element_ty)
+                if DOT_FP32:
+                    acc += tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+                else:
+                    acc = tl.dot(a, b, acc)
 
         out_ptrs = out_ptr + offs_m[:, None].to(tl.int64) * stride_om + offs_n[None, :]
         mask = mask_m[:, None] & mask_n[None, :]
@@ -518,7 +606,7 @@ if triton is not None:
         offs_w = pid_n * BLOCK_W + tl.arange(0, BLOCK_W)
         offs_n = pid_n * (8 * BLOCK_W) + tl.arange(0, 8 * BLOCK_W)
         mask_w = offs_w < N // 8
-        w = tl.load(qw_ptr + rows[:, None].to(tl.int64) * stride_qw + offs_w[None, :], mask=mask_w[None, :], other=0)
+        w = tl.load(qw_ptr + rows[:, None] * stride_qw + offs_w[None, :], mask=mask_w[None, :], other=0)
         g = pid_k * BLOCK_K // GROUP_SIZE
         zw = tl.load(qz_ptr + g * stride_qz + offs_w, mask=mask_w, other=0)
         s = tl.load(s_ptr + g * stride_s + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)
@@ -528,12 +616,14 @@ if triton is not None:
 
     @triton.jit
     def _splitk_reduce_kernel(part_ptr, bias_ptr, out_ptr, MN, N, split, HAS_BIAS: tl.constexpr,
-                              BLOCK: tl.constexpr):
+                              SPLIT: tl.constexpr, BLOCK: tl.constexpr):
+        """out = sum over the split of the fp32 partials [split, M*N] (+ bias), cast to out's dtype."""
         offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
         mask = offs < MN
-        acc = tl.zeros([BLOCK], dtype=tl.float32)
-        for i in range(split):
-            acc += tl.load(part_ptr + i * MN + offs, mask=mask, other=0.0)
+        rows = tl.arange(0, SPLIT)
+        part = tl.load(part_ptr + rows[:, None].to(tl.int64) * MN + offs[None, :],
+                       mask=(rows < split)[:, None] & mask[None, :], other=0.0)
+        acc = tl.sum(part, axis=0)
         if HAS_BIAS:
             acc += tl.load(bias_ptr + offs % N, mask=mask, other=0.0).to(tl.float32)
         tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
