@@ -24,7 +24,7 @@ from safetensors.torch import save_file
 
 from internvl_plugin.chat_templates import template_text
 
-__all__ = ["LAYOUTS", "build_tiny_model", "INTERNVL_SPECIAL_TOKENS"]
+__all__ = ["LAYOUTS", "build_tiny_model", "INTERNVL_SPECIAL_TOKENS", "write_folder_atomically"]
 
 FACTORY_VERSION = 2
 DATA_DIR = Path(__file__).parent / "data"
@@ -71,11 +71,21 @@ def build_tiny_model(layout: str, out_dir: str | os.PathLike, *, seed: int = 0,
         if stamp_file.is_file() and json.loads(stamp_file.read_text()) == stamp:
             return out
         raise FileExistsError(f"{out} exists and is not this tiny model; pass overwrite=True or pick another folder")
+
+    def write(tmp: Path) -> None:
+        _write_model(LAYOUTS[layout], tmp, seed, max_dynamic_patch)
+        (tmp / "tiny_build.json").write_text(json.dumps(stamp, indent=2))
+
+    return write_folder_atomically(out, write)
+
+
+def write_folder_atomically(out: Path, write) -> Path:
+    """Run ``write(tmp)`` on a hidden sibling folder, then rename it to ``out``; on any failure or
+    interrupt remove it, so ``out`` is either complete or untouched."""
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     try:
-        _write_model(LAYOUTS[layout], tmp, seed, max_dynamic_patch)
-        (tmp / "tiny_build.json").write_text(json.dumps(stamp, indent=2))
+        write(tmp)
         if out.exists():
             shutil.rmtree(out)
         os.replace(tmp, out)

@@ -7,6 +7,7 @@ path (plugin loaded by entry point in the engine core and worker) has its own te
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import os
 
@@ -69,3 +70,52 @@ def monkeypatch_module():
     mp = pytest.MonkeyPatch()
     yield mp
     mp.undo()
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def cli_server(argv, log, *, port, drop_env=("VLLM_ENABLE_V1_MULTIPROCESSING", "VLLM_PLUGINS"),
+               ready_marker="curl -s", timeout_s=400):
+    """Run a server command (hub_cli demo/serve) in its own process group until /health answers and
+    ``ready_marker`` is in its log; yield the base URL; stop it with SIGINT (SIGKILL to the group if
+    it lingers) and require a clean exit. ``drop_env``: variables the real server must not inherit."""
+    import signal
+    import subprocess
+    import time
+    import urllib.request
+
+    env = {k: v for k, v in os.environ.items() if k not in drop_env}
+    proc = subprocess.Popen([str(a) for a in argv], stdout=open(log, "w"), stderr=subprocess.STDOUT, env=env,
+                            start_new_session=True)
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + timeout_s
+    try:
+        while True:
+            assert proc.poll() is None, f"{argv[1]} exited early:\n{log.read_text()[-3000:]}"
+            try:
+                if urllib.request.urlopen(base + "/health", timeout=2).status == 200:
+                    break
+            except OSError:
+                pass
+            assert time.monotonic() < deadline, f"server never healthy:\n{log.read_text()[-3000:]}"
+            time.sleep(1)
+        for _ in range(40):  # the ready message follows health by a moment
+            if ready_marker in log.read_text():
+                break
+            time.sleep(0.25)
+        yield base
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode in (0, 130), log.read_text()[-2000:]

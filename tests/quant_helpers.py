@@ -21,7 +21,6 @@ import json
 import os
 import re
 import shutil
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -29,6 +28,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from internvl_kernels import dequantize_awq, quantize_awq
+from internvl_plugin.tiny import write_folder_atomically
 
 QUANT_LAYOUTS = ("ours", "lmdeploy", "autoawq")
 
@@ -137,14 +137,4 @@ def _copy_side_files(src: Path, dst: Path) -> None:
 
 
 def _write_folder(out: Path, write: Callable[[Path], None]) -> Path:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
-    try:
-        write(tmp)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
+    return write_folder_atomically(out, write)

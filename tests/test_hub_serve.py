@@ -16,12 +16,13 @@ import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
 from PIL import Image
+
+from conftest import cli_server
 
 from hub_cli.cli import main
 from hub_cli.errors import NotFoundError, UsageError
@@ -356,37 +357,11 @@ def served(tmp_path_factory):
     model = build_tiny_model("internvl2-2b", root / "tiny-internvl2-2b")
     port = _free_port()
     log = root / "serve.log"
-    env = dict(os.environ)
-    for key in ("VLLM_ENABLE_V1_MULTIPROCESSING", "VLLM_PLUGINS", "VLLM_CPU_KVCACHE_SPACE"):
-        env.pop(key, None)   # the real multi-process server, the plugin by entry point, serve's own KV size
-    proc = subprocess.Popen([str(HUB_CLI), "serve", str(model), "--server-port", str(port), "--session-len", "4096",
-                             "--max-batch-size", "4"], stdout=open(log, "w"), stderr=subprocess.STDOUT, env=env,
-                            start_new_session=True)
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 400
-    try:
-        while True:
-            assert proc.poll() is None, f"hub_cli serve exited early:\n{log.read_text()[-3000:]}"
-            try:
-                if urllib.request.urlopen(base + "/health", timeout=2).status == 200:
-                    break
-            except OSError:
-                pass
-            assert time.monotonic() < deadline, f"server never healthy:\n{log.read_text()[-3000:]}"
-            time.sleep(1)
-        for _ in range(40):  # the ready message follows health by a moment
-            if "curl -s" in log.read_text():
-                break
-            time.sleep(0.25)
+    # the real multi-process server, the plugin by entry point, serve's own KV size
+    argv = [HUB_CLI, "serve", model, "--server-port", port, "--session-len", "4096", "--max-batch-size", "4"]
+    with cli_server(argv, log, port=port,
+                    drop_env=("VLLM_ENABLE_V1_MULTIPROCESSING", "VLLM_PLUGINS", "VLLM_CPU_KVCACHE_SPACE")) as base:
         yield base, model, log
-    finally:
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-    assert proc.returncode in (0, 130), log.read_text()[-2000:]
 
 
 @pytest.mark.slow

@@ -8,26 +8,16 @@ import base64
 import functools
 import http.server
 import io
-import os
-import signal
-import socket
-import subprocess
 import sys
 import threading
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 from PIL import Image
 
+from conftest import cli_server, free_port
+
 pytestmark = pytest.mark.slow
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _png(w, h, color) -> bytes:
@@ -39,40 +29,12 @@ def _png(w, h, color) -> bytes:
 @pytest.fixture(scope="module")
 def demo_server(tmp_path_factory):
     cache = tmp_path_factory.mktemp("demo-cache")
-    port = _free_port()
+    port = free_port()
     log = cache / "server.log"
-    env = dict(os.environ)
-    env.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)   # the real multi-process server
-    env.pop("VLLM_PLUGINS", None)                      # plugin found through its entry point
     hub_cli = Path(sys.executable).with_name("hub_cli")
-    proc = subprocess.Popen([str(hub_cli), "demo", "--port", str(port), "--cache-dir", str(cache)],
-                            stdout=open(log, "w"), stderr=subprocess.STDOUT, env=env, start_new_session=True)
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 400
-    try:
-        while True:
-            assert proc.poll() is None, f"hub_cli demo exited early:\n{log.read_text()[-3000:]}"
-            try:
-                if urllib.request.urlopen(base + "/health", timeout=2).status == 200:
-                    break
-            except OSError:
-                pass
-            assert time.monotonic() < deadline, f"server never healthy:\n{log.read_text()[-3000:]}"
-            time.sleep(1)
-        # the ready message with a curl command follows health by a moment
-        for _ in range(40):
-            if "curl -s" in log.read_text():
-                break
-            time.sleep(0.25)
+    # the real multi-process server; the plugin found through its entry point
+    with cli_server([hub_cli, "demo", "--port", port, "--cache-dir", cache], log, port=port) as base:
         yield base, cache / "internvl2-2b", log
-    finally:
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-    assert proc.returncode in (0, 130), log.read_text()[-2000:]
 
 
 @pytest.fixture(scope="module")
