@@ -138,7 +138,8 @@ class InternVLMultiModalProcessor(BaseMultiModalProcessor[InternVLProcessingInfo
         return [PromptReplacement(modality="image", target=target, replacement=expand)]
 
     def _apply_prompt_updates(self, token_ids, mm_prompt_updates):
-        # InternVL's reference tokenizes the *expanded* prompt text ("...<img><IMG_CONTEXT>...</img>\n...")
+        # Overrides a protected hook of vLLM 0.32's BaseMultiModalProcessor (checked by
+        # tests/test_plugin.py::test_processor_hooks_exist_in_vllm). InternVL's reference tokenizes the *expanded* prompt text ("...<img><IMG_CONTEXT>...</img>\n...")
         # in one go. "<image>" is ordinary text, so replacing its token ids in place would keep the
         # tokenization of its neighbours as they were next to "<image>", which differs (sentencepiece
         # restarts at special tokens). Replacing in text space and re-encoding reproduces it exactly.

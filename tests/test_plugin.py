@@ -127,3 +127,22 @@ def test_text_only_internlm2_runs_without_remote_code(tiny_model, layout, monkey
         assert len(out.outputs[0].token_ids) == 5
     finally:
         release_llm(llm)
+
+
+def test_processor_hooks_exist_in_vllm():
+    """internvl.py overrides BaseMultiModalProcessor._apply_prompt_updates and calls three more
+    protected helpers (vLLM 0.32). If vLLM renames them, the override would silently stop applying."""
+    import inspect
+
+    from vllm.multimodal.processing import BaseMultiModalProcessor
+
+    from internvl_plugin.internvl import InternVLMultiModalProcessor
+
+    expected = {"_apply_prompt_updates": ["self", "token_ids", "mm_prompt_updates"],
+                "_apply_prompt_updates_via_text": ["self", "token_ids", "mm_prompt_updates", "encode_segments_separately"],
+                "_find_mm_placeholders": ["self", "new_token_ids", "mm_prompt_updates"],
+                "_matched_updates_from_result": ["self", "mm_prompt_updates", "match_result"],
+                "_call_hf_processor": ["self", "hf_data", "hf_kwargs"]}
+    for name, params in expected.items():
+        assert list(inspect.signature(getattr(BaseMultiModalProcessor, name)).parameters) == params, name
+    assert InternVLMultiModalProcessor._apply_prompt_updates is not BaseMultiModalProcessor._apply_prompt_updates
