@@ -18,6 +18,18 @@ os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
+# sitecustomize for hub client subprocesses: any name lookup other than loopback fails, so a client
+# that tried to reach a real hub would fail the test instead of touching the network
+NETGUARD_SITECUSTOMIZE = """
+import socket
+_real = socket.getaddrinfo
+def _guard(host, *args, **kwargs):
+    if host not in ("127.0.0.1", "localhost", "::1"):
+        raise socket.gaierror(f"test network guard: refusing to resolve {host!r}")
+    return _real(host, *args, **kwargs)
+socket.getaddrinfo = _guard
+"""
+
 VL_LAYOUTS = ("internvl2-2b", "internvl2-1b", "internvl-chat-v1-5")
 
 

@@ -22,6 +22,7 @@ from click.testing import CliRunner
 
 from hub_cli.cli import main
 from hub_cli.errors import UnsafePathError
+from conftest import NETGUARD_SITECUSTOMIZE
 from hub_cli.fakehub import FakeHub
 from hub_cli.fetch import fetch, safe_target, select_paths
 
@@ -29,15 +30,7 @@ TOKEN = "hf_SeCrEt_tok3n_0123456789"
 WRONG_TOKEN = "wrong_SeCrEt_value_987654"
 _LOCAL_HOSTS = {"127.0.0.1", "localhost", "::1"}
 
-_NETGUARD = """
-import socket
-_real = socket.getaddrinfo
-def _guard(host, *args, **kwargs):
-    if host not in ("127.0.0.1", "localhost", "::1"):
-        raise socket.gaierror(f"test network guard: refusing to resolve {host!r}")
-    return _real(host, *args, **kwargs)
-socket.getaddrinfo = _guard
-"""
+_NETGUARD = NETGUARD_SITECUSTOMIZE
 
 
 # ---------------------------------------------------------------------------------------------------------

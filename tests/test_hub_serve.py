@@ -22,7 +22,7 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
-from conftest import cli_server
+from conftest import NETGUARD_SITECUSTOMIZE, cli_server
 
 from hub_cli.cli import main
 from hub_cli.errors import NotFoundError, UsageError
@@ -272,15 +272,7 @@ def test_unusable_model_arguments(tmp_path, model_2b):
                                      "(and it is not a repo id OWNER/NAME)")
 
 
-_NETGUARD = """
-import socket
-_real = socket.getaddrinfo
-def _guard(host, *args, **kwargs):
-    if host not in ("127.0.0.1", "localhost", "::1"):
-        raise socket.gaierror(f"test network guard: refusing to resolve {host!r}")
-    return _real(host, *args, **kwargs)
-socket.getaddrinfo = _guard
-"""
+_NETGUARD = NETGUARD_SITECUSTOMIZE
 
 _RESOLVE_TWICE = """
 import json, sys
