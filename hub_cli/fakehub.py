@@ -148,6 +148,8 @@ def _git_blob_sha1(data_len: int, chunks) -> str:
 
 
 def _hash_file(path: Path) -> tuple[int, str, str]:
+    # Deliberately not hub_cli.fetch._hash_file: the fake hub computes the hashes it advertises on
+    # its own, so a bug in the client's verification cannot be hidden by the server sharing it.
     size = path.stat().st_size
     sha = hashlib.sha256()
     git = hashlib.sha1(b"blob %d\0" % size)
@@ -602,7 +604,7 @@ class _Handler(BaseHTTPRequestHandler):
             return None
         return repo
 
-    def _hf_auth_error(self, repo: _Repo | None, head_only: bool = False) -> bool:
+    def _hf_auth_error(self, repo: _Repo | None) -> bool:
         """Send the HF error for a missing/private/gated repo; True if an error was sent."""
         if repo is None:
             return False
