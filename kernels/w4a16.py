@@ -41,7 +41,7 @@ try:
 except ImportError:  # the CPU path (w4a16_linear) needs no Triton
     triton = None
 
-__all__ = ["w4a16_matmul", "w4a16_linear", "GemvConfig", "GemmConfig", "DequantConfig", "pick_config"]
+__all__ = ["w4a16_matmul", "w4a16_linear", "GemvConfig", "GemmConfig", "TcConfig", "DequantConfig", "pick_config"]
 
 
 def w4a16_matmul(x, qweight, qzeros, scales, group_size: int, bias=None, *, out=None, config=None):
@@ -82,6 +82,8 @@ def w4a16_matmul(x, qweight, qzeros, scales, group_size: int, bias=None, *, out=
             torch.addmm(bias.to(x.dtype), x2, w, out=out)
         else:
             torch.matmul(x2, w, out=out)
+    elif isinstance(cfg, TcConfig):
+        _launch_tc(x2, qweight, qzeros, scales, group_size, bias, out, cfg)
     else:
         _launch_gemm(x2, qweight, qzeros, scales, group_size, bias, out, cfg)
     return out.view(*lead, n)
@@ -131,6 +133,28 @@ class GemmConfig:
     # False: (q - z) * s is formed per weight and rounded to x.dtype before the dot.
     scale_after_dot: bool = True
     split_k: int = 0  # 0: derived from the grid size (see _gemm_split)
+
+
+@dataclass(frozen=True)
+class TcConfig:
+    """The tensor-core kernel (_tc_kernel): out^T = W^T x^T, the weight as the register operand.
+
+    A program covers block_m rows of x and 8 * block_w output columns (block_w packed words), for
+    the byte lanes [byte0, byte0 + bytes) of every word: bytes=4 uses all eight nibbles, bytes=2 or 1
+    leaves the other lanes to sibling programs that read the same words (through L2), which keeps
+    the accumulators (8 * block_m * block_w / threads floats a thread) in registers for large M."""
+
+    block_m: int = 16
+    block_w: int = 64  # a multiple of 16 per warp (mma.sync) or 64 per 4 warps (wgmma)
+    block_k: int = 64  # clipped to the group size
+    num_warps: int = 4
+    num_stages: int = 3
+    bytes: int = 4
+    # True: each weight is dequantized to (q - z) * s in x.dtype and the dots accumulate over all of
+    # K; False: exact MAGIC + q tiles, each tile's dot closed with the scale in fp32 (_tc_close).
+    scale_in_a: bool = True
+    split_k: int = 0  # 0: derived from the grid size (see _tc_split)
+    waves: float = 2.0  # programs per multiprocessor that _tc_split aims for
 
 
 @dataclass(frozen=True)
@@ -268,6 +292,45 @@ def _launch_gemm(x, qweight, qzeros, scales, group_size, bias, out, cfg: GemmCon
         # Triton 3.9's interpreter computes bf16 tl.dot wrongly (it multiplies the raw bits); there the
         # bf16 operands are widened to fp32 first, which is exact, so the numerics are unchanged.
         DOT_FP32=_interpreting() and x.dtype == torch.bfloat16, SCALE_AFTER_DOT=cfg.scale_after_dot,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    if split > 1:
+        _reduce_partials(dest, bias, out)
+
+
+def _tc_split(cfg: TcConfig, programs: int, k_tiles: int, device) -> int:
+    if cfg.split_k:
+        return max(1, min(cfg.split_k, k_tiles))
+    want = int(cfg.waves * _sm_count(device))
+    if programs >= want:
+        return 1
+    return max(1, min(-(-want // programs), k_tiles // 2))
+
+
+def _launch_tc(x, qweight, qzeros, scales, group_size, bias, out, cfg: TcConfig):
+    m, k = x.shape
+    n = out.shape[1]
+    block_k = min(cfg.block_k, group_size)
+    if group_size % block_k:
+        raise ValueError(f"tensor-core kernel: block_k={block_k} must divide group_size={group_size}")
+    k_tiles = k // block_k
+    num_m = triton.cdiv(m, cfg.block_m)
+    lanes = 4 // cfg.bytes
+    programs = num_m * triton.cdiv(n // 8, cfg.block_w) * lanes
+    split = _tc_split(cfg, programs, k_tiles, x.device)
+    per_split = triton.cdiv(k_tiles, split)
+    split = triton.cdiv(k_tiles, per_split)
+    dest = out if split == 1 else torch.empty((split, m, n), dtype=torch.float32, device=x.device)
+    interp = _interpreting()
+    _tc_kernel[(programs, split)](
+        x, qweight, qzeros, scales, bias if bias is not None else scales, dest,
+        m, n, x.stride(0), qweight.stride(0), qzeros.stride(0), scales.stride(0), n, m * n,
+        per_split * block_k, k,
+        GROUP_SIZE=group_size, BLOCK_M=cfg.block_m, BLOCK_W=cfg.block_w, BLOCK_K=block_k, BYTES=cfg.bytes,
+        HAS_BIAS=bias is not None and split == 1, WRITE_PARTIAL=split > 1,
+        # The interpreter runs no PTX: the nibbles are extracted with plain integer ops there (same
+        # values), and bf16 dots are widened to fp32 (Triton 3.9's interpreter gets bf16 tl.dot wrong).
+        USE_ASM=not interp, DOT_FP32=interp and x.dtype == torch.bfloat16, SCALE_IN_A=cfg.scale_in_a,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     if split > 1:
@@ -595,6 +658,230 @@ if triton is not None:
             if HAS_BIAS:
                 acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
             tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def _byte_pair(wt, BYTE: tl.constexpr, BF16: tl.constexpr, USE_ASM: tl.constexpr):
+        """Nibbles 2*BYTE and 2*BYTE+1 of every word of wt, each as MAGIC + q in bf16 (BF16, MAGIC =
+        128) or fp16 (MAGIC = 1024): the smallest power of two whose unit in the last place is 1,
+        so MAGIC + q is exact. Elementwise; on the GPU two words go through one asm block (pack=2):
+        PRMT puts byte BYTE of both words in the two halves of a register, and one LOP3 per nibble
+        ORs it under the bits of MAGIC, which gives both 16-bit values in one register."""
+        if USE_ASM:
+            if BYTE == 0:
+                SEL: tl.constexpr = "0x4400"
+            elif BYTE == 1:
+                SEL: tl.constexpr = "0x5511"
+            elif BYTE == 2:
+                SEL: tl.constexpr = "0x6622"
+            else:
+                SEL: tl.constexpr = "0x7733"
+            if BF16:
+                BITS: tl.constexpr = "0x43004300"
+            else:
+                BITS: tl.constexpr = "0x64006400"
+            ASM: tl.constexpr = ("{ .reg .b32 t, u; prmt.b32 t, $2, $3, " + SEL + "; "
+                                 "lop3.b32 $0, t, 0x000F000F, " + BITS + ", 0xea; "
+                                 "shr.u32 u, t, 4; lop3.b32 $1, u, 0x000F000F, " + BITS + ", 0xea; }")
+            if BF16:
+                lo, hi = tl.inline_asm_elementwise(asm=ASM, constraints="=r,=r,r,r", args=[wt],
+                                                   dtype=(tl.bfloat16, tl.bfloat16), is_pure=True, pack=2)
+            else:
+                lo, hi = tl.inline_asm_elementwise(asm=ASM, constraints="=r,=r,r,r", args=[wt],
+                                                   dtype=(tl.float16, tl.float16), is_pure=True, pack=2)
+        else:
+            if BF16:
+                MAGIC: tl.constexpr = 128
+                DTYPE: tl.constexpr = tl.bfloat16
+            else:
+                MAGIC: tl.constexpr = 1024
+                DTYPE: tl.constexpr = tl.float16
+            # (through fp32: the interpreter converts int32 to bf16 wrongly)
+            lo = (((wt >> (8 * BYTE)) & 0xF) + MAGIC).to(tl.float32).to(DTYPE)
+            hi = (((wt >> (8 * BYTE + 4)) & 0xF) + MAGIC).to(tl.float32).to(DTYPE)
+        return lo, hi
+
+    @triton.jit
+    def _tc_dot(a, xt, DOT_FP32: tl.constexpr):
+        if DOT_FP32:
+            return tl.dot(a.to(tl.float32), xt.to(tl.float32), input_precision="ieee")
+        return tl.dot(a, xt)
+
+    @triton.jit
+    def _tc_column(NIB: tl.constexpr):
+        """Nibble i of a word holds column AWQ_ORDER[i] = 2 * (i % 4) + i // 4 of its eight."""
+        COL: tl.constexpr = 2 * (NIB % 4) + NIB // 4
+        return COL
+
+    @triton.jit
+    def _tc_close(tot, part, zw, s_row, offs_w, mask_w, xs, NIB: tl.constexpr, MAGIC: tl.constexpr):
+        """tot += s * (sum_k x_k (MAGIC + q_k) - (MAGIC + z) * sum_k x_k) for the columns of nibble
+        NIB of the (lane-shifted) words; part [W, M] holds the first sum, xs [W, M] the second (every
+        row the same)."""
+        col = _tc_column(NIB)
+        s = tl.load(s_row + offs_w * 8 + col, mask=mask_w, other=0.0).to(tl.float32)
+        z = ((zw >> (4 * NIB)) & 0xF).to(tl.float32) + MAGIC
+        return tot + part * s[:, None] - (s * z)[:, None] * xs
+
+    @triton.jit
+    def _tc_step(wt, xt, xs, ta, tb, zw, s_row, offs_w, mask_w, BYTE: tl.constexpr,
+                 MAGIC: tl.constexpr, USE_ASM: tl.constexpr, DOT_FP32: tl.constexpr, SCALE_IN_A: tl.constexpr):
+        a, b = _byte_pair(wt, BYTE, MAGIC == 128.0, USE_ASM)
+        if SCALE_IN_A:
+            ta = _tc_dot_acc(_tc_scaled(a, zw, s_row, offs_w, mask_w, 2 * BYTE, MAGIC, DOT_FP32), xt, ta, DOT_FP32)
+            tb = _tc_dot_acc(_tc_scaled(b, zw, s_row, offs_w, mask_w, 2 * BYTE + 1, MAGIC, DOT_FP32), xt, tb, DOT_FP32)
+        else:
+            ta = _tc_close(ta, _tc_dot(a, xt, DOT_FP32), zw, s_row, offs_w, mask_w, xs, 2 * BYTE, MAGIC)
+            tb = _tc_close(tb, _tc_dot(b, xt, DOT_FP32), zw, s_row, offs_w, mask_w, xs, 2 * BYTE + 1, MAGIC)
+        return ta, tb
+
+    @triton.jit
+    def _tc_scaled(a, zw, s_row, offs_w, mask_w, NIB: tl.constexpr, MAGIC: tl.constexpr, DOT_FP32: tl.constexpr):
+        """(q - z) * s rounded to a's dtype, from a = MAGIC + q: the subtraction is exact, the product
+        rounds once. (DOT_FP32, the interpreter: the same values through fp32, exact until the cast.)"""
+        col = _tc_column(NIB)
+        s = tl.load(s_row + offs_w * 8 + col, mask=mask_w, other=0.0)
+        z = ((zw >> (4 * NIB)) & 0xF).to(tl.float32) + MAGIC
+        if DOT_FP32:
+            return ((a.to(tl.float32) - z[:, None]) * s.to(tl.float32)[:, None]).to(a.dtype)
+        return (a - z.to(a.dtype)[:, None]) * s.to(a.dtype)[:, None]
+
+    @triton.jit
+    def _tc_dot_acc(a, xt, acc, DOT_FP32: tl.constexpr):
+        if DOT_FP32:
+            return tl.dot(a.to(tl.float32), xt.to(tl.float32), acc, input_precision="ieee")
+        return tl.dot(a, xt, acc)
+
+    @triton.jit
+    def _tc_store(out_rows, bias_ptr, offs_w, mask_w, tot, msk, NIB: tl.constexpr,
+                  HAS_BIAS: tl.constexpr, WRITE_PARTIAL: tl.constexpr):
+        col = _tc_column(NIB)
+        if WRITE_PARTIAL:
+            tl.store(out_rows + col, tot, mask=msk)
+        else:
+            if HAS_BIAS:
+                tot += tl.load(bias_ptr + offs_w * 8 + col, mask=mask_w, other=0.0).to(tl.float32)[:, None]
+            tl.store(out_rows + col, tot.to(out_rows.dtype.element_ty), mask=msk)
+
+    @triton.jit(do_not_specialize=["stride_qw"])
+    def _tc_kernel(
+        x_ptr, qw_ptr, qz_ptr, s_ptr, bias_ptr, out_ptr,
+        M, N, stride_xm, stride_qw, stride_qz, stride_s, stride_om, stride_split, k_per_split, K,
+        GROUP_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_K: tl.constexpr,
+        BYTES: tl.constexpr, HAS_BIAS: tl.constexpr, WRITE_PARTIAL: tl.constexpr, USE_ASM: tl.constexpr,
+        DOT_FP32: tl.constexpr, SCALE_IN_A: tl.constexpr,
+    ):
+        """out[m, 8w + AWQ_ORDER[i]] for nibble i: the transposed product W_i^T [W, K] @ x^T [K, M]
+        per nibble, so the dequantized weight is the dot's first (register) operand and needs no
+        shared-memory round trip (_byte_pair extracts MAGIC + q; SCALE_IN_A: see TcConfig).
+        With BYTES < 4 the programs of one weight tile split its byte lanes (lane = pid % LANES);
+        each lane is its own branch so that the byte it extracts stays a compile-time constant."""
+        pid = tl.program_id(0)
+        pid_k = tl.program_id(1)
+        LANES: tl.constexpr = 4 // BYTES
+        num_m = tl.cdiv(M, BLOCK_M)
+        # byte lanes vary fastest, then M tiles: the programs that read one weight tile run together.
+        lane = pid % LANES
+        pid_m = (pid // LANES) % num_m
+        pid_n = pid // (LANES * num_m)
+        if BYTES == 4:
+            _tc_run(x_ptr, qw_ptr, qz_ptr, s_ptr, bias_ptr, out_ptr, M, N, stride_xm, stride_qw, stride_qz, stride_s,
+                    stride_om, stride_split, k_per_split, K, pid_m, pid_n, pid_k, GROUP_SIZE, BLOCK_M, BLOCK_W,
+                    BLOCK_K, 0, 4, HAS_BIAS, WRITE_PARTIAL, USE_ASM, DOT_FP32, SCALE_IN_A)
+        elif BYTES == 2:
+            if lane == 0:
+                _tc_run(x_ptr, qw_ptr, qz_ptr, s_ptr, bias_ptr, out_ptr, M, N, stride_xm, stride_qw, stride_qz,
+                        stride_s, stride_om, stride_split, k_per_split, K, pid_m, pid_n, pid_k, GROUP_SIZE, BLOCK_M,
+                        BLOCK_W, BLOCK_K, 0, 2, HAS_BIAS, WRITE_PARTIAL, USE_ASM, DOT_FP32, SCALE_IN_A)
+            else:
+                _tc_run(x_ptr, qw_ptr, qz_ptr, s_ptr, bias_ptr, out_ptr, M, N, stride_xm, stride_qw, stride_qz,
+                        stride_s, stride_om, stride_split, k_per_split, K, pid_m, pid_n, pid_k, GROUP_SIZE, BLOCK_M,
+                        BLOCK_W, BLOCK_K, 2, 2, HAS_BIAS, WRITE_PARTIAL, USE_ASM, DOT_FP32, SCALE_IN_A)
+        else:
+            if lane == 0:
+                _tc_run(x_ptr, qw_ptr, qz_ptr, s_ptr, bias_ptr, out_ptr, M, N, stride_xm, stride_qw, stride_qz,
+                        stride_s, stride_om, stride_split, k_per_split, K, pid_m, pid_n, pid_k, GROUP_SIZE, BLOCK_M,
+                        BLOCK_W, BLOCK_K, 0, 1, HAS_BIAS, WRITE_PARTIAL, USE_ASM, DOT_FP32, SCALE_IN_A)
+            elif lane == 1:
+                _tc_run(x_ptr, qw_ptr, qz_ptr, s_ptr, bias_ptr, out_ptr, M, N, stride_xm, stride_qw, stride_qz,
+                        stride_s, stride_om, stride_split, k_per_split, K, pid_m, pid_n, pid_k, GROUP_SIZE, BLOCK_M,
+                        BLOCK_W, BLOCK_K, 1, 1, HAS_BIAS, WRITE_PARTIAL, USE_ASM, DOT_FP32, SCALE_IN_A)
+            elif lane == 2:
+                _tc_run(x_ptr, qw_ptr, qz_ptr, s_ptr, bias_ptr, out_ptr, M, N, stride_xm, stride_qw, stride_qz,
+                        stride_s, stride_om, stride_split, k_per_split, K, pid_m, pid_n, pid_k, GROUP_SIZE, BLOCK_M,
+                        BLOCK_W, BLOCK_K, 2, 1, HAS_BIAS, WRITE_PARTIAL, USE_ASM, DOT_FP32, SCALE_IN_A)
+            else:
+                _tc_run(x_ptr, qw_ptr, qz_ptr, s_ptr, bias_ptr, out_ptr, M, N, stride_xm, stride_qw, stride_qz,
+                        stride_s, stride_om, stride_split, k_per_split, K, pid_m, pid_n, pid_k, GROUP_SIZE, BLOCK_M,
+                        BLOCK_W, BLOCK_K, 3, 1, HAS_BIAS, WRITE_PARTIAL, USE_ASM, DOT_FP32, SCALE_IN_A)
+
+    @triton.jit
+    def _tc_run(
+        x_ptr, qw_ptr, qz_ptr, s_ptr, bias_ptr, out_ptr,
+        M, N, stride_xm, stride_qw, stride_qz, stride_s, stride_om, stride_split, k_per_split, K,
+        pid_m, pid_n, pid_k,
+        GROUP_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_K: tl.constexpr,
+        BYTE0: tl.constexpr, NBYTES: tl.constexpr, HAS_BIAS: tl.constexpr, WRITE_PARTIAL: tl.constexpr,
+        USE_ASM: tl.constexpr, DOT_FP32: tl.constexpr, SCALE_IN_A: tl.constexpr,
+    ):
+        """One program's work for bytes [BYTE0, BYTE0 + NBYTES) of its words. Without SCALE_IN_A,
+        each K tile (inside one group) is closed with the group's scale and zero point in fp32
+        (_tc_close), and sum_k x_k comes from one more dot with a ones tile, which lands in the
+        accumulators' layout."""
+        DTYPE: tl.constexpr = x_ptr.dtype.element_ty
+        if DTYPE == tl.bfloat16:
+            MAGIC: tl.constexpr = 128.0
+        else:
+            MAGIC: tl.constexpr = 1024.0
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_w = pid_n * BLOCK_W + tl.arange(0, BLOCK_W)
+        offs_k = tl.arange(0, BLOCK_K)
+        mask_m = offs_m < M
+        mask_w = offs_w < N // 8
+        x_cols = x_ptr + offs_m[None, :].to(tl.int64) * stride_xm
+        ones = tl.full([BLOCK_W, BLOCK_K], 1.0, tl.float32).to(DTYPE)
+        t0 = tl.zeros([BLOCK_W, BLOCK_M], dtype=tl.float32)
+        t1 = tl.zeros([BLOCK_W, BLOCK_M], dtype=tl.float32)
+        t2 = tl.zeros([BLOCK_W, BLOCK_M], dtype=tl.float32)
+        t3 = tl.zeros([BLOCK_W, BLOCK_M], dtype=tl.float32)
+        t4 = tl.zeros([BLOCK_W, BLOCK_M], dtype=tl.float32)
+        t5 = tl.zeros([BLOCK_W, BLOCK_M], dtype=tl.float32)
+        t6 = tl.zeros([BLOCK_W, BLOCK_M], dtype=tl.float32)
+        t7 = tl.zeros([BLOCK_W, BLOCK_M], dtype=tl.float32)
+        k_lo = pid_k * k_per_split
+        k_hi = tl.minimum(k_lo + k_per_split, K)
+        for k in range(k_lo, k_hi, BLOCK_K):
+            rows = k + offs_k
+            xt = tl.load(x_cols + rows[:, None], mask=mask_m[None, :], other=0.0)  # [K, M]
+            wt = tl.load(qw_ptr + rows[None, :] * stride_qw + offs_w[:, None], mask=mask_w[:, None], other=0)
+            g = k // GROUP_SIZE  # BLOCK_K divides GROUP_SIZE: one group per tile
+            zw = tl.load(qz_ptr + g * stride_qz + offs_w, mask=mask_w, other=0)
+            s_row = s_ptr + g * stride_s
+            if SCALE_IN_A:
+                xs = 0.0
+            else:
+                xs = _tc_dot(ones, xt, DOT_FP32)
+            t0, t1 = _tc_step(wt, xt, xs, t0, t1, zw, s_row, offs_w, mask_w, BYTE0, MAGIC, USE_ASM, DOT_FP32, SCALE_IN_A)
+            if NBYTES >= 2:
+                t2, t3 = _tc_step(wt, xt, xs, t2, t3, zw, s_row, offs_w, mask_w, BYTE0 + 1, MAGIC, USE_ASM, DOT_FP32,
+                                  SCALE_IN_A)
+            if NBYTES == 4:
+                t4, t5 = _tc_step(wt, xt, xs, t4, t5, zw, s_row, offs_w, mask_w, 2, MAGIC, USE_ASM, DOT_FP32, SCALE_IN_A)
+                t6, t7 = _tc_step(wt, xt, xs, t6, t7, zw, s_row, offs_w, mask_w, 3, MAGIC, USE_ASM, DOT_FP32, SCALE_IN_A)
+
+        out_rows = out_ptr + offs_m[None, :].to(tl.int64) * stride_om + offs_w[:, None] * 8
+        if WRITE_PARTIAL:
+            out_rows += pid_k.to(tl.int64) * stride_split
+        msk = mask_m[None, :] & mask_w[:, None]
+        _tc_store(out_rows, bias_ptr, offs_w, mask_w, t0, msk, 2 * BYTE0, HAS_BIAS, WRITE_PARTIAL)
+        _tc_store(out_rows, bias_ptr, offs_w, mask_w, t1, msk, 2 * BYTE0 + 1, HAS_BIAS, WRITE_PARTIAL)
+        if NBYTES >= 2:
+            _tc_store(out_rows, bias_ptr, offs_w, mask_w, t2, msk, 2 * BYTE0 + 2, HAS_BIAS, WRITE_PARTIAL)
+            _tc_store(out_rows, bias_ptr, offs_w, mask_w, t3, msk, 2 * BYTE0 + 3, HAS_BIAS, WRITE_PARTIAL)
+        if NBYTES == 4:
+            _tc_store(out_rows, bias_ptr, offs_w, mask_w, t4, msk, 4, HAS_BIAS, WRITE_PARTIAL)
+            _tc_store(out_rows, bias_ptr, offs_w, mask_w, t5, msk, 5, HAS_BIAS, WRITE_PARTIAL)
+            _tc_store(out_rows, bias_ptr, offs_w, mask_w, t6, msk, 6, HAS_BIAS, WRITE_PARTIAL)
+            _tc_store(out_rows, bias_ptr, offs_w, mask_w, t7, msk, 7, HAS_BIAS, WRITE_PARTIAL)
 
     @triton.jit(do_not_specialize=["stride_qw"])
     def _dequant_kernel(qw_ptr, qz_ptr, s_ptr, w_ptr, N, stride_qw, stride_qz, stride_s,
