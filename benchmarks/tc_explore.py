@@ -50,12 +50,23 @@ def check(gen):
     return fails
 
 
+FINE = False
+
+
 def candidates(m, quick=False):
     if quick:
         bm = 16 if m <= 16 else 64
         yield TcConfig(block_m=bm, block_w=64, block_k=64, num_warps=4, bytes=4 if bm <= 16 else 1)
         yield TcConfig(block_m=16, block_w=16, block_k=64, num_warps=1, bytes=4, split_k=3, scale_in_a=False)
         yield TcConfig(block_m=32, block_w=32, block_k=64, num_warps=2, bytes=2, split_k=2)
+        return
+    if FINE and m <= 16:
+        for bw, nw in ((32, 2), (16, 1)):
+            for bk in (32, 64):
+                for ns in (2, 3, 4, 5):
+                    for waves in (1.0, 2.0, 3.0):
+                        yield TcConfig(block_m=16, block_w=bw, block_k=bk, num_warps=nw, num_stages=ns,
+                                       scale_in_a=False, waves=waves)
         return
     if m <= 16:
         for bw, nw in ((64, 4), (32, 2), (16, 1)):
@@ -86,7 +97,10 @@ def main():
     ap.add_argument("--shapes", nargs="+", default=["7B:wqkv", "7B:wo", "7B:w13", "7B:w2"])
     ap.add_argument("--json")
     ap.add_argument("--no-check", action="store_true")
+    ap.add_argument("--fine", action="store_true", help="the finer M <= 16 sweep")
     args = ap.parse_args()
+    global FINE
+    FINE = args.fine
     gen = torch.Generator(device="cuda").manual_seed(1)
     fails = 0 if args.no_check else check(gen)
     bw = copy_bandwidth()
