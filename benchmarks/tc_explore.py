@@ -63,10 +63,11 @@ def candidates(m, quick=False):
     if FINE and m <= 16:
         for bw, nw in ((32, 2), (16, 1)):
             for bk in (32, 64):
-                for ns in (2, 3, 4, 5):
-                    for waves in (1.0, 2.0, 3.0):
-                        yield TcConfig(block_m=16, block_w=bw, block_k=bk, num_warps=nw, num_stages=ns,
-                                       scale_in_a=False, waves=waves)
+                for by in (4, 2):
+                    for reg in (0, 168):
+                        for waves in (1.0, 2.0, 4.0):
+                            yield TcConfig(block_m=16, block_w=bw, block_k=bk, num_warps=nw, num_stages=3, bytes=by,
+                                           scale_in_a=False, waves=waves, maxnreg=reg)
         return
     if m <= 16:
         for bw, nw in ((64, 4), (32, 2), (16, 1)):

@@ -155,6 +155,7 @@ class TcConfig:
     scale_in_a: bool = True
     split_k: int = 0  # 0: derived from the grid size (see _tc_split)
     waves: float = 2.0  # programs per multiprocessor that _tc_split aims for
+    maxnreg: int = 0  # 0: the compiler's choice; else a register cap (more programs per multiprocessor)
 
 
 @dataclass(frozen=True)
@@ -331,7 +332,7 @@ def _launch_tc(x, qweight, qzeros, scales, group_size, bias, out, cfg: TcConfig)
         # The interpreter runs no PTX: the nibbles are extracted with plain integer ops there (same
         # values), and bf16 dots are widened to fp32 (Triton 3.9's interpreter gets bf16 tl.dot wrong).
         USE_ASM=not interp, DOT_FP32=interp and x.dtype == torch.bfloat16, SCALE_IN_A=cfg.scale_in_a,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **({"maxnreg": cfg.maxnreg} if cfg.maxnreg and not interp else {}),
     )
     if split > 1:
         _reduce_partials(dest, bias, out)
