@@ -20,7 +20,7 @@ import torch
 from _shim import INTERNLM2_SHAPES, import_kernels
 
 K_ = import_kernels()
-from internvl_kernels.w4a16 import DequantConfig, GemmConfig, GemvConfig, pick_config  # noqa: E402
+from internvl_kernels.w4a16 import DequantConfig, GemmConfig, GemvConfig, TcConfig, pick_config  # noqa: E402
 
 # ||out - ref|| / ||ref|| bounds. The GEMV accumulates in fp32 from the exact 4-bit values, so only
 # the final rounding to x.dtype counts; the GEMM also rounds each dequantized weight to x.dtype
@@ -30,6 +30,8 @@ TOLERANCE = {
     ("gemv", torch.bfloat16): 6e-3,
     ("gemm", torch.float16): 2e-3,
     ("gemm", torch.bfloat16): 1.2e-2,
+    ("tc", torch.float16): 2e-3,
+    ("tc", torch.bfloat16): 1.2e-2,
 }
 
 
@@ -54,6 +56,11 @@ def cases(quick: bool):
             yield k, n, m, 128, GemvConfig(block_k=8, num_warps=4)
             yield k, n, m, 128, GemvConfig(block_k=4, num_warps=1, split_k=1)
             yield k, n, m, 128, DequantConfig(block_k=64, block_w=32)
+        # The tensor-core kernel in every mode (byte lanes, scale placement, wgmma and mma.sync tiles).
+        for m in (1, 9, 40):
+            yield k, n, m, 128, TcConfig(block_m=16, block_w=32, num_warps=2, bytes=4, scale_in_a=False)
+            yield k, n, m, 64, TcConfig(block_m=16, block_w=64, num_warps=4, bytes=2, scale_in_a=True)
+            yield k, n, m, 32, TcConfig(block_m=64, block_w=64, num_warps=4, bytes=1, scale_in_a=True, split_k=2)
 
 
 def run_case(k, n, m, g, dtype, cfg, gen):
@@ -73,7 +80,8 @@ def run_case(k, n, m, g, dtype, cfg, gen):
     finite = bool(torch.isfinite(out).all())
     err = float((out.double() - ref).norm() / ref.norm())
     # DequantConfig rounds the weight to x.dtype like the GEMM: same tolerance.
-    path = "gemv" if isinstance(cfg or pick_config(m, n, k, g, x.device), GemvConfig) else "gemm"
+    chosen = cfg or pick_config(m, n, k, g, x.device)
+    path = "gemv" if isinstance(chosen, GemvConfig) else ("tc" if isinstance(chosen, TcConfig) else "gemm")
     return path, err, finite
 
 

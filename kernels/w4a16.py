@@ -1,6 +1,6 @@
 """W4A16 matmul in Triton on the AWQ "gemm" format: y = x @ dequant(qweight, qzeros, scales) (+ bias).
 
-Three paths, chosen from the number of rows M of x (tokens) by `pick_config`:
+Four paths, chosen from the number of rows M of x (tokens) and the width N by `pick_config`:
 
 * `_gemv_kernel` (M <= GEMV_MAX_M, decode): CUDA-core split-K GEMV. A program covers 8 * BLOCK_W
   output columns, one row of x and a run of K "steps" (4 * BLOCK_K rows, never crossing a group).
@@ -17,6 +17,15 @@ Three paths, chosen from the number of rows M of x (tokens) by `pick_config`:
   eight results are joined into natural column order. With scale_after_dot the tile holds the exact
   integers (q - z) * 16**p (one AND+OR, one FADD a weight) and the scale multiplies the tile's fp32
   partial product; otherwise (q - z) * s is formed per weight (1.0-mantissa trick, one FMA).
+* `_tc_kernel` (TcConfig; 3-8 rows, and up to 32 rows when N >= 8192): tensor cores on the
+  transposed product out^T = W^T x^T, one dot per nibble position, so the dequantized weight is the
+  dot's first operand and stays in registers (no shared-memory round trip for it). The nibbles
+  become 16-bit values with inline PTX, two words per asm block: a PRMT puts one byte of both words
+  in the two halves of a register and one LOP3 per nibble ORs it under the exponent bits of MAGIC
+  (128 for bf16, 1024 for fp16), giving MAGIC + q exactly; about 1 instruction per weight. Either
+  each K tile's dot on MAGIC + q is closed in fp32 with the group's scale and zero point (exact
+  until the output rounding), or (scale_in_a) the tile becomes (q - z) * s in x.dtype first and the
+  dots accumulate over all of K. Large tiles split the word's byte lanes over sibling programs.
 * `DequantConfig` (more rows): `_dequant_kernel` writes the dense weight in x.dtype, then cuBLAS;
   the dense copy is made and freed on every call.
 
@@ -188,11 +197,23 @@ GEMM_CONFIGS = [
     (128, GemmConfig(block_m=128, block_n=128, block_k=64, num_warps=4, num_stages=3, scale_after_dot=False)),
     (1 << 62, DequantConfig(block_k=64, block_w=32, num_warps=8)),
 ]
+# The tensor-core kernel, where it beat GEMM_CONFIGS on the H100 (benchmarks/tc_explore.py, 7B shapes,
+# bf16, group 128): (largest M, smallest N, config). From 3 to 8 rows on every shape (7B w13 M=4:
+# 42 vs 75 us, wo 12 vs 15 us); up to 32 rows only for wide weights (N >= 8192; w13 M=16: 49-51
+# vs 74 us, M=32: 71 vs 92 us), while on N = 4096 the GEMM stayed faster (wo M=16: 15 vs 17 us).
+TC_CONFIGS = [
+    (8, 0, TcConfig(block_m=16, block_w=32, block_k=64, num_warps=2, num_stages=3, bytes=4, scale_in_a=False)),
+    (16, 8192, TcConfig(block_m=16, block_w=32, block_k=64, num_warps=2, num_stages=3, bytes=4, scale_in_a=False)),
+    (32, 8192, TcConfig(block_m=32, block_w=32, block_k=64, num_warps=2, num_stages=3, bytes=2, scale_in_a=True)),
+]
 
 
 def pick_config(m: int, n: int, k: int, group_size: int, device):
     if m <= GEMV_MAX_M:
         return GEMV_CONFIGS[max(b for b in GEMV_CONFIGS if b <= m) if m >= 1 else 1]
+    for bound, min_n, cfg in TC_CONFIGS:
+        if m <= bound and n >= min_n:
+            return cfg
     for bound, cfg in GEMM_CONFIGS:
         if m <= bound:
             return cfg

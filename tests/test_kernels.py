@@ -6,8 +6,10 @@ triton), so the interpreted cases run in one subprocess: this file run as a scri
 computes every case and prints JSON, and the parametrized tests below check one case each.
 
 What the interpreter cannot show: speed, and bf16 tl.dot, which Triton 3.9's interpreter computes
-wrongly (it multiplies raw bits); there the GEMM path widens its bf16 operands to fp32 before tl.dot
-(exact, the same products), so on CPU the bf16 GEMM is checked up to that widening. The GEMV and
+wrongly (it multiplies raw bits); there the GEMM and tensor-core paths widen their bf16 operands to
+fp32 before tl.dot (exact, the same products), so on CPU the bf16 GEMM is checked up to that
+widening. Nor inline PTX: the tensor-core kernel's nibble extraction (_byte_pair) runs its plain
+integer form here (the same values by construction); its asm form is checked on the GPU. The GEMV and
 the dequantize kernel run their bf16 code unchanged. On CUDA benchmarks/check_w4a16_gpu.py covers the
 real bf16 tensor-core path.
 
@@ -42,6 +44,8 @@ TOLERANCE = {
     ("gemv", "bfloat16"): 6e-3,
     ("gemm", "float16"): 2e-3,
     ("gemm", "bfloat16"): 1.2e-2,
+    ("tc", "float16"): 2e-3,
+    ("tc", "bfloat16"): 1.2e-2,
     ("dequant", "float16"): 2e-3,
     ("dequant", "bfloat16"): 1.2e-2,
 }
@@ -187,11 +191,20 @@ def _interpreter_cases():
                           dtype, (3,), k, 72, gs, True))
             cases.append(("gemm", dict(block_m=16, block_n=64, block_k=32, split_k=2, scale_after_dot=False),
                           dtype, (2, 9), k, 136, gs, False))
+            # Tensor-core kernel: exact tiles closed per K tile, and scale-in-A; byte lanes split over
+            # programs (bytes 2 and 1); M tiles partly masked; N not a multiple of the program's columns.
+            cases.append(("tc", dict(block_m=16, block_w=16, block_k=32, num_warps=1, bytes=4, scale_in_a=False,
+                                     split_k=1), dtype, (3,), k, 136, gs, True))
+            cases.append(("tc", dict(block_m=16, block_w=16, block_k=32, num_warps=1, bytes=2, scale_in_a=True,
+                                     split_k=2), dtype, (2, 9), k, 64, gs, False))
+            cases.append(("tc", dict(block_m=16, block_w=16, block_k=32, num_warps=1, bytes=1, scale_in_a=False,
+                                     split_k=3), dtype, (5,), k, 264, gs, gs == 32))
         cases.append(("dequant", dict(block_k=32, block_w=8), dtype, (5,), 128, 200, 64, True))
     # the launcher's own choice of kernel and config
     for dtype in ("float16", "bfloat16"):
         cases.append(("auto", None, dtype, (1,), 256, 64, 128, False))
         cases.append(("auto", None, dtype, (4, 5), 256, 48, 64, True))
+        cases.append(("auto", None, dtype, (4,), 256, 80, 32, True))
     return [(f"{path}-{i}-{dtype}-g{gs}", path, cfg, dtype, lead, k, n, gs, bias)
             for i, (path, cfg, dtype, lead, k, n, gs, bias) in enumerate(cases)]
 
@@ -199,9 +212,9 @@ def _interpreter_cases():
 def _worker():
     """Run every interpreter case; print one JSON line of results."""
     assert os.environ.get("TRITON_INTERPRET") == "1"
-    from internvl_kernels.w4a16 import DequantConfig, GemmConfig, GemvConfig, pick_config, w4a16_matmul
+    from internvl_kernels.w4a16 import DequantConfig, GemmConfig, GemvConfig, TcConfig, pick_config, w4a16_matmul
 
-    make = {"gemv": GemvConfig, "gemm": GemmConfig, "dequant": DequantConfig}
+    make = {"gemv": GemvConfig, "gemm": GemmConfig, "tc": TcConfig, "dequant": DequantConfig}
     results = {}
     for name, path, cfg, dtype, lead, k, n, gs, use_bias in _interpreter_cases():
         seed = sum(map(ord, name))
@@ -219,7 +232,7 @@ def _worker():
         if bias is not None:
             ref = ref + bias.double()
         chosen = config or pick_config(m, n, k, gs, x.device)
-        kind = {GemvConfig: "gemv", GemmConfig: "gemm", DequantConfig: "dequant"}[type(chosen)]
+        kind = {GemvConfig: "gemv", GemmConfig: "gemm", TcConfig: "tc", DequantConfig: "dequant"}[type(chosen)]
         results[name] = dict(
             kind=kind,
             rel_err=float((y.double() - ref).norm() / ref.norm()),
@@ -249,9 +262,9 @@ def test_triton_kernel_under_interpreter(interpreted, case):
     assert r["rel_err"] <= TOLERANCE[(r["kind"], dtype)], r
 
 
-def test_interpreter_covers_both_launcher_paths(interpreted):
+def test_interpreter_covers_the_launcher_paths(interpreted):
     kinds = {r["kind"] for name, r in interpreted.items() if name.startswith("auto")}
-    assert kinds == {"gemv", "gemm"}
+    assert kinds == {"gemv", "gemm", "tc"}
 
 
 if __name__ == "__main__" and "--worker" in sys.argv:
