@@ -17,7 +17,7 @@ Four paths, chosen from the number of rows M of x (tokens) and the width N by `p
   eight results are joined into natural column order. With scale_after_dot the tile holds the exact
   integers (q - z) * 16**p (one AND+OR, one FADD a weight) and the scale multiplies the tile's fp32
   partial product; otherwise (q - z) * s is formed per weight (1.0-mantissa trick, one FMA).
-* `_tc_kernel` (TcConfig; 3-8 rows, and up to 32 rows when N >= 8192): tensor cores on the
+* `_tc_kernel` (TcConfig; 3-8 rows, and up to 32 rows when K * N >= 40M): tensor cores on the
   transposed product out^T = W^T x^T, one dot per nibble position, so the dequantized weight is the
   dot's first operand and stays in registers (no shared-memory round trip for it). The nibbles
   become 16-bit values with inline PTX, two words per asm block: a PRMT puts one byte of both words
@@ -198,21 +198,22 @@ GEMM_CONFIGS = [
     (1 << 62, DequantConfig(block_k=64, block_w=32, num_warps=8)),
 ]
 # The tensor-core kernel, where it beat GEMM_CONFIGS on the H100 (benchmarks/tc_explore.py, 7B shapes,
-# bf16, group 128): (largest M, smallest N, config). From 3 to 8 rows on every shape (7B w13 M=4:
-# 42 vs 75 us, wo 12 vs 15 us); up to 32 rows only for wide weights (N >= 8192; w13 M=16: 49-51
-# vs 74 us, M=32: 71 vs 92 us), while on N = 4096 the GEMM stayed faster (wo M=16: 15 vs 17 us).
+# bf16, group 128): (largest M, smallest K * N, config). From 3 to 8 rows on every shape (7B w13
+# M=4: 42 vs 75 us, wo 12 vs 15 us); up to 32 rows only for large weights (K * N >= 40M: w13 M=16
+# 49-51 vs 74 us, M=32 71 vs 92 us; w2 M=16 32 vs 41 us), while on 7B wo (16.8M) the GEMM stayed
+# faster (M=16: 15 vs 17 us; M=32: 17.5 vs 26 us).
 TC_CONFIGS = [
     (8, 0, TcConfig(block_m=16, block_w=32, block_k=64, num_warps=2, num_stages=3, bytes=4, scale_in_a=False)),
-    (16, 8192, TcConfig(block_m=16, block_w=32, block_k=64, num_warps=2, num_stages=3, bytes=4, scale_in_a=False)),
-    (32, 8192, TcConfig(block_m=32, block_w=32, block_k=64, num_warps=2, num_stages=3, bytes=2, scale_in_a=True)),
+    (16, 40 << 20, TcConfig(block_m=16, block_w=32, block_k=64, num_warps=2, num_stages=3, bytes=4, scale_in_a=False)),
+    (32, 40 << 20, TcConfig(block_m=32, block_w=32, block_k=64, num_warps=2, num_stages=3, bytes=2, scale_in_a=True)),
 ]
 
 
 def pick_config(m: int, n: int, k: int, group_size: int, device):
     if m <= GEMV_MAX_M:
         return GEMV_CONFIGS[max(b for b in GEMV_CONFIGS if b <= m) if m >= 1 else 1]
-    for bound, min_n, cfg in TC_CONFIGS:
-        if m <= bound and n >= min_n:
+    for bound, min_size, cfg in TC_CONFIGS:
+        if m <= bound and k * n >= min_size:
             return cfg
     for bound, cfg in GEMM_CONFIGS:
         if m <= bound:
