@@ -61,13 +61,15 @@ def candidates(m, quick=False):
         yield TcConfig(block_m=32, block_w=32, block_k=64, num_warps=2, bytes=2, split_k=2)
         return
     if FINE and m <= 16:
-        for bw, nw in ((32, 2), (16, 1)):
-            for bk in (32, 64):
+        for bw, nw in ((32, 2), (16, 1), (64, 4), (128, 8)):
+            for bk in (64, 128):
                 for by in (4, 2):
-                    for reg in (0, 168):
+                    for sia in (False, True):
                         for waves in (1.0, 2.0, 4.0):
+                            if by == 2 and (sia or bk == 128):
+                                continue
                             yield TcConfig(block_m=16, block_w=bw, block_k=bk, num_warps=nw, num_stages=3, bytes=by,
-                                           scale_in_a=False, waves=waves, maxnreg=reg)
+                                           scale_in_a=sia, waves=waves)
         return
     if m <= 16:
         for bw, nw in ((64, 4), (32, 2), (16, 1)):

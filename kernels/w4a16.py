@@ -354,6 +354,7 @@ def _launch_tc(x, qweight, qzeros, scales, group_size, bias, out, cfg: TcConfig)
         # The interpreter runs no PTX: the nibbles are extracted with plain integer ops there (same
         # values), and bf16 dots are widened to fp32 (Triton 3.9's interpreter gets bf16 tl.dot wrong).
         USE_ASM=not interp, DOT_FP32=interp and x.dtype == torch.bfloat16, SCALE_IN_A=cfg.scale_in_a,
+        EVEN_W=(n // 8) % cfg.block_w == 0,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, **({"maxnreg": cfg.maxnreg} if cfg.maxnreg and not interp else {}),
     )
     if split > 1:
@@ -785,13 +786,13 @@ if triton is not None:
                 tot += tl.load(bias_ptr + offs_w * 8 + col, mask=mask_w, other=0.0).to(tl.float32)[:, None]
             tl.store(out_rows + col, tot.to(out_rows.dtype.element_ty), mask=msk)
 
-    @triton.jit(do_not_specialize=["stride_qw"])
+    @triton.jit
     def _tc_kernel(
         x_ptr, qw_ptr, qz_ptr, s_ptr, bias_ptr, out_ptr,
         M, N, stride_xm, stride_qw, stride_qz, stride_s, stride_om, stride_split, k_per_split, K,
         GROUP_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_K: tl.constexpr,
         BYTES: tl.constexpr, HAS_BIAS: tl.constexpr, WRITE_PARTIAL: tl.constexpr, USE_ASM: tl.constexpr,
-        DOT_FP32: tl.constexpr, SCALE_IN_A: tl.constexpr,
+        DOT_FP32: tl.constexpr, SCALE_IN_A: tl.constexpr, EVEN_W: tl.constexpr,
     ):
         """out[m, 8w + AWQ_ORDER[i]] for nibble i: the transposed product W_i^T [W, K] @ x^T [K, M]
         per nibble, so the dequantized weight is the dot's first (register) operand and needs no
@@ -809,33 +810,33 @@ if triton is not None:
         if BYTES == 4:
             _tc_run(x_ptr, qw_ptr, qz_ptr, s_ptr, bias_ptr, out_ptr, M, N, stride_xm, stride_qw, stride_qz, stride_s,
                     stride_om, stride_split, k_per_split, K, pid_m, pid_n, pid_k, GROUP_SIZE, BLOCK_M, BLOCK_W,
-                    BLOCK_K, 0, 4, HAS_BIAS, WRITE_PARTIAL, USE_ASM, DOT_FP32, SCALE_IN_A)
+                    BLOCK_K, 0, 4, HAS_BIAS, WRITE_PARTIAL, USE_ASM, DOT_FP32, SCALE_IN_A, EVEN_W)
         elif BYTES == 2:
             if lane == 0:
                 _tc_run(x_ptr, qw_ptr, qz_ptr, s_ptr, bias_ptr, out_ptr, M, N, stride_xm, stride_qw, stride_qz,
                         stride_s, stride_om, stride_split, k_per_split, K, pid_m, pid_n, pid_k, GROUP_SIZE, BLOCK_M,
-                        BLOCK_W, BLOCK_K, 0, 2, HAS_BIAS, WRITE_PARTIAL, USE_ASM, DOT_FP32, SCALE_IN_A)
+                        BLOCK_W, BLOCK_K, 0, 2, HAS_BIAS, WRITE_PARTIAL, USE_ASM, DOT_FP32, SCALE_IN_A, EVEN_W)
             else:
                 _tc_run(x_ptr, qw_ptr, qz_ptr, s_ptr, bias_ptr, out_ptr, M, N, stride_xm, stride_qw, stride_qz,
                         stride_s, stride_om, stride_split, k_per_split, K, pid_m, pid_n, pid_k, GROUP_SIZE, BLOCK_M,
-                        BLOCK_W, BLOCK_K, 2, 2, HAS_BIAS, WRITE_PARTIAL, USE_ASM, DOT_FP32, SCALE_IN_A)
+                        BLOCK_W, BLOCK_K, 2, 2, HAS_BIAS, WRITE_PARTIAL, USE_ASM, DOT_FP32, SCALE_IN_A, EVEN_W)
         else:
             if lane == 0:
                 _tc_run(x_ptr, qw_ptr, qz_ptr, s_ptr, bias_ptr, out_ptr, M, N, stride_xm, stride_qw, stride_qz,
                         stride_s, stride_om, stride_split, k_per_split, K, pid_m, pid_n, pid_k, GROUP_SIZE, BLOCK_M,
-                        BLOCK_W, BLOCK_K, 0, 1, HAS_BIAS, WRITE_PARTIAL, USE_ASM, DOT_FP32, SCALE_IN_A)
+                        BLOCK_W, BLOCK_K, 0, 1, HAS_BIAS, WRITE_PARTIAL, USE_ASM, DOT_FP32, SCALE_IN_A, EVEN_W)
             elif lane == 1:
                 _tc_run(x_ptr, qw_ptr, qz_ptr, s_ptr, bias_ptr, out_ptr, M, N, stride_xm, stride_qw, stride_qz,
                         stride_s, stride_om, stride_split, k_per_split, K, pid_m, pid_n, pid_k, GROUP_SIZE, BLOCK_M,
-                        BLOCK_W, BLOCK_K, 1, 1, HAS_BIAS, WRITE_PARTIAL, USE_ASM, DOT_FP32, SCALE_IN_A)
+                        BLOCK_W, BLOCK_K, 1, 1, HAS_BIAS, WRITE_PARTIAL, USE_ASM, DOT_FP32, SCALE_IN_A, EVEN_W)
             elif lane == 2:
                 _tc_run(x_ptr, qw_ptr, qz_ptr, s_ptr, bias_ptr, out_ptr, M, N, stride_xm, stride_qw, stride_qz,
                         stride_s, stride_om, stride_split, k_per_split, K, pid_m, pid_n, pid_k, GROUP_SIZE, BLOCK_M,
-                        BLOCK_W, BLOCK_K, 2, 1, HAS_BIAS, WRITE_PARTIAL, USE_ASM, DOT_FP32, SCALE_IN_A)
+                        BLOCK_W, BLOCK_K, 2, 1, HAS_BIAS, WRITE_PARTIAL, USE_ASM, DOT_FP32, SCALE_IN_A, EVEN_W)
             else:
                 _tc_run(x_ptr, qw_ptr, qz_ptr, s_ptr, bias_ptr, out_ptr, M, N, stride_xm, stride_qw, stride_qz,
                         stride_s, stride_om, stride_split, k_per_split, K, pid_m, pid_n, pid_k, GROUP_SIZE, BLOCK_M,
-                        BLOCK_W, BLOCK_K, 3, 1, HAS_BIAS, WRITE_PARTIAL, USE_ASM, DOT_FP32, SCALE_IN_A)
+                        BLOCK_W, BLOCK_K, 3, 1, HAS_BIAS, WRITE_PARTIAL, USE_ASM, DOT_FP32, SCALE_IN_A, EVEN_W)
 
     @triton.jit
     def _tc_run(
@@ -844,7 +845,7 @@ if triton is not None:
         pid_m, pid_n, pid_k,
         GROUP_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_K: tl.constexpr,
         BYTE0: tl.constexpr, NBYTES: tl.constexpr, HAS_BIAS: tl.constexpr, WRITE_PARTIAL: tl.constexpr,
-        USE_ASM: tl.constexpr, DOT_FP32: tl.constexpr, SCALE_IN_A: tl.constexpr,
+        USE_ASM: tl.constexpr, DOT_FP32: tl.constexpr, SCALE_IN_A: tl.constexpr, EVEN_W: tl.constexpr,
     ):
         """One program's work for bytes [BYTE0, BYTE0 + NBYTES) of its words. Without SCALE_IN_A,
         each K tile (inside one group) is closed with the group's scale and zero point in fp32
@@ -875,7 +876,10 @@ if triton is not None:
         for k in range(k_lo, k_hi, BLOCK_K):
             rows = k + offs_k
             xt = tl.load(x_cols + rows[:, None], mask=mask_m[None, :], other=0.0)  # [K, M]
-            wt = tl.load(qw_ptr + rows[None, :] * stride_qw + offs_w[:, None], mask=mask_w[:, None], other=0)
+            if EVEN_W:  # no mask: the copies of a thread's contiguous words can be 16 bytes wide
+                wt = tl.load(qw_ptr + rows[None, :] * stride_qw + offs_w[:, None])
+            else:
+                wt = tl.load(qw_ptr + rows[None, :] * stride_qw + offs_w[:, None], mask=mask_w[:, None], other=0)
             g = k // GROUP_SIZE  # BLOCK_K divides GROUP_SIZE: one group per tile
             zw = tl.load(qz_ptr + g * stride_qz + offs_w, mask=mask_w, other=0)
             s_row = s_ptr + g * stride_s
