@@ -17,7 +17,7 @@ Four paths, chosen from the number of rows M of x (tokens) and the width N by `p
   eight results are joined into natural column order. With scale_after_dot the tile holds the exact
   integers (q - z) * 16**p (one AND+OR, one FADD a weight) and the scale multiplies the tile's fp32
   partial product; otherwise (q - z) * s is formed per weight (1.0-mantissa trick, one FMA).
-* `_tc_kernel` (TcConfig; 3-8 rows, and up to 32 rows when K * N >= 40M): tensor cores on the
+* `_tc_kernel` (TcConfig; 3-8 rows, up to 16 rows when K * N >= 30M, up to 32 when >= 40M): tensor cores on the
   transposed product out^T = W^T x^T, one dot per nibble position, so the dequantized weight is the
   dot's first operand and stays in registers (no shared-memory round trip for it). The nibbles
   become 16-bit values with inline PTX, two words per asm block: a PRMT puts one byte of both words
@@ -197,15 +197,16 @@ GEMM_CONFIGS = [
     (128, GemmConfig(block_m=128, block_n=128, block_k=64, num_warps=4, num_stages=3, scale_after_dot=False)),
     (1 << 62, DequantConfig(block_k=64, block_w=32, num_warps=8)),
 ]
-# The tensor-core kernel, where it beat GEMM_CONFIGS on the H100 (benchmarks/tc_explore.py, 7B shapes,
-# bf16, group 128): (largest M, smallest K * N, config). From 3 to 8 rows on every shape (7B w13
-# M=4: 42 vs 75 us, wo 12 vs 15 us); up to 32 rows only for large weights (K * N >= 40M: w13 M=16
-# 49-51 vs 74 us, M=32 71 vs 92 us; w2 M=16 32 vs 41 us), while on 7B wo (16.8M) the GEMM stayed
-# faster (M=16: 15 vs 17 us; M=32: 17.5 vs 26 us).
+# The tensor-core kernel, where it beat GEMM_CONFIGS on the H100 (benchmarks/tc_explore.py --fine,
+# bf16, group 128; results/tc-explore-fine-h100.json): (largest M, smallest K * N, config). The
+# configs are within 2% of the best of each M on 7B w13, w2, wo and 20B wo. From 3 to 8 rows on
+# every shape (7B w13 M=4: 42 vs 75 us for the GEMM, wo 11 vs 15 us); up to 16 rows for weights of
+# K * N >= 30M (w13 M=16: 44 vs 74 us, 20B wo: 24 vs 32 us), while on 7B wo (16.8M) the GEMM stays
+# faster (M=16: 14.7 vs 16.2 us); 17-32 rows for K * N >= 40M (w13 M=32: 71 vs 92 us).
 TC_CONFIGS = [
-    (8, 0, TcConfig(block_m=16, block_w=32, block_k=64, num_warps=2, num_stages=3, bytes=4, scale_in_a=False)),
-    (16, 40 << 20, TcConfig(block_m=16, block_w=32, block_k=64, num_warps=2, num_stages=3, bytes=4, scale_in_a=False)),
-    (32, 40 << 20, TcConfig(block_m=32, block_w=32, block_k=64, num_warps=2, num_stages=3, bytes=2, scale_in_a=True)),
+    (8, 0, TcConfig(block_m=16, block_w=32, block_k=64, num_warps=2, bytes=2, scale_in_a=False, waves=4.0)),
+    (16, 30 << 20, TcConfig(block_m=16, block_w=32, block_k=128, num_warps=2, bytes=4, scale_in_a=False, waves=1.0)),
+    (32, 40 << 20, TcConfig(block_m=32, block_w=32, block_k=64, num_warps=2, bytes=2, scale_in_a=True, waves=2.0)),
 ]
 
 
