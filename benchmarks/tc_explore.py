@@ -13,7 +13,7 @@ import sys
 import torch
 
 from _shim import INTERNLM2_SHAPES, import_kernels
-from bench_w4a16 import GROUP, Layer, copy_bandwidth
+from bench_w4a16 import Layer, copy_bandwidth
 
 K_ = import_kernels()
 from internvl_kernels.w4a16 import TcConfig  # noqa: E402
