@@ -1,0 +1,80 @@
+"""Compile a W4A16 kernel for sm_90 on a machine without a GPU and count the SASS of its loops.
+
+Triton compiles for a named target offline and ships ptxas/cuobjdump, so register use, spills,
+shared memory and the instruction mix of the main loop can be read here, at no device time:
+
+    python3 benchmarks/sass_count.py tc 16,32,128,2,4,3,0     # BLOCK_M,BLOCK_W,BLOCK_K,warps,bytes,stages,scale_in_a
+    python3 benchmarks/sass_count.py gemm 16,128,128,4,3       # BLOCK_M,BLOCK_N,BLOCK_K,warps,stages
+
+Use the Triton version of the device machine (3.6) for numbers that match it, e.g. in a side venv
+with `pip install triton==3.6.0` and torch on PYTHONPATH. Integer arguments that the runtime would
+specialize (multiples of 16) are marked so here too, as they change vectorization.
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+import re
+import subprocess
+import sys
+import tempfile
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from _shim import import_kernels
+
+K_ = import_kernels()
+from internvl_kernels import w4a16  # noqa: E402
+
+BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+INTS = ["M", "N", "K", "stride_xm", "stride_qw", "stride_qz", "stride_s", "stride_om", "stride_split", "k_per_split"]
+PTRS = {"x_ptr": "*bf16", "qw_ptr": "*i32", "qz_ptr": "*i32", "s_ptr": "*fp16", "bias_ptr": "*fp16", "out_ptr": "*fp32"}
+DIV16 = set(PTRS) | {"N", "K", "stride_xm", "stride_qw", "stride_qz", "stride_s", "stride_om", "stride_split",
+                     "k_per_split"}
+
+
+def compile_sm90(fn, consts, num_warps, num_stages):
+    names = list(fn.arg_names)
+    sig = {a: PTRS.get(a, "i32") for a in names if a not in consts}
+    sig.update({k: "constexpr" for k in consts})
+    attrs = {(names.index(a),): [["tt.divisibility", 16]] for a in names if a in DIV16}
+    src = ASTSource(fn, signature=sig, constexprs=consts, attrs=attrs)
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=num_warps, num_stages=num_stages))
+
+
+def report(kernel):
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(kernel.asm["cubin"])
+        f.flush()
+        res = subprocess.run([f"{BIN}/cuobjdump", "-res-usage", f.name], capture_output=True, text=True).stdout
+        sass = subprocess.run([f"{BIN}/cuobjdump", "-sass", f.name], capture_output=True, text=True).stdout
+    m = re.search(r"REG:(\d+) STACK:(\d+)", res)
+    ins = [(int(a, 16), t.strip()) for a, t in re.findall(r"/\*([0-9a-f]{4,})\*/\s+(.*?);", sass)]
+    print(f"registers {m.group(1)}, stack {m.group(2)} B, shared {kernel.metadata.shared} B, {len(ins)} instructions")
+    for addr, txt in ins:
+        b = re.search(r"BRA .*0x([0-9a-f]+)", txt)
+        if b and int(b.group(1), 16) < addr:  # a backward branch closes a loop
+            lo = int(b.group(1), 16)
+            c = collections.Counter(t.split()[1 if t.startswith("@") else 0].split(".")[0] for a, t in ins if lo <= a <= addr)
+            print(f"  loop {lo:#x}-{addr:#x}: {sum(c.values())} instructions", dict(c.most_common(16)))
+
+
+def main():
+    which, spec = sys.argv[1], [int(v) for v in sys.argv[2].split(",")]
+    if which == "tc":
+        bm, bw, bk, nw, nbytes, ns, sia = spec
+        consts = dict(GROUP_SIZE=128, BLOCK_M=bm, BLOCK_W=bw, BLOCK_K=bk, BYTES=nbytes, HAS_BIAS=False,
+                      WRITE_PARTIAL=True, USE_ASM=True, DOT_FP32=False, SCALE_IN_A=bool(sia), EVEN_W=True)
+        report(compile_sm90(w4a16._tc_kernel, consts, nw, ns))
+    else:
+        bm, bn, bk, nw, ns = spec
+        consts = dict(GROUP_SIZE=128, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, HAS_BIAS=False, WRITE_PARTIAL=True,
+                      DOT_FP32=False, SCALE_AFTER_DOT=True)
+        report(compile_sm90(w4a16._gemm_kernel, consts, nw, ns))
+
+
+if __name__ == "__main__":
+    main()
