@@ -50,17 +50,14 @@ def check(gen):
     return fails
 
 
-FINE = False
-
-
-def candidates(m, quick=False):
+def candidates(m, quick=False, fine=False):
     if quick:
         bm = 16 if m <= 16 else 64
         yield TcConfig(block_m=bm, block_w=64, block_k=64, num_warps=4, bytes=4 if bm <= 16 else 1)
         yield TcConfig(block_m=16, block_w=16, block_k=64, num_warps=1, bytes=4, split_k=3, scale_in_a=False)
         yield TcConfig(block_m=32, block_w=32, block_k=64, num_warps=2, bytes=2, split_k=2)
         return
-    if FINE and m <= 16:
+    if fine and m <= 16:
         for bw, nw in ((32, 2), (16, 1), (64, 4), (128, 8)):
             for bk in (64, 128):
                 for by in (4, 2):
@@ -102,8 +99,6 @@ def main():
     ap.add_argument("--no-check", action="store_true")
     ap.add_argument("--fine", action="store_true", help="the finer M <= 16 sweep")
     args = ap.parse_args()
-    global FINE
-    FINE = args.fine
     gen = torch.Generator(device="cuda").manual_seed(1)
     fails = 0 if args.no_check else check(gen)
     bw = copy_bandwidth()
@@ -118,7 +113,7 @@ def main():
             bf16 = layer.time_bf16(x)
             default = layer.time_ours(x)
             res = []
-            for cfg in candidates(m):
+            for cfg in candidates(m, fine=args.fine):
                 try:
                     res.append((layer.time_ours(x, cfg), cfg))
                 except Exception as e:  # resources and the like

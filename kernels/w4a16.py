@@ -334,6 +334,8 @@ def _tc_split(cfg: TcConfig, programs: int, k_tiles: int, device) -> int:
 def _launch_tc(x, qweight, qzeros, scales, group_size, bias, out, cfg: TcConfig):
     m, k = x.shape
     n = out.shape[1]
+    if cfg.bytes not in (1, 2, 4):
+        raise ValueError(f"tensor-core kernel: TcConfig.bytes must be 1, 2 or 4, got {cfg.bytes}")
     block_k = min(cfg.block_k, group_size)
     if group_size % block_k:
         raise ValueError(f"tensor-core kernel: block_k={block_k} must divide group_size={group_size}")
@@ -726,10 +728,11 @@ if triton is not None:
         return lo, hi
 
     @triton.jit
-    def _tc_dot(a, xt, DOT_FP32: tl.constexpr):
+    def _tc_dot(a, xt, acc, DOT_FP32: tl.constexpr):
+        """tl.dot(a, xt, acc); acc None starts from zero."""
         if DOT_FP32:
-            return tl.dot(a.to(tl.float32), xt.to(tl.float32), input_precision="ieee")
-        return tl.dot(a, xt)
+            return tl.dot(a.to(tl.float32), xt.to(tl.float32), acc, input_precision="ieee")
+        return tl.dot(a, xt, acc)
 
     @triton.jit
     def _tc_column(NIB: tl.constexpr):
@@ -752,11 +755,11 @@ if triton is not None:
                  MAGIC: tl.constexpr, USE_ASM: tl.constexpr, DOT_FP32: tl.constexpr, SCALE_IN_A: tl.constexpr):
         a, b = _byte_pair(wt, BYTE, MAGIC == 128.0, USE_ASM)
         if SCALE_IN_A:
-            ta = _tc_dot_acc(_tc_scaled(a, zw, s_row, offs_w, mask_w, 2 * BYTE, MAGIC, DOT_FP32), xt, ta, DOT_FP32)
-            tb = _tc_dot_acc(_tc_scaled(b, zw, s_row, offs_w, mask_w, 2 * BYTE + 1, MAGIC, DOT_FP32), xt, tb, DOT_FP32)
+            ta = _tc_dot(_tc_scaled(a, zw, s_row, offs_w, mask_w, 2 * BYTE, MAGIC, DOT_FP32), xt, ta, DOT_FP32)
+            tb = _tc_dot(_tc_scaled(b, zw, s_row, offs_w, mask_w, 2 * BYTE + 1, MAGIC, DOT_FP32), xt, tb, DOT_FP32)
         else:
-            ta = _tc_close(ta, _tc_dot(a, xt, DOT_FP32), zw, s_row, offs_w, mask_w, xs, 2 * BYTE, MAGIC)
-            tb = _tc_close(tb, _tc_dot(b, xt, DOT_FP32), zw, s_row, offs_w, mask_w, xs, 2 * BYTE + 1, MAGIC)
+            ta = _tc_close(ta, _tc_dot(a, xt, None, DOT_FP32), zw, s_row, offs_w, mask_w, xs, 2 * BYTE, MAGIC)
+            tb = _tc_close(tb, _tc_dot(b, xt, None, DOT_FP32), zw, s_row, offs_w, mask_w, xs, 2 * BYTE + 1, MAGIC)
         return ta, tb
 
     @triton.jit
@@ -769,12 +772,6 @@ if triton is not None:
         if DOT_FP32:
             return ((a.to(tl.float32) - z[:, None]) * s.to(tl.float32)[:, None]).to(a.dtype)
         return (a - z.to(a.dtype)[:, None]) * s.to(a.dtype)[:, None]
-
-    @triton.jit
-    def _tc_dot_acc(a, xt, acc, DOT_FP32: tl.constexpr):
-        if DOT_FP32:
-            return tl.dot(a.to(tl.float32), xt.to(tl.float32), acc, input_precision="ieee")
-        return tl.dot(a, xt, acc)
 
     @triton.jit
     def _tc_store(out_rows, bias_ptr, offs_w, mask_w, tot, msk, NIB: tl.constexpr,
@@ -798,8 +795,7 @@ if triton is not None:
         """out[m, 8w + AWQ_ORDER[i]] for nibble i: the transposed product W_i^T [W, K] @ x^T [K, M]
         per nibble, so the dequantized weight is the dot's first (register) operand and needs no
         shared-memory round trip (_byte_pair extracts MAGIC + q; SCALE_IN_A: see TcConfig).
-        With BYTES < 4 the programs of one weight tile split its byte lanes (lane = pid % LANES);
-        each lane is its own branch so that the byte it extracts stays a compile-time constant."""
+        With BYTES < 4 the programs of one weight tile split its byte lanes (lane = pid % LANES)."""
         pid = tl.program_id(0)
         pid_k = tl.program_id(1)
         LANES: tl.constexpr = 4 // BYTES
@@ -808,36 +804,12 @@ if triton is not None:
         lane = pid % LANES
         pid_m = (pid // LANES) % num_m
         pid_n = pid // (LANES * num_m)
-        if BYTES == 4:
-            _tc_run(x_ptr, qw_ptr, qz_ptr, s_ptr, bias_ptr, out_ptr, M, N, stride_xm, stride_qw, stride_qz, stride_s,
-                    stride_om, stride_split, k_per_split, K, pid_m, pid_n, pid_k, GROUP_SIZE, BLOCK_M, BLOCK_W,
-                    BLOCK_K, 0, 4, HAS_BIAS, WRITE_PARTIAL, USE_ASM, DOT_FP32, SCALE_IN_A, EVEN_W)
-        elif BYTES == 2:
-            if lane == 0:
+        for LANE in tl.static_range(LANES):  # one branch per lane: its bytes stay compile-time constants
+            if lane == LANE:
                 _tc_run(x_ptr, qw_ptr, qz_ptr, s_ptr, bias_ptr, out_ptr, M, N, stride_xm, stride_qw, stride_qz,
                         stride_s, stride_om, stride_split, k_per_split, K, pid_m, pid_n, pid_k, GROUP_SIZE, BLOCK_M,
-                        BLOCK_W, BLOCK_K, 0, 2, HAS_BIAS, WRITE_PARTIAL, USE_ASM, DOT_FP32, SCALE_IN_A, EVEN_W)
-            else:
-                _tc_run(x_ptr, qw_ptr, qz_ptr, s_ptr, bias_ptr, out_ptr, M, N, stride_xm, stride_qw, stride_qz,
-                        stride_s, stride_om, stride_split, k_per_split, K, pid_m, pid_n, pid_k, GROUP_SIZE, BLOCK_M,
-                        BLOCK_W, BLOCK_K, 2, 2, HAS_BIAS, WRITE_PARTIAL, USE_ASM, DOT_FP32, SCALE_IN_A, EVEN_W)
-        else:
-            if lane == 0:
-                _tc_run(x_ptr, qw_ptr, qz_ptr, s_ptr, bias_ptr, out_ptr, M, N, stride_xm, stride_qw, stride_qz,
-                        stride_s, stride_om, stride_split, k_per_split, K, pid_m, pid_n, pid_k, GROUP_SIZE, BLOCK_M,
-                        BLOCK_W, BLOCK_K, 0, 1, HAS_BIAS, WRITE_PARTIAL, USE_ASM, DOT_FP32, SCALE_IN_A, EVEN_W)
-            elif lane == 1:
-                _tc_run(x_ptr, qw_ptr, qz_ptr, s_ptr, bias_ptr, out_ptr, M, N, stride_xm, stride_qw, stride_qz,
-                        stride_s, stride_om, stride_split, k_per_split, K, pid_m, pid_n, pid_k, GROUP_SIZE, BLOCK_M,
-                        BLOCK_W, BLOCK_K, 1, 1, HAS_BIAS, WRITE_PARTIAL, USE_ASM, DOT_FP32, SCALE_IN_A, EVEN_W)
-            elif lane == 2:
-                _tc_run(x_ptr, qw_ptr, qz_ptr, s_ptr, bias_ptr, out_ptr, M, N, stride_xm, stride_qw, stride_qz,
-                        stride_s, stride_om, stride_split, k_per_split, K, pid_m, pid_n, pid_k, GROUP_SIZE, BLOCK_M,
-                        BLOCK_W, BLOCK_K, 2, 1, HAS_BIAS, WRITE_PARTIAL, USE_ASM, DOT_FP32, SCALE_IN_A, EVEN_W)
-            else:
-                _tc_run(x_ptr, qw_ptr, qz_ptr, s_ptr, bias_ptr, out_ptr, M, N, stride_xm, stride_qw, stride_qz,
-                        stride_s, stride_om, stride_split, k_per_split, K, pid_m, pid_n, pid_k, GROUP_SIZE, BLOCK_M,
-                        BLOCK_W, BLOCK_K, 3, 1, HAS_BIAS, WRITE_PARTIAL, USE_ASM, DOT_FP32, SCALE_IN_A, EVEN_W)
+                        BLOCK_W, BLOCK_K, LANE * BYTES, BYTES, HAS_BIAS, WRITE_PARTIAL, USE_ASM, DOT_FP32,
+                        SCALE_IN_A, EVEN_W)
 
     @triton.jit
     def _tc_run(
@@ -887,7 +859,7 @@ if triton is not None:
             if SCALE_IN_A:
                 xs = 0.0
             else:
-                xs = _tc_dot(ones, xt, DOT_FP32)
+                xs = _tc_dot(ones, xt, None, DOT_FP32)
             t0, t1 = _tc_step(wt, xt, xs, t0, t1, zw, s_row, offs_w, mask_w, BYTE0, MAGIC, USE_ASM, DOT_FP32, SCALE_IN_A)
             if NBYTES >= 2:
                 t2, t3 = _tc_step(wt, xt, xs, t2, t3, zw, s_row, offs_w, mask_w, BYTE0 + 1, MAGIC, USE_ASM, DOT_FP32,

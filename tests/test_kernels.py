@@ -262,6 +262,15 @@ def test_triton_kernel_under_interpreter(interpreted, case):
     assert r["rel_err"] <= TOLERANCE[(r["kind"], dtype)], r
 
 
+def test_tensor_core_config_rejects_bad_byte_split():
+    from internvl_kernels.w4a16 import TcConfig, w4a16_matmul
+
+    qweight, qzeros, scales = quantize_awq(torch.randn(64, 128), 64, scale_dtype=torch.float16)
+    x = torch.randn(2, 128).to(torch.float16)
+    with pytest.raises(ValueError, match="TcConfig.bytes must be 1, 2 or 4, got 3"):
+        w4a16_matmul(x, qweight, qzeros, scales, 64, config=TcConfig(bytes=3))
+
+
 def test_interpreter_covers_the_launcher_paths(interpreted):
     kinds = {r["kind"] for name, r in interpreted.items() if name.startswith("auto")}
     assert kinds == {"gemv", "gemm", "tc"}
