@@ -93,7 +93,7 @@ class Layer:
     """One linear: random weight, its AWQ tensors, the dense bf16 copy and the tinygemm copy, each
     with enough clones for an L2-missing rotation (see copies_for)."""
 
-    def __init__(self, k, n, gen):
+    def __init__(self, k, n, gen, packed=False):
         w = torch.randn(n, k, device="cuda", generator=gen) * 0.02
         self.k, self.n = k, n
         self.qweight, self.qzeros, self.scales = K_.quantize_awq(w, GROUP, scale_dtype=torch.float16)
@@ -105,12 +105,20 @@ class Layer:
         self.awq_copies = [(self.qweight, self.qzeros, self.scales)] + [
             (self.qweight.clone(), self.qzeros.clone(), self.scales.clone()) for _ in range(r4 - 1)]
         self.dense_copies = [self.dense_nk] + [self.dense_nk.clone() for _ in range(copies_for(2 * k * n) - 1)]
+        self.packed_copies = None
+        if packed:
+            pk = K_.pack_w4a16(self.qweight, self.qzeros, self.scales, GROUP)
+            self.packed_copies = [pk + (self.scales,)] + [
+                tuple(t.clone() for t in pk + (self.scales,)) for _ in range(r4 - 1)]
         self.tg_copies = None
         if self.tinygemm is not None:
             self.tg_copies = [self.tinygemm] + [tuple(t.clone() for t in self.tinygemm) for _ in range(r4 - 1)]
 
     def time_ours(self, x, config=None):
         return graph_us([lambda t=t: K_.w4a16_matmul(x, *t, GROUP, config=config) for t in self.awq_copies])
+
+    def time_packed(self, x, config=None):
+        return graph_us([lambda t=t: K_.w4a16_packed_matmul(x, *t, GROUP, config=config) for t in self.packed_copies])
 
     def time_bf16(self, x):
         return graph_us([lambda w=w: F.linear(x, w) for w in self.dense_copies])

@@ -5,6 +5,7 @@ shared memory and the instruction mix of the main loop can be read here, at no d
 
     python3 benchmarks/sass_count.py tc 16,32,128,2,4,3,0     # BLOCK_M,BLOCK_W,BLOCK_K,warps,bytes,stages,scale_in_a
     python3 benchmarks/sass_count.py gemm 16,128,128,4,3       # BLOCK_M,BLOCK_N,BLOCK_K,warps,stages
+    python3 benchmarks/sass_count.py pk 128,128,1,8,3          # packed layout: BLOCK_M,BLOCK_N,TILES,warps,stages
 
 Use the Triton version of the device machine (3.6) for numbers that match it, e.g. in a side venv
 with `pip install triton==3.6.0` and torch on PYTHONPATH. Integer arguments that the runtime would
@@ -27,13 +28,13 @@ from triton.compiler import ASTSource
 from _shim import import_kernels
 
 K_ = import_kernels()
-from internvl_kernels import w4a16  # noqa: E402
+from internvl_kernels import w4a16, w4a16_packed  # noqa: E402
 
 BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
-INTS = ["M", "N", "K", "stride_xm", "stride_qw", "stride_qz", "stride_s", "stride_om", "stride_split", "k_per_split"]
-PTRS = {"x_ptr": "*bf16", "qw_ptr": "*i32", "qz_ptr": "*i32", "s_ptr": "*fp16", "bias_ptr": "*fp16", "out_ptr": "*fp32"}
+PTRS = {"x_ptr": "*bf16", "qw_ptr": "*i32", "qz_ptr": "*i32", "s_ptr": "*fp16", "bias_ptr": "*fp16", "out_ptr": "*fp32",
+        "qk_ptr": "*i32", "z_ptr": "*u8"}
 DIV16 = set(PTRS) | {"N", "K", "stride_xm", "stride_qw", "stride_qz", "stride_s", "stride_om", "stride_split",
-                     "k_per_split"}
+                     "k_per_split", "stride_qk", "stride_z"}
 
 
 def compile_sm90(fn, consts, num_warps, num_stages):
@@ -69,6 +70,11 @@ def main():
         consts = dict(GROUP_SIZE=128, BLOCK_M=bm, BLOCK_W=bw, BLOCK_K=bk, BYTES=nbytes, HAS_BIAS=False,
                       WRITE_PARTIAL=True, USE_ASM=True, DOT_FP32=False, SCALE_IN_A=bool(sia), EVEN_W=True)
         report(compile_sm90(w4a16._tc_kernel, consts, nw, ns))
+    elif which == "pk":
+        bm, bn, tiles, nw, ns = spec
+        consts = dict(GROUP_SIZE=128, BLOCK_M=bm, BLOCK_N=bn, TILES=tiles, HAS_BIAS=False, WRITE_PARTIAL=False,
+                      USE_ASM=True, DOT_FP32=False, EVEN_N=True, EVEN_M=True)
+        report(compile_sm90(w4a16_packed._pk_kernel, consts, nw, ns))
     else:
         bm, bn, bk, nw, ns = spec
         consts = dict(GROUP_SIZE=128, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, HAS_BIAS=False, WRITE_PARTIAL=True,

@@ -7,6 +7,8 @@ W4A16 on the AWQ "gemm" format (qweight int32 [K, N/8], qzeros int32 [K/G, N/8],
     w4a16_linear(x, qweight, qzeros, scales, group_size, bias=None)      model code calls this
     w4a16_matmul(...)        the Triton path (CUDA, or CPU under TRITON_INTERPRET=1)
     w4a16_matmul_ref(...)    the float32 torch reference
+K-packed layout for the tensor-core kernel (repacked once at load time, w4a16_packed.py):
+    pack_w4a16(qweight, qzeros, scales, group_size) -> (qk, zeros); w4a16_packed_matmul(x, qk, zeros, scales, ...)
     dequantize_awq, quantize_awq, pack_awq_int4, unpack_awq_int4, AWQ_ORDER, AWQ_REVERSE_ORDER
 """
 
@@ -20,11 +22,16 @@ from .awq_format import (
     w4a16_matmul_ref,
 )
 from .w4a16 import w4a16_linear, w4a16_matmul
+from .w4a16_packed import can_pack, pack_w4a16, unpack_w4a16, w4a16_packed_matmul
 
 __all__ = [
     "w4a16_linear",
     "w4a16_matmul",
     "w4a16_matmul_ref",
+    "w4a16_packed_matmul",
+    "pack_w4a16",
+    "unpack_w4a16",
+    "can_pack",
     "dequantize_awq",
     "quantize_awq",
     "pack_awq_int4",

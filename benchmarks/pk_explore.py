@@ -1,0 +1,133 @@
+"""Explore configs of the K-packed tensor-core kernel (w4a16_packed._pk_kernel) against cuBLAS bf16
+and the AWQ-layout default path, after a correctness check. One device call:
+
+    python3 benchmarks/pk_explore.py [--ms 1 4 16 32 64 128 512] [--shapes 7B:w13 ...] [--json F]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+import torch
+
+from _shim import INTERNLM2_SHAPES, import_kernels
+from bench_w4a16 import Layer, copy_bandwidth
+
+K_ = import_kernels()
+from internvl_kernels.w4a16_packed import PackedConfig  # noqa: E402
+
+
+def check(gen, quick=False):
+    """Fresh random inputs over shapes, dtypes, group sizes, token counts and configs: worst relative
+    error against an fp64 reference of the AWQ tensors; outputs NaN-poisoned first."""
+    worst, fails, cases = {}, 0, 0
+    shapes = ((128, 64), (384, 200), (1024, 4096 + 512)) if not quick else ((384, 200), (1024, 4096 + 512))
+    for g in (32, 64, 128):
+        for dt in (torch.float16, torch.bfloat16):
+            for (k, n) in shapes:
+                w = torch.randn(n, k, device="cuda", generator=gen) * 0.02
+                qw, qz, sc = K_.quantize_awq(w, g, scale_dtype=dt)
+                qk, zz = K_.pack_w4a16(qw, qz, sc, g)
+                dense = K_.dequantize_awq(qw, qz, sc, g, dtype=torch.float64)
+                bias = torch.randn(n, device="cuda", generator=gen).to(dt)
+                for m in (1, 3, 16, 33, 64, 100, 300):
+                    for cfg in [None] + list(check_configs()):
+                        x = torch.randn(m, k, device="cuda", generator=gen).to(dt)
+                        use_bias = (m + k + cases) % 2 == 1
+                        ref = x.double() @ dense + (bias.double() if use_bias else 0)
+                        out = torch.full((m, n), float("nan"), device="cuda", dtype=dt)
+                        K_.w4a16_packed_matmul(x, qk, zz, sc, g, bias if use_bias else None, out=out, config=cfg)
+                        err = float((out.double() - ref).norm() / ref.norm())
+                        key = str(dt).split(".")[-1]
+                        worst[key] = max(worst.get(key, 0.0), err)
+                        bound = 2e-3 if dt == torch.float16 else 1.2e-2
+                        cases += 1
+                        if not (err <= bound):
+                            fails += 1
+                            print(f"FAIL g={g} {dt} K={k} N={n} M={m} {cfg}: rel err {err:.2e}", flush=True)
+    print(f"check: {cases} cases, {fails} failed, worst {worst}", flush=True)
+    return fails, cases, worst
+
+
+def check_configs():
+    yield PackedConfig(block_m=16, block_n=64, num_warps=4, split_k=3)
+    yield PackedConfig(block_m=32, block_n=32, num_warps=2, tiles=2)
+    yield PackedConfig(block_m=64, block_n=128, num_warps=8, num_stages=3)
+
+
+def candidates(m):
+    bm = 16 if m <= 16 else 32 if m <= 32 else 64 if m <= 64 else 128
+    if m <= 32:
+        for bn, nw in ((64, 4), (128, 4), (128, 8), (256, 8)):
+            for waves in (2.0, 4.0):
+                yield PackedConfig(block_m=bm, block_n=bn, num_warps=nw, num_stages=4, waves=waves)
+        yield PackedConfig(block_m=bm, block_n=128, num_warps=4, num_stages=6, waves=4.0)
+    elif m <= 128:
+        for bm_ in sorted({bm, 64}):
+            for bn, nw in ((128, 4), (128, 8), (256, 8)):
+                for ns in (3, 4):
+                    yield PackedConfig(block_m=bm_, block_n=bn, num_warps=nw, num_stages=ns, waves=1.0)
+    else:
+        for bm_, bn, nw in ((128, 128, 8), (128, 256, 8), (256, 128, 8), (64, 256, 8), (128, 128, 4), (256, 64, 4)):
+            for ns in (3, 4):
+                yield PackedConfig(block_m=bm_, block_n=bn, num_warps=nw, num_stages=ns, waves=1.0)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--ms", type=int, nargs="+", default=[1, 4, 16, 32, 64, 128, 512])
+    ap.add_argument("--shapes", nargs="+", default=[f"{m}:{s}" for m in ("7B", "20B")
+                                                      for s in ("wqkv", "wo", "w13", "w2")])
+    ap.add_argument("--json")
+    ap.add_argument("--no-check", action="store_true")
+    ap.add_argument("--quick-check", action="store_true")
+    ap.add_argument("--budget", type=float, default=540.0, help="stop sweeping after this many seconds")
+    args = ap.parse_args()
+    t_start = time.time()
+    gen = torch.Generator(device="cuda").manual_seed(7)
+    fails, cases, worst = (0, 0, {}) if args.no_check else check(gen, args.quick_check)
+    bw = copy_bandwidth()
+    print(f"copy bandwidth {bw / 1e12:.2f} TB/s  ({time.time() - t_start:.0f}s)")
+    rows = []
+    for spec in args.shapes:
+        model, name = spec.split(":")
+        k, n = next((k, n) for nm, k, n in INTERNLM2_SHAPES[model] if nm == name)
+        layer = Layer(k, n, gen, packed=True)
+        for m in args.ms:
+            if time.time() - t_start > args.budget:
+                print("budget spent, stopping", flush=True)
+                break
+            x = torch.randn(m, k, device="cuda", generator=gen).to(torch.bfloat16)
+            bf16 = layer.time_bf16(x)
+            default = layer.time_ours(x)
+            packed_default = layer.time_packed(x)
+            res = []
+            for cfg in candidates(m):
+                try:
+                    res.append((layer.time_packed(x, cfg), cfg))
+                except Exception as e:  # resources and the like
+                    print(f"  skip {cfg}: {type(e).__name__}: {str(e)[:120]}", flush=True)
+            res.sort(key=lambda t: t[0])
+            floor = layer.floor_bytes(m) / bw * 1e6
+            print(f"{model} {name} M={m:3d} bf16 {bf16:7.1f} awq-default {default:7.1f} packed-default "
+                  f"{packed_default:7.1f} floor {floor:6.1f} best {res[0][0]:7.1f} (x{bf16 / res[0][0]:.2f} vs bf16, "
+                  f"default x{bf16 / packed_default:.2f})  {time.time() - t_start:.0f}s", flush=True)
+            for t, c in res[:3]:
+                print(f"      {t:7.1f} {c}")
+            rows.append(dict(model=model, shape=name, M=m, bf16_us=bf16, awq_default_us=default,
+                             packed_default_us=packed_default, floor_us=floor,
+                             top=[dict(us=t, config=repr(c)) for t, c in res[:5]]))
+        del layer
+        torch.cuda.empty_cache()
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(dict(device=torch.cuda.get_device_name(), rows=rows, check_failures=fails, check_cases=cases,
+                           check_worst=worst), f, indent=1)
+    sys.exit(1 if fails else 0)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,294 @@
+"""W4A16 on a K-packed weight layout: one tensor-core kernel for every number of tokens.
+
+The AWQ "gemm" layout packs eight *output columns* into a word, so a kernel that keeps the dequantized
+weight in registers (the transposed product out^T = W^T x^T, weight as the dot's first operand) needs
+one accumulator per nibble position: eight [columns, tokens] fp32 tiles, which limits it to few tokens
+(w4a16._tc_kernel). Repacked once at load time so that a word holds eight *input* positions of one
+output column, the nibbles split K instead of N and every dot adds into the same accumulator.
+
+Packed layout (pack_w4a16), for K a multiple of 128 and group size G in {32, 64, 128}:
+
+    qk     int32 [N, K/8]   word (n, 16 t + j), nibble i (bits 4i..4i+3) holds q[128 t + 16 i + j, n]
+    zeros  uint8 [K/G, N]   zero points 0..15 (unpacked)
+    scales        [K/G, N]   as in the AWQ checkpoint
+
+So in each 128-deep K tile t, the 16 words j of a column give, for nibble i, the sixteen
+consecutive inputs 128 t + 16 i + j: the nibble-i slice of a [columns, 16] word tile is a dot
+operand of depth 16 whose partner is the contiguous slice x[:, 128 t + 16 i : +16]. Two nibbles of
+a byte (32 inputs) always share a group. Same bytes as AWQ: nothing is added but the unpacked zero
+points (K/G x N bytes).
+
+The kernel (_pk_kernel, configured by PackedConfig) computes out^T = W^T x^T over programs of
+block_n columns x block_m tokens: per 128-deep tile it loads the [block_n, 16] words, extracts each
+byte's two nibbles as MAGIC + q with w4a16._byte_pair (inline PTX), forms (q - z) * s in x.dtype
+(the subtraction exact, the product rounded once, as a dense 16-bit copy of the weight would be) and
+runs eight depth-16 dots into one fp32 accumulator. Small grids split K (fp32 partial sums reduced
+by w4a16._splitk_reduce_kernel). The reference is awq_format.w4a16_matmul_ref on the AWQ tensors;
+unpack_w4a16 inverts the packing.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .awq_format import check_awq_shapes, unpack_awq_int4
+from .w4a16 import _interpreting, _reduce_partials, _sm_count, triton
+
+if triton is not None:
+    import triton.language as tl
+
+    from .w4a16 import _byte_pair, _tc_dot
+
+__all__ = ["pack_w4a16", "unpack_w4a16", "can_pack", "w4a16_packed_matmul", "PackedConfig", "pick_packed_config",
+           "TILE_K"]
+
+TILE_K = 128  # inputs per packed tile: 16 words x 8 nibbles
+_WORDS = TILE_K // 8
+
+
+def can_pack(k: int, group_size: int) -> bool:
+    """Whether a [K, N] AWQ weight with this group size has a packed form."""
+    return k % TILE_K == 0 and group_size in (32, 64, 128)
+
+
+def pack_w4a16(qweight, qzeros, scales, group_size: int, *, chunk: int = 4096):
+    """AWQ (qweight [K, N/8], qzeros [K/G, N/8], scales) -> (qk int32 [N, K/8], zeros uint8 [K/G, N]).
+
+    Plain torch on the tensors' device, `chunk` output columns at a time (temporary memory about
+    12 * K * chunk bytes). scales are used as they are."""
+    k, n = check_awq_shapes(qweight, qzeros, scales, group_size)
+    if not can_pack(k, group_size):
+        raise ValueError(f"pack_w4a16: needs K a multiple of {TILE_K} and group size 32, 64 or 128; "
+                         f"got K={k}, group_size={group_size}")
+    qk = torch.empty((n, k // 8), dtype=torch.int32, device=qweight.device)
+    shifts = torch.arange(0, 32, 4, dtype=torch.int64, device=qweight.device).view(1, 1, 8, 1)
+    for c0 in range(0, n // 8, chunk // 8):
+        c1 = min(n // 8, c0 + chunk // 8)
+        q = unpack_awq_int4(qweight[:, c0:c1]).t().to(torch.int64)  # [cols, K]
+        q = q.reshape(q.shape[0], k // TILE_K, 8, _WORDS) << shifts  # [cols, tile, nibble, word]
+        word = q.sum(dim=2)  # the nibbles do not overlap: the sum is the OR
+        word = torch.where(word >= 2**31, word - 2**32, word)
+        qk[8 * c0:8 * c1] = word.reshape(word.shape[0], k // 8).to(torch.int32)
+    zeros = unpack_awq_int4(qzeros).to(torch.uint8)
+    return qk, zeros
+
+
+def unpack_w4a16(qk, zeros):
+    """The packed form back to plain values: (q int32 [K, N], zeros int32 [K/G, N])."""
+    n, kw = qk.shape
+    shifts = torch.arange(0, 32, 4, dtype=torch.int32, device=qk.device).view(1, 1, 8, 1)
+    q = (qk.view(n, kw // _WORDS, 1, _WORDS) >> shifts) & 0xF  # [N, tile, nibble, word]
+    return q.reshape(n, kw * 8).t().contiguous(), zeros.to(torch.int32)
+
+
+@dataclass(frozen=True)
+class PackedConfig:
+    """A program covers block_n output columns (the dot's M side: 16 per warp with mma.sync, 64 per
+    4 warps with wgmma) and block_m tokens (16..256), `tiles` 128-deep K tiles per loop iteration."""
+
+    block_m: int = 16
+    block_n: int = 128
+    tiles: int = 1
+    num_warps: int = 4
+    num_stages: int = 4
+    split_k: int = 0  # 0: derived from the grid (see _packed_split)
+    waves: float = 2.0  # programs per multiprocessor that _packed_split aims for
+    maxnreg: int = 0
+
+
+# (largest M, config), first match wins. Provisional until the H100 sweep (benchmarks/pk_explore.py).
+PACKED_CONFIGS = [
+    (16, PackedConfig(block_m=16, block_n=128, num_warps=4, num_stages=4, waves=4.0)),
+    (32, PackedConfig(block_m=32, block_n=128, num_warps=4, num_stages=4, waves=2.0)),
+    (64, PackedConfig(block_m=64, block_n=128, num_warps=4, num_stages=4, waves=2.0)),
+    (128, PackedConfig(block_m=128, block_n=128, num_warps=8, num_stages=3, waves=1.0)),
+    (1 << 62, PackedConfig(block_m=128, block_n=256, num_warps=8, num_stages=3, waves=1.0)),
+]
+
+
+def pick_packed_config(m: int, n: int, k: int) -> PackedConfig:
+    for bound, cfg in PACKED_CONFIGS:
+        if m <= bound:
+            return cfg
+    raise AssertionError("unreachable")
+
+
+def _packed_split(cfg: PackedConfig, programs: int, k_tiles: int, device) -> int:
+    if cfg.split_k:
+        return max(1, min(cfg.split_k, k_tiles))
+    want = int(cfg.waves * _sm_count(device))
+    if programs >= want:
+        return 1
+    return max(1, min(-(-want // programs), k_tiles // 2))
+
+
+def w4a16_packed_matmul(x, qk, zeros, scales, group_size: int, bias=None, *, out=None, config=None):
+    """x [..., K] (fp16/bf16) @ the packed weight (pack_w4a16) -> [..., N] in x.dtype, through Triton.
+
+    CUDA tensors, or CPU tensors under TRITON_INTERPRET=1; `config` (a PackedConfig) overrides
+    pick_packed_config."""
+    if triton is None:
+        raise RuntimeError("w4a16_packed_matmul needs triton")
+    if qk.dtype != torch.int32 or qk.dim() != 2 or zeros.dtype != torch.uint8 or zeros.dim() != 2:
+        raise ValueError("w4a16_packed_matmul: qk must be int32 [N, K/8] and zeros uint8 [K/G, N] (pack_w4a16)")
+    n, k = qk.shape[0], qk.shape[1] * 8
+    if not can_pack(k, group_size) or tuple(zeros.shape) != (k // group_size, n) \
+            or tuple(scales.shape) != (k // group_size, n):
+        raise ValueError(f"w4a16_packed_matmul: with qk {tuple(qk.shape)} and group_size {group_size} expected "
+                         f"zeros and scales {(k // group_size, n)}, got {tuple(zeros.shape)} and {tuple(scales.shape)}")
+    if x.shape[-1] != k:
+        raise ValueError(f"w4a16_packed_matmul: x has {x.shape[-1]} features, the weight expects K={k}")
+    if x.dtype not in (torch.float16, torch.bfloat16):
+        raise ValueError(f"w4a16_packed_matmul: x must be float16 or bfloat16, got {x.dtype}")
+    if bias is not None and tuple(bias.shape) != (n,):
+        raise ValueError(f"w4a16_packed_matmul: bias must have shape ({n},), got {tuple(bias.shape)}")
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, k)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    qk, zeros, scales = (t if t.stride(-1) == 1 else t.contiguous() for t in (qk, zeros, scales))
+    m = x2.shape[0]
+    if out is None:
+        out = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    elif out.dtype != x.dtype or out.numel() != m * n or not out.is_contiguous():
+        raise ValueError(f"w4a16_packed_matmul: out must be a contiguous {x.dtype} tensor of {m}x{n} elements")
+    out = out.view(m, n)
+    if m:
+        _launch_packed(x2, qk, zeros, scales, group_size, bias, out, config or pick_packed_config(m, n, k))
+    return out.view(*lead, n)
+
+
+def _launch_packed(x, qk, zeros, scales, group_size, bias, out, cfg: PackedConfig):
+    m, k = x.shape
+    n = out.shape[1]
+    k_tiles = k // TILE_K
+    tiles = cfg.tiles if k_tiles % cfg.tiles == 0 else 1
+    steps = k_tiles // tiles
+    programs = triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n)
+    split = _packed_split(cfg, programs, steps, x.device)
+    per_split = triton.cdiv(steps, split)
+    split = triton.cdiv(steps, per_split)
+    dest = out if split == 1 else torch.empty((split, m, n), dtype=torch.float32, device=x.device)
+    interp = _interpreting()
+    _pk_kernel[(programs, split)](
+        x, qk, zeros, scales, bias if bias is not None else scales, dest,
+        m, n, x.stride(0), qk.stride(0), zeros.stride(0), scales.stride(0), n, m * n, per_split * tiles, k_tiles,
+        GROUP_SIZE=group_size, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, TILES=tiles,
+        HAS_BIAS=bias is not None and split == 1, WRITE_PARTIAL=split > 1,
+        # The interpreter runs no PTX (plain integer nibble extraction, same values) and gets bf16
+        # tl.dot wrong in Triton 3.9 (the operands are widened to fp32 there, exactly).
+        USE_ASM=not interp, DOT_FP32=interp and x.dtype == torch.bfloat16,
+        EVEN_N=n % cfg.block_n == 0, EVEN_M=m % cfg.block_m == 0,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        **({"maxnreg": cfg.maxnreg} if cfg.maxnreg and not interp else {}),
+    )
+    if split > 1:
+        _reduce_partials(dest, bias, out)
+
+
+if triton is not None:
+
+    @triton.jit
+    def _pk_scaled(a, zm, s, DOT_FP32: tl.constexpr):
+        """(q - z) * s in a's dtype from a = MAGIC + q and zm = MAGIC + z (per row): the subtraction
+        is exact, the product rounds once. (DOT_FP32, the interpreter: through fp32, same values.)"""
+        if DOT_FP32:
+            return ((a.to(tl.float32) - zm.to(tl.float32)[:, None]) * s.to(tl.float32)[:, None]).to(a.dtype)
+        return (a - zm[:, None]) * s[:, None]
+
+    @triton.jit
+    def _pk_cat4(a0, a1, a2, a3):
+        j = tl.join(tl.join(a0, a1), tl.join(a2, a3))  # [R, 16, 2 (a0/a1), 2 (outer)]
+        return tl.reshape(tl.permute(j, (0, 3, 2, 1)), [j.shape[0], 64])
+
+    @triton.jit
+    def _pk_tile(w, s_ptr, z_ptr, offs_n, mask_n, stride_s, stride_z, t, GROUP_SIZE: tl.constexpr,
+                 MAGIC: tl.constexpr, DTYPE: tl.constexpr, USE_ASM: tl.constexpr, DOT_FP32: tl.constexpr):
+        """The dequantized K tile t as one dot operand [BN, 128]: (q - z) * s in DTYPE, column 16 i + j
+        from nibble i of word j."""
+        G_PER_TILE: tl.constexpr = 128 // GROUP_SIZE
+        g = t * G_PER_TILE
+        s = tl.load(s_ptr + g * stride_s + offs_n, mask=mask_n, other=0.0).to(DTYPE)
+        zm = (tl.load(z_ptr + g * stride_z + offs_n, mask=mask_n, other=0).to(tl.float32) + MAGIC).to(DTYPE)
+        l0, h0 = _byte_pair(w, 0, DTYPE == tl.bfloat16, USE_ASM)
+        l1, h1 = _byte_pair(w, 1, DTYPE == tl.bfloat16, USE_ASM)
+        if G_PER_TILE == 4:
+            s1 = tl.load(s_ptr + (g + 1) * stride_s + offs_n, mask=mask_n, other=0.0).to(DTYPE)
+            zm1 = (tl.load(z_ptr + (g + 1) * stride_z + offs_n, mask=mask_n, other=0).to(tl.float32) + MAGIC).to(DTYPE)
+            lo = _pk_cat4(_pk_scaled(l0, zm, s, DOT_FP32), _pk_scaled(h0, zm, s, DOT_FP32),
+                          _pk_scaled(l1, zm1, s1, DOT_FP32), _pk_scaled(h1, zm1, s1, DOT_FP32))
+        else:
+            lo = _pk_cat4(_pk_scaled(l0, zm, s, DOT_FP32), _pk_scaled(h0, zm, s, DOT_FP32),
+                          _pk_scaled(l1, zm, s, DOT_FP32), _pk_scaled(h1, zm, s, DOT_FP32))
+        if G_PER_TILE >= 2:
+            s = tl.load(s_ptr + (g + G_PER_TILE // 2) * stride_s + offs_n, mask=mask_n, other=0.0).to(DTYPE)
+            zm = (tl.load(z_ptr + (g + G_PER_TILE // 2) * stride_z + offs_n, mask=mask_n, other=0).to(tl.float32)
+                  + MAGIC).to(DTYPE)
+        l2, h2 = _byte_pair(w, 2, DTYPE == tl.bfloat16, USE_ASM)
+        l3, h3 = _byte_pair(w, 3, DTYPE == tl.bfloat16, USE_ASM)
+        if G_PER_TILE == 4:
+            s1 = tl.load(s_ptr + (g + 3) * stride_s + offs_n, mask=mask_n, other=0.0).to(DTYPE)
+            zm1 = (tl.load(z_ptr + (g + 3) * stride_z + offs_n, mask=mask_n, other=0).to(tl.float32) + MAGIC).to(DTYPE)
+            hi = _pk_cat4(_pk_scaled(l2, zm, s, DOT_FP32), _pk_scaled(h2, zm, s, DOT_FP32),
+                          _pk_scaled(l3, zm1, s1, DOT_FP32), _pk_scaled(h3, zm1, s1, DOT_FP32))
+        else:
+            hi = _pk_cat4(_pk_scaled(l2, zm, s, DOT_FP32), _pk_scaled(h2, zm, s, DOT_FP32),
+                          _pk_scaled(l3, zm, s, DOT_FP32), _pk_scaled(h3, zm, s, DOT_FP32))
+        j = tl.join(lo, hi)  # [BN, 64, 2]
+        return tl.reshape(tl.permute(j, (0, 2, 1)), [j.shape[0], 128])
+
+    @triton.jit
+    def _pk_kernel(
+        x_ptr, qk_ptr, z_ptr, s_ptr, bias_ptr, out_ptr,
+        M, N, stride_xm, stride_qk, stride_z, stride_s, stride_om, stride_split, t_per_split, T,
+        GROUP_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TILES: tl.constexpr,
+        HAS_BIAS: tl.constexpr, WRITE_PARTIAL: tl.constexpr, USE_ASM: tl.constexpr, DOT_FP32: tl.constexpr,
+        EVEN_N: tl.constexpr, EVEN_M: tl.constexpr,
+    ):
+        """Program (tile, split): out[m, n] for block_m tokens x block_n columns over K tiles
+        [split * t_per_split, ...); see the module docstring for the layout."""
+        DTYPE: tl.constexpr = x_ptr.dtype.element_ty
+        if DTYPE == tl.bfloat16:
+            MAGIC: tl.constexpr = 128.0
+        else:
+            MAGIC: tl.constexpr = 1024.0
+        pid = tl.program_id(0)
+        pid_k = tl.program_id(1)
+        # M tiles vary fastest: the programs that read one weight tile run side by side.
+        num_m = tl.cdiv(M, BLOCK_M)
+        pid_m = pid % num_m
+        pid_n = pid // num_m
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        mask_m = offs_m < M
+        mask_n = offs_n < N
+        x_cols = x_ptr + offs_m[None, :].to(tl.int64) * stride_xm + tl.arange(0, 128)[:, None]  # [128, BM]
+        w_rows = qk_ptr + offs_n[:, None].to(tl.int64) * stride_qk + tl.arange(0, 16)[None, :]  # [BN, 16]
+        acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+        t_lo = pid_k * t_per_split
+        t_hi = tl.minimum(t_lo + t_per_split, T)
+        for t0 in range(t_lo, t_hi, TILES):
+            for u in tl.static_range(TILES):
+                t = t0 + u
+                if EVEN_N:
+                    w = tl.load(w_rows + t * 16)
+                else:
+                    w = tl.load(w_rows + t * 16, mask=mask_n[:, None], other=0)
+                if EVEN_M:
+                    xt = tl.load(x_cols + t * 128)
+                else:
+                    xt = tl.load(x_cols + t * 128, mask=mask_m[None, :], other=0.0)
+                a = _pk_tile(w, s_ptr, z_ptr, offs_n, mask_n, stride_s, stride_z, t, GROUP_SIZE, MAGIC, DTYPE,
+                             USE_ASM, DOT_FP32)
+                acc = _tc_dot(a, xt, acc, DOT_FP32)
+
+        out_ptrs = out_ptr + offs_m[None, :].to(tl.int64) * stride_om + offs_n[:, None]
+        msk = mask_m[None, :] & mask_n[:, None]
+        if WRITE_PARTIAL:
+            tl.store(out_ptrs + pid_k.to(tl.int64) * stride_split, acc, mask=msk)
+        else:
+            if HAS_BIAS:
+                acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[:, None]
+            tl.store(out_ptrs, acc.to(DTYPE), mask=msk)
