@@ -63,17 +63,23 @@ def candidates(m):
     if m <= 32:
         for bn, nw in ((64, 4), (128, 4), (128, 8), (256, 8)):
             for waves in (2.0, 4.0):
-                yield PackedConfig(block_m=bm, block_n=bn, num_warps=nw, num_stages=4, waves=waves)
-        yield PackedConfig(block_m=bm, block_n=128, num_warps=4, num_stages=6, waves=4.0)
+                for exact in (True, False):
+                    yield PackedConfig(block_m=bm, block_n=bn, num_warps=nw, num_stages=4, waves=waves, exact=exact)
+        yield PackedConfig(block_m=bm, block_n=128, num_warps=4, num_stages=6, waves=4.0, exact=True)
+        yield PackedConfig(block_m=bm, block_n=64, num_warps=4, num_stages=6, waves=8.0, exact=True)
     elif m <= 128:
         for bm_ in sorted({bm, 64}):
-            for bn, nw in ((128, 4), (128, 8), (256, 8)):
+            for bn, nw in ((64, 4), (128, 4), (128, 8), (256, 8)):
                 for ns in (3, 4):
                     yield PackedConfig(block_m=bm_, block_n=bn, num_warps=nw, num_stages=ns, waves=1.0)
+        yield PackedConfig(block_m=64, block_n=128, num_warps=8, num_stages=3, waves=2.0)
+        yield PackedConfig(block_m=64, block_n=128, num_warps=4, num_stages=4, waves=2.0, exact=True)
     else:
         for bm_, bn, nw in ((128, 128, 8), (128, 256, 8), (256, 128, 8), (64, 256, 8), (128, 128, 4), (256, 64, 4)):
-            for ns in (3, 4):
+            for ns in (2, 3, 4):
                 yield PackedConfig(block_m=bm_, block_n=bn, num_warps=nw, num_stages=ns, waves=1.0)
+        yield PackedConfig(block_m=256, block_n=128, num_warps=8, num_stages=2, tiles=2, waves=1.0)
+        yield PackedConfig(block_m=128, block_n=128, num_warps=8, num_stages=2, tiles=2, waves=1.0)
 
 
 def main():

@@ -5,7 +5,7 @@ shared memory and the instruction mix of the main loop can be read here, at no d
 
     python3 benchmarks/sass_count.py tc 16,32,128,2,4,3,0     # BLOCK_M,BLOCK_W,BLOCK_K,warps,bytes,stages,scale_in_a
     python3 benchmarks/sass_count.py gemm 16,128,128,4,3       # BLOCK_M,BLOCK_N,BLOCK_K,warps,stages
-    python3 benchmarks/sass_count.py pk 128,128,1,8,3          # packed layout: BLOCK_M,BLOCK_N,TILES,warps,stages
+    python3 benchmarks/sass_count.py pk 128,128,1,8,3[,exact,group]  # packed: BLOCK_M,BLOCK_N,TILES,warps,stages
 
 Use the Triton version of the device machine (3.6) for numbers that match it, e.g. in a side venv
 with `pip install triton==3.6.0` and torch on PYTHONPATH. Integer arguments that the runtime would
@@ -71,9 +71,9 @@ def main():
                       WRITE_PARTIAL=True, USE_ASM=True, DOT_FP32=False, SCALE_IN_A=bool(sia), EVEN_W=True)
         report(compile_sm90(w4a16._tc_kernel, consts, nw, ns))
     elif which == "pk":
-        bm, bn, tiles, nw, ns = spec
-        consts = dict(GROUP_SIZE=128, BLOCK_M=bm, BLOCK_N=bn, TILES=tiles, HAS_BIAS=False, WRITE_PARTIAL=False,
-                      USE_ASM=True, DOT_FP32=False, EVEN_N=True, EVEN_M=True)
+        bm, bn, tiles, nw, ns, exact, group = spec + [0, 128][len(spec) - 5:]
+        consts = dict(GROUP_SIZE=group, BLOCK_M=bm, BLOCK_N=bn, TILES=tiles, HAS_BIAS=False, WRITE_PARTIAL=False,
+                      USE_ASM=True, DOT_FP32=False, EVEN_N=True, EVEN_M=True, EXACT=bool(exact))
         report(compile_sm90(w4a16_packed._pk_kernel, consts, nw, ns))
     else:
         bm, bn, bk, nw, ns = spec

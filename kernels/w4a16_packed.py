@@ -96,6 +96,10 @@ class PackedConfig:
     split_k: int = 0  # 0: derived from the grid (see _packed_split)
     waves: float = 2.0  # programs per multiprocessor that _packed_split aims for
     maxnreg: int = 0
+    # True: each group's dot runs on the exact MAGIC + q and is closed with the scale and zero point
+    # in fp32 (fewer instructions a weight, more an output: for few tokens). False: (q - z) * s is
+    # formed in x.dtype and the dots accumulate over all of K (for many tokens).
+    exact: bool = False
 
 
 # (largest M, config), first match wins. Provisional until the H100 sweep (benchmarks/pk_explore.py).
@@ -180,7 +184,7 @@ def _launch_packed(x, qk, zeros, scales, group_size, bias, out, cfg: PackedConfi
         # The interpreter runs no PTX (plain integer nibble extraction, same values) and gets bf16
         # tl.dot wrong in Triton 3.9 (the operands are widened to fp32 there, exactly).
         USE_ASM=not interp, DOT_FP32=interp and x.dtype == torch.bfloat16,
-        EVEN_N=n % cfg.block_n == 0, EVEN_M=m % cfg.block_m == 0,
+        EVEN_N=n % cfg.block_n == 0, EVEN_M=m % cfg.block_m == 0, EXACT=cfg.exact,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         **({"maxnreg": cfg.maxnreg} if cfg.maxnreg and not interp else {}),
     )
@@ -199,45 +203,74 @@ if triton is not None:
         return (a - zm[:, None]) * s[:, None]
 
     @triton.jit
-    def _pk_cat4(a0, a1, a2, a3):
-        j = tl.join(tl.join(a0, a1), tl.join(a2, a3))  # [R, 16, 2 (a0/a1), 2 (outer)]
-        return tl.reshape(tl.permute(j, (0, 3, 2, 1)), [j.shape[0], 64])
+    def _pk_cat(a, b):
+        """[R, W] tiles -> [R, 2W]: a's columns, then b's (the K order of the dot operand)."""
+        j = tl.join(a, b)  # [R, W, 2]
+        return tl.reshape(tl.permute(j, (0, 2, 1)), [j.shape[0], 2 * j.shape[1]])
 
     @triton.jit
-    def _pk_tile(w, s_ptr, z_ptr, offs_n, mask_n, stride_s, stride_z, t, GROUP_SIZE: tl.constexpr,
-                 MAGIC: tl.constexpr, DTYPE: tl.constexpr, USE_ASM: tl.constexpr, DOT_FP32: tl.constexpr):
-        """The dequantized K tile t as one dot operand [BN, 128]: (q - z) * s in DTYPE, column 16 i + j
-        from nibble i of word j."""
-        G_PER_TILE: tl.constexpr = 128 // GROUP_SIZE
-        g = t * G_PER_TILE
-        s = tl.load(s_ptr + g * stride_s + offs_n, mask=mask_n, other=0.0).to(DTYPE)
-        zm = (tl.load(z_ptr + g * stride_z + offs_n, mask=mask_n, other=0).to(tl.float32) + MAGIC).to(DTYPE)
-        l0, h0 = _byte_pair(w, 0, DTYPE == tl.bfloat16, USE_ASM)
-        l1, h1 = _byte_pair(w, 1, DTYPE == tl.bfloat16, USE_ASM)
-        if G_PER_TILE == 4:
-            s1 = tl.load(s_ptr + (g + 1) * stride_s + offs_n, mask=mask_n, other=0.0).to(DTYPE)
-            zm1 = (tl.load(z_ptr + (g + 1) * stride_z + offs_n, mask=mask_n, other=0).to(tl.float32) + MAGIC).to(DTYPE)
-            lo = _pk_cat4(_pk_scaled(l0, zm, s, DOT_FP32), _pk_scaled(h0, zm, s, DOT_FP32),
-                          _pk_scaled(l1, zm1, s1, DOT_FP32), _pk_scaled(h1, zm1, s1, DOT_FP32))
+    def _pk_nib(v, zm, s, SCALE: tl.constexpr, DOT_FP32: tl.constexpr):
+        if SCALE:
+            return _pk_scaled(v, zm, s, DOT_FP32)
+        return v
+
+    @triton.jit
+    def _pk_part(w, s_ptr, z_ptr, offs_n, mask_n, stride_s, stride_z, g, P: tl.constexpr, NP: tl.constexpr,
+                 MAGIC: tl.constexpr, DTYPE: tl.constexpr, USE_ASM: tl.constexpr, DOT_FP32: tl.constexpr,
+                 SCALE: tl.constexpr):
+        """Part P of NP of a K tile as a dot operand [BN, 128 / NP]: nibbles [8P/NP, 8(P+1)/NP) of the
+        words w [BN, 16], column 16 i + j from nibble i of word j (relative to the part). Each nibble
+        is MAGIC + q, or with SCALE (q - z) * s in DTYPE with group g's scale and zero point."""
+        BF16: tl.constexpr = DTYPE == tl.bfloat16
+        if SCALE:
+            s = tl.load(s_ptr + g * stride_s + offs_n, mask=mask_n, other=0.0).to(DTYPE)
+            zm = (tl.load(z_ptr + g * stride_z + offs_n, mask=mask_n, other=0).to(tl.float32) + MAGIC).to(DTYPE)
         else:
-            lo = _pk_cat4(_pk_scaled(l0, zm, s, DOT_FP32), _pk_scaled(h0, zm, s, DOT_FP32),
-                          _pk_scaled(l1, zm, s, DOT_FP32), _pk_scaled(h1, zm, s, DOT_FP32))
-        if G_PER_TILE >= 2:
-            s = tl.load(s_ptr + (g + G_PER_TILE // 2) * stride_s + offs_n, mask=mask_n, other=0.0).to(DTYPE)
-            zm = (tl.load(z_ptr + (g + G_PER_TILE // 2) * stride_z + offs_n, mask=mask_n, other=0).to(tl.float32)
-                  + MAGIC).to(DTYPE)
-        l2, h2 = _byte_pair(w, 2, DTYPE == tl.bfloat16, USE_ASM)
-        l3, h3 = _byte_pair(w, 3, DTYPE == tl.bfloat16, USE_ASM)
-        if G_PER_TILE == 4:
-            s1 = tl.load(s_ptr + (g + 3) * stride_s + offs_n, mask=mask_n, other=0.0).to(DTYPE)
-            zm1 = (tl.load(z_ptr + (g + 3) * stride_z + offs_n, mask=mask_n, other=0).to(tl.float32) + MAGIC).to(DTYPE)
-            hi = _pk_cat4(_pk_scaled(l2, zm, s, DOT_FP32), _pk_scaled(h2, zm, s, DOT_FP32),
-                          _pk_scaled(l3, zm1, s1, DOT_FP32), _pk_scaled(h3, zm1, s1, DOT_FP32))
+            s = 0.0
+            zm = 0.0
+        if NP == 4:
+            l0, h0 = _byte_pair(w, P, BF16, USE_ASM)
+            return _pk_cat(_pk_nib(l0, zm, s, SCALE, DOT_FP32), _pk_nib(h0, zm, s, SCALE, DOT_FP32))
+        elif NP == 2:
+            l0, h0 = _byte_pair(w, 2 * P, BF16, USE_ASM)
+            l1, h1 = _byte_pair(w, 2 * P + 1, BF16, USE_ASM)
+            return _pk_cat(_pk_cat(_pk_nib(l0, zm, s, SCALE, DOT_FP32), _pk_nib(h0, zm, s, SCALE, DOT_FP32)),
+                           _pk_cat(_pk_nib(l1, zm, s, SCALE, DOT_FP32), _pk_nib(h1, zm, s, SCALE, DOT_FP32)))
         else:
-            hi = _pk_cat4(_pk_scaled(l2, zm, s, DOT_FP32), _pk_scaled(h2, zm, s, DOT_FP32),
-                          _pk_scaled(l3, zm, s, DOT_FP32), _pk_scaled(h3, zm, s, DOT_FP32))
-        j = tl.join(lo, hi)  # [BN, 64, 2]
-        return tl.reshape(tl.permute(j, (0, 2, 1)), [j.shape[0], 128])
+            l0, h0 = _byte_pair(w, 0, BF16, USE_ASM)
+            l1, h1 = _byte_pair(w, 1, BF16, USE_ASM)
+            l2, h2 = _byte_pair(w, 2, BF16, USE_ASM)
+            l3, h3 = _byte_pair(w, 3, BF16, USE_ASM)
+            lo = _pk_cat(_pk_cat(_pk_nib(l0, zm, s, SCALE, DOT_FP32), _pk_nib(h0, zm, s, SCALE, DOT_FP32)),
+                         _pk_cat(_pk_nib(l1, zm, s, SCALE, DOT_FP32), _pk_nib(h1, zm, s, SCALE, DOT_FP32)))
+            hi = _pk_cat(_pk_cat(_pk_nib(l2, zm, s, SCALE, DOT_FP32), _pk_nib(h2, zm, s, SCALE, DOT_FP32)),
+                         _pk_cat(_pk_nib(l3, zm, s, SCALE, DOT_FP32), _pk_nib(h3, zm, s, SCALE, DOT_FP32)))
+            return _pk_cat(lo, hi)
+
+    @triton.jit
+    def _pk_scaled_tile(w, s_ptr, z_ptr, offs_n, mask_n, stride_s, stride_z, t, NP: tl.constexpr,
+                        MAGIC: tl.constexpr, DTYPE: tl.constexpr, USE_ASM: tl.constexpr, DOT_FP32: tl.constexpr):
+        """K tile t as one dot operand [BN, 128] of (q - z) * s in DTYPE (NP groups per tile)."""
+        g = t * NP
+        if NP == 1:
+            return _pk_part(w, s_ptr, z_ptr, offs_n, mask_n, stride_s, stride_z, g, 0, 1, MAGIC, DTYPE, USE_ASM,
+                            DOT_FP32, True)
+        elif NP == 2:
+            return _pk_cat(
+                _pk_part(w, s_ptr, z_ptr, offs_n, mask_n, stride_s, stride_z, g, 0, 2, MAGIC, DTYPE, USE_ASM,
+                         DOT_FP32, True),
+                _pk_part(w, s_ptr, z_ptr, offs_n, mask_n, stride_s, stride_z, g + 1, 1, 2, MAGIC, DTYPE, USE_ASM,
+                         DOT_FP32, True))
+        else:
+            return _pk_cat(
+                _pk_cat(_pk_part(w, s_ptr, z_ptr, offs_n, mask_n, stride_s, stride_z, g, 0, 4, MAGIC, DTYPE, USE_ASM,
+                                 DOT_FP32, True),
+                        _pk_part(w, s_ptr, z_ptr, offs_n, mask_n, stride_s, stride_z, g + 1, 1, 4, MAGIC, DTYPE,
+                                 USE_ASM, DOT_FP32, True)),
+                _pk_cat(_pk_part(w, s_ptr, z_ptr, offs_n, mask_n, stride_s, stride_z, g + 2, 2, 4, MAGIC, DTYPE,
+                                 USE_ASM, DOT_FP32, True),
+                        _pk_part(w, s_ptr, z_ptr, offs_n, mask_n, stride_s, stride_z, g + 3, 3, 4, MAGIC, DTYPE,
+                                 USE_ASM, DOT_FP32, True)))
 
     @triton.jit
     def _pk_kernel(
@@ -245,7 +278,7 @@ if triton is not None:
         M, N, stride_xm, stride_qk, stride_z, stride_s, stride_om, stride_split, t_per_split, T,
         GROUP_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TILES: tl.constexpr,
         HAS_BIAS: tl.constexpr, WRITE_PARTIAL: tl.constexpr, USE_ASM: tl.constexpr, DOT_FP32: tl.constexpr,
-        EVEN_N: tl.constexpr, EVEN_M: tl.constexpr,
+        EVEN_N: tl.constexpr, EVEN_M: tl.constexpr, EXACT: tl.constexpr,
     ):
         """Program (tile, split): out[m, n] for block_m tokens x block_n columns over K tiles
         [split * t_per_split, ...); see the module docstring for the layout."""
@@ -266,6 +299,9 @@ if triton is not None:
         mask_n = offs_n < N
         x_cols = x_ptr + offs_m[None, :].to(tl.int64) * stride_xm + tl.arange(0, 128)[:, None]  # [128, BM]
         w_rows = qk_ptr + offs_n[:, None].to(tl.int64) * stride_qk + tl.arange(0, 16)[None, :]  # [BN, 16]
+        NP: tl.constexpr = 128 // GROUP_SIZE  # groups per K tile
+        W: tl.constexpr = 128 // NP
+        x_part = x_ptr + offs_m[None, :].to(tl.int64) * stride_xm + tl.arange(0, W)[:, None]  # [W, BM]
         acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
         t_lo = pid_k * t_per_split
         t_hi = tl.minimum(t_lo + t_per_split, T)
@@ -276,13 +312,29 @@ if triton is not None:
                     w = tl.load(w_rows + t * 16)
                 else:
                     w = tl.load(w_rows + t * 16, mask=mask_n[:, None], other=0)
-                if EVEN_M:
-                    xt = tl.load(x_cols + t * 128)
+                if EXACT:
+                    # One dot per group on MAGIC + q, closed in fp32: s * (sum x (MAGIC + q) - (MAGIC + z) sum x).
+                    for p in tl.static_range(NP):
+                        g = t * NP + p
+                        s = tl.load(s_ptr + g * stride_s + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+                        zm = tl.load(z_ptr + g * stride_z + offs_n, mask=mask_n, other=0).to(tl.float32) + MAGIC
+                        if EVEN_M:
+                            xp = tl.load(x_part + t * 128 + p * W)
+                        else:
+                            xp = tl.load(x_part + t * 128 + p * W, mask=mask_m[None, :], other=0.0)
+                        a = _pk_part(w, s_ptr, z_ptr, offs_n, mask_n, stride_s, stride_z, g, p, NP, MAGIC, DTYPE,
+                                     USE_ASM, DOT_FP32, False)
+                        part = _tc_dot(a, xp, None, DOT_FP32)
+                        xs = tl.sum(xp.to(tl.float32), axis=0)  # [BM]
+                        acc += part * s[:, None] - (zm * s)[:, None] * xs[None, :]
                 else:
-                    xt = tl.load(x_cols + t * 128, mask=mask_m[None, :], other=0.0)
-                a = _pk_tile(w, s_ptr, z_ptr, offs_n, mask_n, stride_s, stride_z, t, GROUP_SIZE, MAGIC, DTYPE,
-                             USE_ASM, DOT_FP32)
-                acc = _tc_dot(a, xt, acc, DOT_FP32)
+                    if EVEN_M:
+                        xt = tl.load(x_cols + t * 128)
+                    else:
+                        xt = tl.load(x_cols + t * 128, mask=mask_m[None, :], other=0.0)
+                    a = _pk_scaled_tile(w, s_ptr, z_ptr, offs_n, mask_n, stride_s, stride_z, t, NP, MAGIC, DTYPE,
+                                        USE_ASM, DOT_FP32)
+                    acc = _tc_dot(a, xt, acc, DOT_FP32)
 
         out_ptrs = out_ptr + offs_m[None, :].to(tl.int64) * stride_om + offs_n[:, None]
         msk = mask_m[None, :] & mask_n[:, None]
