@@ -17,7 +17,7 @@ from _shim import INTERNLM2_SHAPES, import_kernels
 from bench_w4a16 import Layer, copy_bandwidth
 
 K_ = import_kernels()
-from internvl_kernels.w4a16_packed import PackedConfig  # noqa: E402
+from internvl_kernels.w4a16_packed import PackedConfig, PackedGemvConfig  # noqa: E402
 
 
 def check(gen, quick=False):
@@ -53,6 +53,8 @@ def check(gen, quick=False):
 
 
 def check_configs():
+    yield PackedGemvConfig(block_n=64, num_warps=4)
+    yield PackedGemvConfig(block_n=32, num_warps=2, split_k=3)
     yield PackedConfig(block_m=16, block_n=64, num_warps=4, split_k=3)
     yield PackedConfig(block_m=32, block_n=32, num_warps=2, tiles=2)
     yield PackedConfig(block_m=64, block_n=128, num_warps=8, num_stages=3)
@@ -60,6 +62,12 @@ def check_configs():
 
 def candidates(m):
     bm = 16 if m <= 16 else 32 if m <= 32 else 64 if m <= 64 else 128
+    if m <= 2:
+        for bn, nw in ((64, 2), (64, 4), (128, 4), (256, 4), (256, 8), (512, 8)):
+            for waves in (2.0, 4.0, 8.0):
+                yield PackedGemvConfig(block_n=bn, num_warps=nw, waves=waves)
+        yield PackedConfig(block_m=16, block_n=64, num_warps=4, num_stages=4, waves=4.0, exact=True)
+        return
     if m <= 32:
         for bn, nw in ((64, 4), (128, 4), (128, 8), (256, 8)):
             for waves in (2.0, 4.0):
@@ -84,7 +92,7 @@ def candidates(m):
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--ms", type=int, nargs="+", default=[1, 4, 16, 32, 64, 128, 512])
+    ap.add_argument("--ms", type=int, nargs="+", default=[1, 2, 4, 16, 32, 64, 128, 512])
     ap.add_argument("--shapes", nargs="+", default=[f"{m}:{s}" for m in ("7B", "20B")
                                                       for s in ("wqkv", "wo", "w13", "w2")])
     ap.add_argument("--json")

@@ -102,6 +102,21 @@ class PackedConfig:
     exact: bool = False
 
 
+@dataclass(frozen=True)
+class PackedGemvConfig:
+    """The decode kernel on the packed layout (_pk_gemv_kernel): CUDA cores, one row of x a program
+    (rows of x are a grid axis), block_n output columns x 16 words a tile."""
+
+    block_n: int = 64
+    num_warps: int = 4
+    split_k: int = 0
+    waves: float = 4.0
+
+
+# Rows of x up to which the packed GEMV is used.
+PACKED_GEMV_MAX_M = 2
+PACKED_GEMV_CONFIG = PackedGemvConfig()
+
 # (largest M, config), first match wins. Provisional until the H100 sweep (benchmarks/pk_explore.py).
 PACKED_CONFIGS = [
     (16, PackedConfig(block_m=16, block_n=128, num_warps=4, num_stages=4, waves=4.0)),
@@ -112,7 +127,9 @@ PACKED_CONFIGS = [
 ]
 
 
-def pick_packed_config(m: int, n: int, k: int) -> PackedConfig:
+def pick_packed_config(m: int, n: int, k: int):
+    if m <= PACKED_GEMV_MAX_M:
+        return PACKED_GEMV_CONFIG
     for bound, cfg in PACKED_CONFIGS:
         if m <= bound:
             return cfg
@@ -164,7 +181,32 @@ def w4a16_packed_matmul(x, qk, zeros, scales, group_size: int, bias=None, *, out
     return out.view(*lead, n)
 
 
+def _launch_packed_gemv(x, qk, zeros, scales, group_size, bias, out, cfg: PackedGemvConfig):
+    m, k = x.shape
+    n = out.shape[1]
+    k_tiles = k // TILE_K
+    n_blocks = triton.cdiv(n, cfg.block_n)
+    if cfg.split_k:
+        split = max(1, min(cfg.split_k, k_tiles))
+    else:
+        want = int(cfg.waves * _sm_count(x.device))
+        split = 1 if m * n_blocks >= want else max(1, min(-(-want // (m * n_blocks)), k_tiles // 2))
+    per_split = triton.cdiv(k_tiles, split)
+    split = triton.cdiv(k_tiles, per_split)
+    dest = out if split == 1 else torch.empty((split, m, n), dtype=torch.float32, device=x.device)
+    _pk_gemv_kernel[(m, n_blocks, split)](
+        x, qk, zeros, scales, bias if bias is not None else scales, dest,
+        n, x.stride(0), qk.stride(0), zeros.stride(0), scales.stride(0), n, m * n, per_split, k_tiles,
+        GROUP_SIZE=group_size, BLOCK_N=cfg.block_n, HAS_BIAS=bias is not None and split == 1,
+        WRITE_PARTIAL=split > 1, EVEN_N=n % cfg.block_n == 0, num_warps=cfg.num_warps,
+    )
+    if split > 1:
+        _reduce_partials(dest, bias, out)
+
+
 def _launch_packed(x, qk, zeros, scales, group_size, bias, out, cfg: PackedConfig):
+    if isinstance(cfg, PackedGemvConfig):
+        return _launch_packed_gemv(x, qk, zeros, scales, group_size, bias, out, cfg)
     m, k = x.shape
     n = out.shape[1]
     k_tiles = k // TILE_K
@@ -271,6 +313,80 @@ if triton is not None:
                                  USE_ASM, DOT_FP32, True),
                         _pk_part(w, s_ptr, z_ptr, offs_n, mask_n, stride_s, stride_z, g + 3, 3, 4, MAGIC, DTYPE,
                                  USE_ASM, DOT_FP32, True)))
+
+    # The GEMV multiplies x by 2**(X_PRESCALE - e) for a nibble read as the float q * 2**(e - 149), so
+    # every product is x q 2**(X_PRESCALE - 149), undone with the scale (as w4a16._gemv_kernel).
+    PK_PRESCALE = tl.constexpr(75)
+
+    @triton.jit
+    def _pk_nibble_f32(w, hi, I: tl.constexpr):
+        """Nibble I of the words w as the float q * 2**(e - 149) (hi = w >> 8 for nibbles 6 and 7)."""
+        if I < 6:
+            q = (w & (0xF << (4 * I))).to(tl.float32, bitcast=True)
+        else:
+            q = (hi & (0xF << (4 * I - 8))).to(tl.float32, bitcast=True)
+        return q
+
+    @triton.jit
+    def _pk_prescale(I: tl.constexpr):
+        """2**(PK_PRESCALE - e) for nibble I, e its bit position when read (see _pk_nibble_f32)."""
+        if I < 6:
+            E: tl.constexpr = 4 * I
+        else:
+            E: tl.constexpr = 4 * I - 8
+        return 2.0 ** (PK_PRESCALE - E)
+
+    @triton.jit
+    def _pk_gemv_kernel(
+        x_ptr, qk_ptr, z_ptr, s_ptr, bias_ptr, out_ptr,
+        N, stride_xm, stride_qk, stride_z, stride_s, stride_om, stride_split, t_per_split, T,
+        GROUP_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, HAS_BIAS: tl.constexpr, WRITE_PARTIAL: tl.constexpr,
+        EVEN_N: tl.constexpr,
+    ):
+        """Program (m, n, split): row m of x, BLOCK_N columns, K tiles [split * t_per_split, ...).
+        Nibble i of a word becomes a float with one AND (masked in place it reads as the subnormal
+        q * 2**(4i - 149); nibbles 6 and 7 after a shift by 8), so a weight costs one LOP3 and one
+        FMA into a per-word partial sum; each group closes per word as s (sum x q - z sum x), which
+        is linear, and the 16 words of a column are summed once at the end."""
+        pid_m = tl.program_id(0)
+        pid_n = tl.program_id(1)
+        pid_k = tl.program_id(2)
+        NP: tl.constexpr = 128 // GROUP_SIZE  # groups per K tile
+        NIBS: tl.constexpr = 8 // NP  # nibbles per group
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        offs_j = tl.arange(0, 16)
+        mask_n = offs_n < N
+        w_rows = qk_ptr + offs_n[:, None].to(tl.int64) * stride_qk + offs_j[None, :]
+        x_row = x_ptr + pid_m.to(tl.int64) * stride_xm + offs_j
+        acc = tl.zeros([BLOCK_N, 16], dtype=tl.float32)
+        t_lo = pid_k * t_per_split
+        t_hi = tl.minimum(t_lo + t_per_split, T)
+        for t in range(t_lo, t_hi):
+            if EVEN_N:
+                w = tl.load(w_rows + t * 16)
+            else:
+                w = tl.load(w_rows + t * 16, mask=mask_n[:, None], other=0)
+            hi = w >> 8
+            for p in tl.static_range(NP):
+                g = t * NP + p
+                s = tl.load(s_ptr + g * stride_s + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+                z = tl.load(z_ptr + g * stride_z + offs_n, mask=mask_n, other=0).to(tl.float32)
+                a = tl.zeros([BLOCK_N, 16], dtype=tl.float32)
+                xs = tl.zeros([16], dtype=tl.float32)
+                for i in tl.static_range(p * NIBS, p * NIBS + NIBS):
+                    xi = tl.load(x_row + t * 128 + 16 * i).to(tl.float32)
+                    xs += xi
+                    a += _pk_nibble_f32(w, hi, i) * (xi * _pk_prescale(i))[None, :]
+                sc = s * (2.0 ** (149 - PK_PRESCALE))
+                acc += a * sc[:, None] - (s * z)[:, None] * xs[None, :]
+        col = tl.sum(acc, axis=1)
+        out_row = out_ptr + pid_m.to(tl.int64) * stride_om + offs_n
+        if WRITE_PARTIAL:
+            tl.store(out_row + pid_k.to(tl.int64) * stride_split, col, mask=mask_n)
+        else:
+            if HAS_BIAS:
+                col += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+            tl.store(out_row, col.to(out_ptr.dtype.element_ty), mask=mask_n)
 
     @triton.jit
     def _pk_kernel(
