@@ -55,6 +55,7 @@ def check(gen, quick=False):
 def check_configs():
     yield PackedGemvConfig(block_n=64, num_warps=4)
     yield PackedGemvConfig(block_n=32, num_warps=2, split_k=3)
+    yield PackedGemvConfig(block_n=64, num_warps=4, tiles=4)
     yield PackedConfig(block_m=16, block_n=64, num_warps=4, split_k=3)
     yield PackedConfig(block_m=32, block_n=32, num_warps=2, tiles=2)
     yield PackedConfig(block_m=64, block_n=128, num_warps=8, num_stages=3)
@@ -63,9 +64,10 @@ def check_configs():
 def candidates(m):
     bm = 16 if m <= 16 else 32 if m <= 32 else 64 if m <= 64 else 128
     if m <= 2:
-        for bn, nw in ((64, 2), (64, 4), (128, 4), (256, 4), (256, 8), (512, 8)):
-            for waves in (2.0, 4.0, 8.0):
-                yield PackedGemvConfig(block_n=bn, num_warps=nw, waves=waves)
+        for bn, nw in ((32, 2), (64, 2), (64, 4), (128, 4), (256, 8)):
+            for tiles in (1, 2, 4):
+                for waves in (4.0, 8.0):
+                    yield PackedGemvConfig(block_n=bn, num_warps=nw, tiles=tiles, waves=waves)
         yield PackedConfig(block_m=16, block_n=64, num_warps=4, num_stages=4, waves=4.0, exact=True)
         return
     if m <= 32:

@@ -109,6 +109,7 @@ class PackedGemvConfig:
 
     block_n: int = 64
     num_warps: int = 4
+    tiles: int = 1  # K tiles loaded together per step (more bytes in flight)
     split_k: int = 0
     waves: float = 4.0
 
@@ -182,22 +183,26 @@ def w4a16_packed_matmul(x, qk, zeros, scales, group_size: int, bias=None, *, out
 
 
 def _launch_packed_gemv(x, qk, zeros, scales, group_size, bias, out, cfg: PackedGemvConfig):
+    if cfg.tiles not in (1, 2, 4, 8):
+        raise ValueError(f"packed GEMV: PackedGemvConfig.tiles must be 1, 2, 4 or 8, got {cfg.tiles}")
     m, k = x.shape
     n = out.shape[1]
     k_tiles = k // TILE_K
+    tiles = cfg.tiles if k_tiles % cfg.tiles == 0 else 1
+    steps = k_tiles // tiles
     n_blocks = triton.cdiv(n, cfg.block_n)
     if cfg.split_k:
-        split = max(1, min(cfg.split_k, k_tiles))
+        split = max(1, min(cfg.split_k, steps))
     else:
         want = int(cfg.waves * _sm_count(x.device))
-        split = 1 if m * n_blocks >= want else max(1, min(-(-want // (m * n_blocks)), k_tiles // 2))
-    per_split = triton.cdiv(k_tiles, split)
+        split = 1 if m * n_blocks >= want else max(1, min(-(-want // (m * n_blocks)), steps // 2))
+    per_split = triton.cdiv(steps, split) * tiles
     split = triton.cdiv(k_tiles, per_split)
     dest = out if split == 1 else torch.empty((split, m, n), dtype=torch.float32, device=x.device)
     _pk_gemv_kernel[(m, n_blocks, split)](
         x, qk, zeros, scales, bias if bias is not None else scales, dest,
         n, x.stride(0), qk.stride(0), zeros.stride(0), scales.stride(0), n, m * n, per_split, k_tiles,
-        GROUP_SIZE=group_size, BLOCK_N=cfg.block_n, HAS_BIAS=bias is not None and split == 1,
+        GROUP_SIZE=group_size, BLOCK_N=cfg.block_n, TILES=tiles, HAS_BIAS=bias is not None and split == 1,
         WRITE_PARTIAL=split > 1, EVEN_N=n % cfg.block_n == 0, num_warps=cfg.num_warps,
     )
     if split > 1:
@@ -340,8 +345,8 @@ if triton is not None:
     def _pk_gemv_kernel(
         x_ptr, qk_ptr, z_ptr, s_ptr, bias_ptr, out_ptr,
         N, stride_xm, stride_qk, stride_z, stride_s, stride_om, stride_split, t_per_split, T,
-        GROUP_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, HAS_BIAS: tl.constexpr, WRITE_PARTIAL: tl.constexpr,
-        EVEN_N: tl.constexpr,
+        GROUP_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, TILES: tl.constexpr, HAS_BIAS: tl.constexpr,
+        WRITE_PARTIAL: tl.constexpr, EVEN_N: tl.constexpr,
     ):
         """Program (m, n, split): row m of x, BLOCK_N columns, K tiles [split * t_per_split, ...).
         Nibble i of a word becomes a float with one AND (masked in place it reads as the subnormal
@@ -355,31 +360,34 @@ if triton is not None:
         NIBS: tl.constexpr = 8 // NP  # nibbles per group
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         offs_j = tl.arange(0, 16)
+        offs_u = tl.arange(0, TILES)
         mask_n = offs_n < N
-        w_rows = qk_ptr + offs_n[:, None].to(tl.int64) * stride_qk + offs_j[None, :]
-        x_row = x_ptr + pid_m.to(tl.int64) * stride_xm + offs_j
-        acc = tl.zeros([BLOCK_N, 16], dtype=tl.float32)
+        # TILES K tiles per step, loaded together: [TILES, BLOCK_N, 16] words in flight per program.
+        w_ptrs = qk_ptr + offs_n[None, :, None].to(tl.int64) * stride_qk + offs_u[:, None, None] * 16 + offs_j[None, None, :]
+        x_ptrs = x_ptr + pid_m.to(tl.int64) * stride_xm + offs_u[:, None] * 128 + offs_j[None, :]
+        acc = tl.zeros([TILES, BLOCK_N, 16], dtype=tl.float32)
         t_lo = pid_k * t_per_split
         t_hi = tl.minimum(t_lo + t_per_split, T)
-        for t in range(t_lo, t_hi):
+        for t0 in range(t_lo, t_hi, TILES):
             if EVEN_N:
-                w = tl.load(w_rows + t * 16)
+                w = tl.load(w_ptrs + t0 * 16)
             else:
-                w = tl.load(w_rows + t * 16, mask=mask_n[:, None], other=0)
+                w = tl.load(w_ptrs + t0 * 16, mask=mask_n[None, :, None], other=0)
             hi = w >> 8
             for p in tl.static_range(NP):
-                g = t * NP + p
-                s = tl.load(s_ptr + g * stride_s + offs_n, mask=mask_n, other=0.0).to(tl.float32)
-                z = tl.load(z_ptr + g * stride_z + offs_n, mask=mask_n, other=0).to(tl.float32)
-                a = tl.zeros([BLOCK_N, 16], dtype=tl.float32)
-                xs = tl.zeros([16], dtype=tl.float32)
+                g = (t0 + offs_u) * NP + p  # [TILES]
+                s = tl.load(s_ptr + g[:, None] * stride_s + offs_n[None, :], mask=mask_n[None, :], other=0.0)
+                z = tl.load(z_ptr + g[:, None] * stride_z + offs_n[None, :], mask=mask_n[None, :], other=0)
+                s = s.to(tl.float32)
+                a = tl.zeros([TILES, BLOCK_N, 16], dtype=tl.float32)
+                xs = tl.zeros([TILES, 16], dtype=tl.float32)
                 for i in tl.static_range(p * NIBS, p * NIBS + NIBS):
-                    xi = tl.load(x_row + t * 128 + 16 * i).to(tl.float32)
+                    xi = tl.load(x_ptrs + t0 * 128 + 16 * i).to(tl.float32)
                     xs += xi
-                    a += _pk_nibble_f32(w, hi, i) * (xi * _pk_prescale(i))[None, :]
+                    a += _pk_nibble_f32(w, hi, i) * (xi * _pk_prescale(i))[:, None, :]
                 sc = s * (2.0 ** (149 - PK_PRESCALE))
-                acc += a * sc[:, None] - (s * z)[:, None] * xs[None, :]
-        col = tl.sum(acc, axis=1)
+                acc += a * sc[:, :, None] - (s * z.to(tl.float32))[:, :, None] * xs[:, None, :]
+        col = tl.sum(tl.sum(acc, axis=2), axis=0)
         out_row = out_ptr + pid_m.to(tl.int64) * stride_om + offs_n
         if WRITE_PARTIAL:
             tl.store(out_row + pid_k.to(tl.int64) * stride_split, col, mask=mask_n)
