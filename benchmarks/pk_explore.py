@@ -100,6 +100,7 @@ def main():
     ap.add_argument("--json")
     ap.add_argument("--no-check", action="store_true")
     ap.add_argument("--quick-check", action="store_true")
+    ap.add_argument("--defaults-only", action="store_true", help="time only the default configs")
     ap.add_argument("--budget", type=float, default=540.0, help="stop sweeping after this many seconds")
     args = ap.parse_args()
     t_start = time.time()
@@ -121,12 +122,14 @@ def main():
             default = layer.time_ours(x)
             packed_default = layer.time_packed(x)
             res = []
-            for cfg in candidates(m):
+            for cfg in ([] if args.defaults_only else candidates(m)):
                 try:
                     res.append((layer.time_packed(x, cfg), cfg))
                 except Exception as e:  # resources and the like
                     print(f"  skip {cfg}: {type(e).__name__}: {str(e)[:120]}", flush=True)
             res.sort(key=lambda t: t[0])
+            if not res:
+                res = [(packed_default, "default")]
             floor = layer.floor_bytes(m) / bw * 1e6
             print(f"{model} {name} M={m:3d} bf16 {bf16:7.1f} awq-default {default:7.1f} packed-default "
                   f"{packed_default:7.1f} floor {floor:6.1f} best {res[0][0]:7.1f} (x{bf16 / res[0][0]:.2f} vs bf16, "

@@ -114,17 +114,18 @@ class PackedGemvConfig:
     waves: float = 4.0
 
 
-# Rows of x up to which the packed GEMV is used.
-PACKED_GEMV_MAX_M = 2
-PACKED_GEMV_CONFIG = PackedGemvConfig()
-
-# (largest M, config), first match wins. Provisional until the H100 sweep (benchmarks/pk_explore.py).
+# Tuned on one H100 80GB HBM3 (benchmarks/pk_explore.py, Triton 3.6, bf16, group 128, the InternLM2-7B
+# and -20B linears; results/pk-explore-h100.json and pk-explore-gemv-h100.json): the config that was
+# best or within a few percent of the best on most of the eight shapes for each M.
+PACKED_GEMV_MAX_M = 1
+PACKED_GEMV_CONFIG = PackedGemvConfig(block_n=64, num_warps=4, tiles=2, waves=4.0)
+# (largest M, config), first match wins.
 PACKED_CONFIGS = [
-    (16, PackedConfig(block_m=16, block_n=128, num_warps=4, num_stages=4, waves=4.0)),
-    (32, PackedConfig(block_m=32, block_n=128, num_warps=4, num_stages=4, waves=2.0)),
-    (64, PackedConfig(block_m=64, block_n=128, num_warps=4, num_stages=4, waves=2.0)),
-    (128, PackedConfig(block_m=128, block_n=128, num_warps=8, num_stages=3, waves=1.0)),
-    (1 << 62, PackedConfig(block_m=128, block_n=256, num_warps=8, num_stages=3, waves=1.0)),
+    (16, PackedConfig(block_m=16, block_n=64, num_warps=4, num_stages=4, waves=4.0, exact=True)),
+    (32, PackedConfig(block_m=32, block_n=64, num_warps=4, num_stages=4, waves=4.0)),
+    (64, PackedConfig(block_m=64, block_n=128, num_warps=8, num_stages=3, waves=2.0)),
+    (128, PackedConfig(block_m=128, block_n=64, num_warps=4, num_stages=3, waves=1.0)),
+    (1 << 62, PackedConfig(block_m=256, block_n=128, num_warps=8, num_stages=3, waves=1.0)),
 ]
 
 
