@@ -1,0 +1,164 @@
+"""Tests of the K-packed W4A16 layout (internvl_kernels.w4a16_packed): packing, and its two Triton
+kernels (the tensor-core kernel for any number of tokens and the CUDA-core GEMV for one token) run
+for real on the CPU under Triton's interpreter, in one subprocess as in test_kernels.py.
+
+The interpreter runs the plain-integer form of the nibble extraction and widens bf16 dot operands to
+fp32 (exact); the PTX and bf16 tensor-core forms are checked on the GPU by benchmarks/pk_explore.py.
+Tolerances (||out - ref|| / ||ref||, ref in float64 from the AWQ tensors): the GEMV and the exact
+mode keep the 4-bit values exact until the output rounding (fp16 1e-3, bf16 6e-3); the scale-in-A
+mode also rounds (q - z) * s to x.dtype (fp16 2e-3, bf16 1.2e-2).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from internvl_kernels import can_pack, dequantize_awq, pack_w4a16, quantize_awq, unpack_awq_int4, unpack_w4a16
+
+TOLERANCE = {
+    ("gemv", "float16"): 1e-3,
+    ("gemv", "bfloat16"): 6e-3,
+    ("exact", "float16"): 1e-3,
+    ("exact", "bfloat16"): 6e-3,
+    ("scaled", "float16"): 2e-3,
+    ("scaled", "bfloat16"): 1.2e-2,
+}
+
+
+def _awq(n, k, gs, seed=0, dtype=torch.float16):
+    g = torch.Generator().manual_seed(seed)
+    return quantize_awq(torch.randn(n, k, generator=g) * 0.05, gs, scale_dtype=dtype)
+
+
+@pytest.mark.parametrize("gs", [32, 64, 128])
+def test_pack_layout_follows_the_docstring(gs):
+    """Word (n, 16 t + j), nibble i holds q[128 t + 16 i + j, n]; zeros unpacked; round trip exact."""
+    n, k = 24, 384
+    qweight, qzeros, scales = _awq(n, k, gs, seed=gs)
+    qk, zeros = pack_w4a16(qweight, qzeros, scales, gs, chunk=8)  # several chunks
+    q = unpack_awq_int4(qweight)  # [K, N]
+    assert qk.dtype == torch.int32 and tuple(qk.shape) == (n, k // 8)
+    assert zeros.dtype == torch.uint8 and torch.equal(zeros.to(torch.int32), unpack_awq_int4(qzeros))
+    for col, t, i, j in [(0, 0, 0, 0), (5, 1, 7, 15), (23, 2, 3, 9), (11, 0, 6, 1)]:
+        word = int(qk[col, 16 * t + j]) & 0xFFFFFFFF
+        assert (word >> (4 * i)) & 0xF == int(q[128 * t + 16 * i + j, col])
+    q2, z2 = unpack_w4a16(qk, zeros)
+    assert torch.equal(q2, q) and torch.equal(z2, unpack_awq_int4(qzeros))
+    assert (qk < 0).any(), "a top nibble >= 8 must make the stored int32 word negative"
+
+
+def test_pack_rejects_what_it_cannot_hold():
+    assert can_pack(256, 128) and not can_pack(192, 64) and not can_pack(256, 256)
+    qweight, qzeros, scales = _awq(16, 192, 64)
+    with pytest.raises(ValueError, match="K a multiple of 128 .* got K=192"):
+        pack_w4a16(qweight, qzeros, scales, 64)
+
+
+def test_packed_matmul_names_bad_inputs():
+    from internvl_kernels import w4a16_packed_matmul
+    from internvl_kernels.w4a16_packed import PackedGemvConfig
+
+    qweight, qzeros, scales = _awq(16, 256, 128)
+    qk, zeros = pack_w4a16(qweight, qzeros, scales, 128)
+    x = torch.randn(1, 256).to(torch.float16)
+    with pytest.raises(ValueError, match="zeros uint8"):
+        w4a16_packed_matmul(x, qk, zeros.to(torch.int32), scales, 128)
+    with pytest.raises(ValueError, match="expects K=256"):
+        w4a16_packed_matmul(torch.randn(1, 128).half(), qk, zeros, scales, 128)
+    with pytest.raises(ValueError, match="expected zeros and scales"):
+        w4a16_packed_matmul(x, qk, zeros, scales, 64)
+    with pytest.raises(ValueError, match="tiles must be 1, 2, 4 or 8, got 3"):
+        w4a16_packed_matmul(x, qk, zeros, scales, 128, config=PackedGemvConfig(tiles=3))
+
+
+# ------------------------------------------------------------------------------------------------
+# Kernels under the interpreter (subprocess)
+# ------------------------------------------------------------------------------------------------
+
+
+def _cases():
+    """(path, config kwargs, dtype, lead shape, K, N, group, bias)."""
+    cases = []
+    for dtype in ("float16", "bfloat16"):
+        for gs in (32, 64, 128):
+            # GEMV: one step, split-K, several tiles per step; N not a multiple of the program.
+            cases.append(("gemv", dict(block_n=16, num_warps=1, split_k=1), dtype, (1,), 256, 40, gs, True))
+            cases.append(("gemv", dict(block_n=32, num_warps=1, split_k=3, tiles=1), dtype, (2,), 384, 72, gs, False))
+            cases.append(("gemv", dict(block_n=16, num_warps=1, tiles=2), dtype, (1, 1), 512, 48, gs, gs == 64))
+            # Tensor-core kernel, both modes: masked M and N tiles, split-K, two tiles per step.
+            for exact in (True, False):
+                cases.append(("tc", dict(block_m=16, block_n=32, num_warps=1, split_k=1, exact=exact),
+                              dtype, (3,), 256, 72, gs, True))
+                cases.append(("tc", dict(block_m=16, block_n=16, num_warps=1, split_k=2, tiles=2, exact=exact),
+                              dtype, (2, 9), 512, 40, gs, False))
+    for dtype in ("float16", "bfloat16"):  # the launcher's own choice
+        cases.append(("auto", None, dtype, (1,), 256, 64, 128, False))
+        cases.append(("auto", None, dtype, (2, 5), 256, 48, 64, True))
+        cases.append(("auto", None, dtype, (40,), 256, 32, 32, True))
+    return [(f"{path}-{i}-{dtype}-g{gs}", path, cfg, dtype, lead, k, n, gs, bias)
+            for i, (path, cfg, dtype, lead, k, n, gs, bias) in enumerate(cases)]
+
+
+def _worker():
+    assert os.environ.get("TRITON_INTERPRET") == "1"
+    from internvl_kernels.w4a16_packed import (PackedConfig, PackedGemvConfig, pick_packed_config,
+                                               w4a16_packed_matmul)
+
+    results = {}
+    for name, path, cfg, dtype, lead, k, n, gs, use_bias in _cases():
+        seed = sum(map(ord, name))
+        g = torch.Generator().manual_seed(seed)
+        dt = getattr(torch, dtype)
+        qweight, qzeros, scales = quantize_awq(torch.randn(n, k, generator=g) * 0.05, gs, scale_dtype=dt)
+        qk, zeros = pack_w4a16(qweight, qzeros, scales, gs)
+        x = (torch.randn(*lead, k, generator=g) + 0.3).to(dt)  # a mean, so zero points matter
+        bias = torch.randn(n, generator=g).to(dt) if use_bias else None
+        config = None if cfg is None else (PackedGemvConfig if path == "gemv" else PackedConfig)(**cfg)
+        m = x.numel() // k
+        out = torch.full((m, n), float("nan"), dtype=dt)
+        w4a16_packed_matmul(x, qk, zeros, scales, gs, bias, out=out, config=config)
+        y = w4a16_packed_matmul(x, qk, zeros, scales, gs, bias, config=config)
+        ref = x.double() @ dequantize_awq(qweight, qzeros, scales, gs, dtype=torch.float64)
+        if bias is not None:
+            ref = ref + bias.double()
+        chosen = config or pick_packed_config(m, n, k)
+        kind = "gemv" if isinstance(chosen, PackedGemvConfig) else "exact" if chosen.exact else "scaled"
+        results[name] = dict(kind=kind, rel_err=float((y.double() - ref).norm() / ref.norm()),
+                             all_written=bool(torch.isfinite(out).all()),
+                             out_equal=bool(torch.equal(out.view_as(y), y)),
+                             shape_ok=tuple(y.shape) == (*lead, n) and y.dtype == dt)
+    print(json.dumps(results))
+
+
+@pytest.fixture(scope="module")
+def interpreted():
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    proc = subprocess.run([sys.executable, __file__, "--worker"], env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("case", [c[0] for c in _cases()])
+def test_packed_kernel_under_interpreter(interpreted, case):
+    r = interpreted[case]
+    dtype = case.split("-")[2]
+    assert r["shape_ok"]
+    assert r["all_written"], "the kernel left output elements unwritten (NaN poison survived)"
+    assert r["out_equal"], "out= and the returned tensor differ"
+    assert r["rel_err"] <= TOLERANCE[(r["kind"], dtype)], r
+
+
+def test_packed_launcher_routes_to_every_kernel(interpreted):
+    kinds = {r["kind"] for name, r in interpreted.items() if name.startswith("auto")}
+    assert kinds == {"gemv", "exact", "scaled"}
+
+
+if __name__ == "__main__" and "--worker" in sys.argv:
+    _worker()
