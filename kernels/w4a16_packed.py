@@ -20,9 +20,12 @@ points (K/G x N bytes).
 
 The kernel (_pk_kernel, configured by PackedConfig) computes out^T = W^T x^T over programs of
 block_n columns x block_m tokens: per 128-deep tile it loads the [block_n, 16] words, extracts each
-byte's two nibbles as MAGIC + q with w4a16._byte_pair (inline PTX), forms (q - z) * s in x.dtype
-(the subtraction exact, the product rounded once, as a dense 16-bit copy of the weight would be) and
-runs eight depth-16 dots into one fp32 accumulator. Small grids split K (fp32 partial sums reduced
+byte's two nibbles as MAGIC + q with w4a16._byte_pair (inline PTX) and joins the eight nibble slices
+into one [block_n, 128] register operand (tl.join/permute/reshape; the compiled code keeps it in
+registers). Either (scale-in-A) it forms (q - z) * s in x.dtype (the subtraction exact, the product
+rounded once, as a dense 16-bit copy of the weight would be) and accumulates one dot over all of K,
+or (exact) it runs one dot per group on MAGIC + q and closes it in fp32 with s and z. One token
+goes to _pk_gemv_kernel (CUDA cores, PackedGemvConfig). Small grids split K (fp32 partial sums reduced
 by w4a16._splitk_reduce_kernel). The reference is awq_format.w4a16_matmul_ref on the AWQ tensors;
 unpack_w4a16 inverts the packing.
 """
