@@ -89,6 +89,39 @@ def copy_bandwidth() -> float:
     return 2 * (2 << 30) / t
 
 
+def check_random(gen, shapes, ms, configs, run, scale_dtype=None):
+    """Correctness sweep on fresh random inputs for the explore scripts: groups 32/64/128, fp16 and
+    bf16, the (K, N) `shapes` and token counts `ms`, every config of `configs(m)`. `run(qw, qz, sc, g)`
+    returns a function f(x, bias, out, cfg) that writes x @ W into out (NaN-poisoned first). The
+    relative error against the fp64 product of the AWQ tensors must stay within fp16 2e-3 / bf16
+    1.2e-2. Returns (failures, cases, worst error per dtype)."""
+    worst, fails, cases = {}, 0, 0
+    for g in (32, 64, 128):
+        for dt in (torch.float16, torch.bfloat16):
+            for k, n in shapes:
+                w = torch.randn(n, k, device="cuda", generator=gen) * 0.02
+                qw, qz, sc = K_.quantize_awq(w, g, scale_dtype=scale_dtype or dt)
+                dense = K_.dequantize_awq(qw, qz, sc, g, dtype=torch.float64)
+                bias = torch.randn(n, device="cuda", generator=gen).to(dt)
+                f = run(qw, qz, sc, g)
+                for m in ms:
+                    for cfg in configs(m):
+                        x = torch.randn(m, k, device="cuda", generator=gen).to(dt)
+                        use_bias = (m + k + cases) % 2 == 1
+                        ref = x.double() @ dense + (bias.double() if use_bias else 0)
+                        out = torch.full((m, n), float("nan"), device="cuda", dtype=dt)
+                        f(x, bias if use_bias else None, out, cfg)
+                        err = float((out.double() - ref).norm() / ref.norm())
+                        key = str(dt).split(".")[-1]
+                        worst[key] = max(worst.get(key, 0.0), err)
+                        cases += 1
+                        if not (err <= (2e-3 if dt == torch.float16 else 1.2e-2)):
+                            fails += 1
+                            print(f"FAIL g={g} {dt} K={k} N={n} M={m} {cfg}: rel err {err:.2e}", flush=True)
+    print(f"check: {cases} cases, {fails} failed, worst {worst}", flush=True)
+    return fails, cases, worst
+
+
 class Layer:
     """One linear: random weight, its AWQ tensors, the dense bf16 copy and the tinygemm copy, each
     with enough clones for an L2-missing rotation (see copies_for)."""

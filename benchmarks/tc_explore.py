@@ -13,7 +13,7 @@ import sys
 import torch
 
 from _shim import INTERNLM2_SHAPES, import_kernels
-from bench_w4a16 import Layer, copy_bandwidth
+from bench_w4a16 import Layer, check_random, copy_bandwidth
 
 K_ = import_kernels()
 from internvl_kernels.w4a16 import TcConfig  # noqa: E402
@@ -21,33 +21,11 @@ from internvl_kernels.w4a16 import TcConfig  # noqa: E402
 
 def check(gen):
     """Fresh random inputs over shapes, dtypes, group sizes and configs; worst relative error."""
-    worst = {}
-    fails = 0
-    cases = 0
-    for g in (32, 64, 128):
-        for dt in (torch.float16, torch.bfloat16):
-            for (k, n) in ((256, 512), (512, 1536), (1024, 4096 + 512)):
-                w = torch.randn(n, k, device="cuda", generator=gen) * 0.02
-                qw, qz, sc = K_.quantize_awq(w, g, scale_dtype=torch.float16)
-                dense = K_.dequantize_awq(qw, qz, sc, g, dtype=torch.float64)
-                bias = torch.randn(n, device="cuda", generator=gen).to(dt)
-                for m in (1, 3, 16, 33, 64, 100):
-                    for cfg in candidates(m, quick=True):
-                        x = torch.randn(m, k, device="cuda", generator=gen).to(dt)
-                        use_bias = (m + k) % 2 == 1
-                        ref = x.double() @ dense + (bias.double() if use_bias else 0)
-                        out = torch.full((m, n), float("nan"), device="cuda", dtype=dt)
-                        K_.w4a16_matmul(x, qw, qz, sc, g, bias if use_bias else None, out=out, config=cfg)
-                        err = float((out.double() - ref).norm() / ref.norm())
-                        key = f"{dt}".split(".")[-1]
-                        worst[key] = max(worst.get(key, 0.0), err)
-                        bound = 2e-3 if dt == torch.float16 else 1.2e-2
-                        cases += 1
-                        if not (err <= bound):
-                            fails += 1
-                            print(f"FAIL g={g} {dt} K={k} N={n} M={m} {cfg}: rel err {err:.2e}", flush=True)
-    print(f"check: {cases} cases, {fails} failed, worst {worst}", flush=True)
-    return fails
+    def run(qw, qz, sc, g):
+        return lambda x, bias, out, cfg: K_.w4a16_matmul(x, qw, qz, sc, g, bias, out=out, config=cfg)
+
+    return check_random(gen, ((256, 512), (512, 1536), (1024, 4096 + 512)), (1, 3, 16, 33, 64, 100),
+                        lambda m: candidates(m, quick=True), run, scale_dtype=torch.float16)[0]
 
 
 def candidates(m, quick=False, fine=False):

@@ -63,23 +63,9 @@ def w4a16_matmul(x, qweight, qzeros, scales, group_size: int, bias=None, *, out=
     if triton is None:
         raise RuntimeError("w4a16_matmul needs triton; use w4a16_linear for a CPU fallback")
     k, n = check_awq_shapes(qweight, qzeros, scales, group_size)
-    if x.shape[-1] != k:
-        raise ValueError(f"w4a16_matmul: x has {x.shape[-1]} features, the weight expects K={k}")
-    if x.dtype not in (torch.float16, torch.bfloat16):
-        raise ValueError(f"w4a16_matmul: x must be float16 or bfloat16, got {x.dtype}")
-    if bias is not None and tuple(bias.shape) != (n,):
-        raise ValueError(f"w4a16_matmul: bias must have shape ({n},), got {tuple(bias.shape)}")
-    lead = x.shape[:-1]
-    x2 = x.reshape(-1, k)
-    if x2.stride(-1) != 1:
-        x2 = x2.contiguous()
+    lead, x2, out = _prepare_io("w4a16_matmul", x, k, n, bias, out)
     qweight, qzeros, scales = (t if t.stride(-1) == 1 else t.contiguous() for t in (qweight, qzeros, scales))
     m = x2.shape[0]
-    if out is None:
-        out = torch.empty((m, n), dtype=x.dtype, device=x.device)
-    elif out.dtype != x.dtype or out.numel() != m * n or not out.is_contiguous():
-        raise ValueError(f"w4a16_matmul: out must be a contiguous {x.dtype} tensor of {m}x{n} elements")
-    out = out.view(m, n)
     if m == 0:
         return out.view(*lead, n)
     cfg = config or pick_config(m, n, k, group_size, x.device)
@@ -96,6 +82,27 @@ def w4a16_matmul(x, qweight, qzeros, scales, group_size: int, bias=None, *, out=
     else:
         _launch_gemm(x2, qweight, qzeros, scales, group_size, bias, out, cfg)
     return out.view(*lead, n)
+
+
+def _prepare_io(name: str, x, k: int, n: int, bias, out):
+    """Check x [..., K] (fp16/bf16), bias [N] and out against the weight's K and N; return
+    (leading dims of x, x as a [M, K] view with unit stride, out as a [M, N] view, allocated if None)."""
+    if x.shape[-1] != k:
+        raise ValueError(f"{name}: x has {x.shape[-1]} features, the weight expects K={k}")
+    if x.dtype not in (torch.float16, torch.bfloat16):
+        raise ValueError(f"{name}: x must be float16 or bfloat16, got {x.dtype}")
+    if bias is not None and tuple(bias.shape) != (n,):
+        raise ValueError(f"{name}: bias must have shape ({n},), got {tuple(bias.shape)}")
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, k)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    m = x2.shape[0]
+    if out is None:
+        out = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    elif out.dtype != x.dtype or out.numel() != m * n or not out.is_contiguous():
+        raise ValueError(f"{name}: out must be a contiguous {x.dtype} tensor of {m}x{n} elements")
+    return lead, x2, out.view(m, n)
 
 
 def w4a16_linear(x, qweight, qzeros, scales, group_size: int, bias=None):
@@ -162,8 +169,8 @@ class TcConfig:
     # True: each weight is dequantized to (q - z) * s in x.dtype and the dots accumulate over all of
     # K; False: exact MAGIC + q tiles, each tile's dot closed with the scale in fp32 (_tc_close).
     scale_in_a: bool = True
-    split_k: int = 0  # 0: derived from the grid size (see _tc_split)
-    waves: float = 2.0  # programs per multiprocessor that _tc_split aims for
+    split_k: int = 0  # 0: derived from the grid size (see _waves_split)
+    waves: float = 2.0  # programs per multiprocessor that _waves_split aims for
     maxnreg: int = 0  # 0: the compiler's choice; else a register cap (more programs per multiprocessor)
 
 
@@ -270,9 +277,7 @@ def _launch_gemv(x, qweight, qzeros, scales, group_size, bias, out, cfg: GemvCon
     n_steps = k // (4 * block_k)
     n_blocks = triton.cdiv(n // 8, cfg.block_w)
     split = _gemv_split(cfg, m, n, n_blocks, n_steps, x.device)
-    per_split = triton.cdiv(n_steps, split)
-    split = triton.cdiv(n_steps, per_split)
-    dest = out if split == 1 else torch.empty((split, m, n), dtype=torch.float32, device=x.device)
+    split, per_split, dest = _split_dest(out, split, n_steps)
     _gemv_kernel[(m, n_blocks, split)](
         x, qweight, qzeros, scales, bias if bias is not None else scales, dest,
         n, x.stride(0), qweight.stride(0), qzeros.stride(0), scales.stride(0), n, m * n,
@@ -303,10 +308,7 @@ def _launch_gemm(x, qweight, qzeros, scales, group_size, bias, out, cfg: GemmCon
         raise ValueError(f"GEMM block_k={block_k} must divide group_size={group_size}")
     k_tiles = k // block_k
     tiles = triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n)
-    split = _gemm_split(cfg, tiles, k_tiles, x.device)
-    per_split = triton.cdiv(k_tiles, split)
-    split = triton.cdiv(k_tiles, per_split)
-    dest = out if split == 1 else torch.empty((split, m, n), dtype=torch.float32, device=x.device)
+    split, per_split, dest = _split_dest(out, _gemm_split(cfg, tiles, k_tiles, x.device), k_tiles)
     _gemm_kernel[(tiles, split)](
         x, qweight, qzeros, scales, bias if bias is not None else scales, dest,
         m, n, k, x.stride(0), qweight.stride(0), qzeros.stride(0), scales.stride(0), n, m * n,
@@ -322,13 +324,25 @@ def _launch_gemm(x, qweight, qzeros, scales, group_size, bias, out, cfg: GemmCon
         _reduce_partials(dest, bias, out)
 
 
-def _tc_split(cfg: TcConfig, programs: int, k_tiles: int, device) -> int:
-    if cfg.split_k:
-        return max(1, min(cfg.split_k, k_tiles))
-    want = int(cfg.waves * _sm_count(device))
+def _waves_split(split_k: int, waves: float, programs: int, k_steps: int, device) -> int:
+    """How many ways to split K: split_k if given, else enough programs for `waves` per
+    multiprocessor, each keeping at least two K steps."""
+    if split_k:
+        return max(1, min(split_k, k_steps))
+    want = int(waves * _sm_count(device))
     if programs >= want:
         return 1
-    return max(1, min(-(-want // programs), k_tiles // 2))
+    return max(1, min(-(-want // programs), k_steps // 2))
+
+
+def _split_dest(out, split: int, k_steps: int):
+    """(split, K steps per split, destination): the split evened out so no program is empty, and
+    out itself or a fp32 [split, M, N] workspace for _reduce_partials."""
+    per_split = triton.cdiv(k_steps, split)
+    split = triton.cdiv(k_steps, per_split)
+    m, n = out.shape
+    dest = out if split == 1 else torch.empty((split, m, n), dtype=torch.float32, device=out.device)
+    return split, per_split, dest
 
 
 def _launch_tc(x, qweight, qzeros, scales, group_size, bias, out, cfg: TcConfig):
@@ -343,10 +357,8 @@ def _launch_tc(x, qweight, qzeros, scales, group_size, bias, out, cfg: TcConfig)
     num_m = triton.cdiv(m, cfg.block_m)
     lanes = 4 // cfg.bytes
     programs = num_m * triton.cdiv(n // 8, cfg.block_w) * lanes
-    split = _tc_split(cfg, programs, k_tiles, x.device)
-    per_split = triton.cdiv(k_tiles, split)
-    split = triton.cdiv(k_tiles, per_split)
-    dest = out if split == 1 else torch.empty((split, m, n), dtype=torch.float32, device=x.device)
+    split, per_split, dest = _split_dest(out, _waves_split(cfg.split_k, cfg.waves, programs, k_tiles, x.device),
+                                         k_tiles)
     interp = _interpreting()
     _tc_kernel[(programs, split)](
         x, qweight, qzeros, scales, bias if bias is not None else scales, dest,
@@ -763,15 +775,21 @@ if triton is not None:
         return ta, tb
 
     @triton.jit
+    def _magic_scaled(a, zm, s, DOT_FP32: tl.constexpr):
+        """(q - z) * s in a's dtype from a = MAGIC + q and the per-row zm = MAGIC + z and s [rows]: the
+        subtraction is exact, the product rounds once. (DOT_FP32, the interpreter: through fp32,
+        exact until the cast: the same values.)"""
+        if DOT_FP32:
+            return ((a.to(tl.float32) - zm.to(tl.float32)[:, None]) * s.to(tl.float32)[:, None]).to(a.dtype)
+        return (a - zm.to(a.dtype)[:, None]) * s.to(a.dtype)[:, None]
+
+    @triton.jit
     def _tc_scaled(a, zw, s_row, offs_w, mask_w, NIB: tl.constexpr, MAGIC: tl.constexpr, DOT_FP32: tl.constexpr):
-        """(q - z) * s rounded to a's dtype, from a = MAGIC + q: the subtraction is exact, the product
-        rounds once. (DOT_FP32, the interpreter: the same values through fp32, exact until the cast.)"""
+        """_magic_scaled for the columns of nibble NIB of the (lane-shifted) words."""
         col = _tc_column(NIB)
         s = tl.load(s_row + offs_w * 8 + col, mask=mask_w, other=0.0)
         z = ((zw >> (4 * NIB)) & 0xF).to(tl.float32) + MAGIC
-        if DOT_FP32:
-            return ((a.to(tl.float32) - z[:, None]) * s.to(tl.float32)[:, None]).to(a.dtype)
-        return (a - z.to(a.dtype)[:, None]) * s.to(a.dtype)[:, None]
+        return _magic_scaled(a, z, s, DOT_FP32)
 
     @triton.jit
     def _tc_store(out_rows, bias_ptr, offs_w, mask_w, tot, msk, NIB: tl.constexpr,

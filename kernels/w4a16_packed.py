@@ -37,12 +37,12 @@ from dataclasses import dataclass
 import torch
 
 from .awq_format import check_awq_shapes, unpack_awq_int4
-from .w4a16 import _interpreting, _reduce_partials, _sm_count, triton
+from .w4a16 import _interpreting, _prepare_io, _reduce_partials, _split_dest, _waves_split, triton
 
 if triton is not None:
     import triton.language as tl
 
-    from .w4a16 import _byte_pair, _tc_dot
+    from .w4a16 import _byte_pair, _magic_scaled, _tc_dot
 
 __all__ = ["pack_w4a16", "unpack_w4a16", "can_pack", "w4a16_packed_matmul", "PackedConfig", "pick_packed_config",
            "TILE_K"]
@@ -96,8 +96,8 @@ class PackedConfig:
     tiles: int = 1
     num_warps: int = 4
     num_stages: int = 4
-    split_k: int = 0  # 0: derived from the grid (see _packed_split)
-    waves: float = 2.0  # programs per multiprocessor that _packed_split aims for
+    split_k: int = 0  # 0: derived from the grid (see w4a16._waves_split)
+    waves: float = 2.0  # programs per multiprocessor that w4a16._waves_split aims for
     maxnreg: int = 0
     # True: each group's dot runs on the exact MAGIC + q and is closed with the scale and zero point
     # in fp32 (fewer instructions a weight, more an output: for few tokens). False: (q - z) * s is
@@ -132,22 +132,13 @@ PACKED_CONFIGS = [
 ]
 
 
-def pick_packed_config(m: int, n: int, k: int):
+def pick_packed_config(m: int):
     if m <= PACKED_GEMV_MAX_M:
         return PACKED_GEMV_CONFIG
     for bound, cfg in PACKED_CONFIGS:
         if m <= bound:
             return cfg
     raise AssertionError("unreachable")
-
-
-def _packed_split(cfg: PackedConfig, programs: int, k_tiles: int, device) -> int:
-    if cfg.split_k:
-        return max(1, min(cfg.split_k, k_tiles))
-    want = int(cfg.waves * _sm_count(device))
-    if programs >= want:
-        return 1
-    return max(1, min(-(-want // programs), k_tiles // 2))
 
 
 def w4a16_packed_matmul(x, qk, zeros, scales, group_size: int, bias=None, *, out=None, config=None):
@@ -164,25 +155,10 @@ def w4a16_packed_matmul(x, qk, zeros, scales, group_size: int, bias=None, *, out
             or tuple(scales.shape) != (k // group_size, n):
         raise ValueError(f"w4a16_packed_matmul: with qk {tuple(qk.shape)} and group_size {group_size} expected "
                          f"zeros and scales {(k // group_size, n)}, got {tuple(zeros.shape)} and {tuple(scales.shape)}")
-    if x.shape[-1] != k:
-        raise ValueError(f"w4a16_packed_matmul: x has {x.shape[-1]} features, the weight expects K={k}")
-    if x.dtype not in (torch.float16, torch.bfloat16):
-        raise ValueError(f"w4a16_packed_matmul: x must be float16 or bfloat16, got {x.dtype}")
-    if bias is not None and tuple(bias.shape) != (n,):
-        raise ValueError(f"w4a16_packed_matmul: bias must have shape ({n},), got {tuple(bias.shape)}")
-    lead = x.shape[:-1]
-    x2 = x.reshape(-1, k)
-    if x2.stride(-1) != 1:
-        x2 = x2.contiguous()
+    lead, x2, out = _prepare_io("w4a16_packed_matmul", x, k, n, bias, out)
     qk, zeros, scales = (t if t.stride(-1) == 1 else t.contiguous() for t in (qk, zeros, scales))
-    m = x2.shape[0]
-    if out is None:
-        out = torch.empty((m, n), dtype=x.dtype, device=x.device)
-    elif out.dtype != x.dtype or out.numel() != m * n or not out.is_contiguous():
-        raise ValueError(f"w4a16_packed_matmul: out must be a contiguous {x.dtype} tensor of {m}x{n} elements")
-    out = out.view(m, n)
-    if m:
-        _launch_packed(x2, qk, zeros, scales, group_size, bias, out, config or pick_packed_config(m, n, k))
+    if x2.shape[0]:
+        _launch_packed(x2, qk, zeros, scales, group_size, bias, out, config or pick_packed_config(x2.shape[0]))
     return out.view(*lead, n)
 
 
@@ -195,17 +171,11 @@ def _launch_packed_gemv(x, qk, zeros, scales, group_size, bias, out, cfg: Packed
     tiles = cfg.tiles if k_tiles % cfg.tiles == 0 else 1
     steps = k_tiles // tiles
     n_blocks = triton.cdiv(n, cfg.block_n)
-    if cfg.split_k:
-        split = max(1, min(cfg.split_k, steps))
-    else:
-        want = int(cfg.waves * _sm_count(x.device))
-        split = 1 if m * n_blocks >= want else max(1, min(-(-want // (m * n_blocks)), steps // 2))
-    per_split = triton.cdiv(steps, split) * tiles
-    split = triton.cdiv(k_tiles, per_split)
-    dest = out if split == 1 else torch.empty((split, m, n), dtype=torch.float32, device=x.device)
+    split, per_split, dest = _split_dest(out, _waves_split(cfg.split_k, cfg.waves, m * n_blocks, steps, x.device),
+                                         steps)
     _pk_gemv_kernel[(m, n_blocks, split)](
         x, qk, zeros, scales, bias if bias is not None else scales, dest,
-        n, x.stride(0), qk.stride(0), zeros.stride(0), scales.stride(0), n, m * n, per_split, k_tiles,
+        n, x.stride(0), qk.stride(0), zeros.stride(0), scales.stride(0), n, m * n, per_split * tiles, k_tiles,
         GROUP_SIZE=group_size, BLOCK_N=cfg.block_n, TILES=tiles, HAS_BIAS=bias is not None and split == 1,
         WRITE_PARTIAL=split > 1, EVEN_N=n % cfg.block_n == 0, num_warps=cfg.num_warps,
     )
@@ -222,10 +192,8 @@ def _launch_packed(x, qk, zeros, scales, group_size, bias, out, cfg: PackedConfi
     tiles = cfg.tiles if k_tiles % cfg.tiles == 0 else 1
     steps = k_tiles // tiles
     programs = triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n)
-    split = _packed_split(cfg, programs, steps, x.device)
-    per_split = triton.cdiv(steps, split)
-    split = triton.cdiv(steps, per_split)
-    dest = out if split == 1 else torch.empty((split, m, n), dtype=torch.float32, device=x.device)
+    split, per_split, dest = _split_dest(out, _waves_split(cfg.split_k, cfg.waves, programs, steps, x.device),
+                                         steps)
     interp = _interpreting()
     _pk_kernel[(programs, split)](
         x, qk, zeros, scales, bias if bias is not None else scales, dest,
@@ -246,14 +214,6 @@ def _launch_packed(x, qk, zeros, scales, group_size, bias, out, cfg: PackedConfi
 if triton is not None:
 
     @triton.jit
-    def _pk_scaled(a, zm, s, DOT_FP32: tl.constexpr):
-        """(q - z) * s in a's dtype from a = MAGIC + q and zm = MAGIC + z (per row): the subtraction
-        is exact, the product rounds once. (DOT_FP32, the interpreter: through fp32, same values.)"""
-        if DOT_FP32:
-            return ((a.to(tl.float32) - zm.to(tl.float32)[:, None]) * s.to(tl.float32)[:, None]).to(a.dtype)
-        return (a - zm[:, None]) * s[:, None]
-
-    @triton.jit
     def _pk_cat(a, b):
         """[R, W] tiles -> [R, 2W]: a's columns, then b's (the K order of the dot operand)."""
         j = tl.join(a, b)  # [R, W, 2]
@@ -262,7 +222,7 @@ if triton is not None:
     @triton.jit
     def _pk_nib(v, zm, s, SCALE: tl.constexpr, DOT_FP32: tl.constexpr):
         if SCALE:
-            return _pk_scaled(v, zm, s, DOT_FP32)
+            return _magic_scaled(v, zm, s, DOT_FP32)
         return v
 
     @triton.jit
