@@ -183,7 +183,7 @@ def _launch_packed_gemv(x, qk, zeros, scales, group_size, bias, out, cfg: Packed
         _reduce_partials(dest, bias, out)
 
 
-def _launch_packed(x, qk, zeros, scales, group_size, bias, out, cfg: PackedConfig):
+def _launch_packed(x, qk, zeros, scales, group_size, bias, out, cfg: PackedConfig | PackedGemvConfig):
     if isinstance(cfg, PackedGemvConfig):
         return _launch_packed_gemv(x, qk, zeros, scales, group_size, bias, out, cfg)
     m, k = x.shape
