@@ -5,7 +5,7 @@ shared memory and the instruction mix of the main loop can be read here, at no d
 
     python3 benchmarks/sass_count.py tc 16,32,128,2,4,3,0     # BLOCK_M,BLOCK_W,BLOCK_K,warps,bytes,stages,scale_in_a
     python3 benchmarks/sass_count.py gemm 16,128,128,4,3       # BLOCK_M,BLOCK_N,BLOCK_K,warps,stages
-    python3 benchmarks/sass_count.py pkgemv 64,4[,tiles]        # packed GEMV: BLOCK_N,warps
+    python3 benchmarks/sass_count.py pkgemv 8,1[,8,3,1,128]     # packed GEMV: BLOCK_N,warps[,TILES,STAGES,ROWS,group]
     python3 benchmarks/sass_count.py pk 128,128,1,8,3[,exact,group]  # packed: BLOCK_M,BLOCK_N,TILES,warps,stages
 
 Use the Triton version of the device machine (3.6) for numbers that match it, e.g. in a side venv
@@ -72,9 +72,10 @@ def main():
                       WRITE_PARTIAL=True, USE_ASM=True, DOT_FP32=False, SCALE_IN_A=bool(sia), EVEN_W=True)
         report(compile_sm90(w4a16._tc_kernel, consts, nw, ns))
     elif which == "pkgemv":
-        bn, nw, tiles = spec + [1][len(spec) - 2:]
-        consts = dict(GROUP_SIZE=128, BLOCK_N=bn, TILES=tiles, HAS_BIAS=False, WRITE_PARTIAL=True, EVEN_N=True)
-        report(compile_sm90(w4a16_packed._pk_gemv_kernel, consts, nw, 3))
+        bn, nw, tiles, stages, rows, group = spec + [8, 3, 1, 128][len(spec) - 2:]
+        consts = dict(GROUP_SIZE=group, BLOCK_N=bn, ROWS=rows, TILES=tiles, STAGES=stages, HAS_BIAS=False,
+                      WRITE_PARTIAL=False, EVEN_N=True)
+        report(compile_sm90(w4a16_packed._pk_gemv_kernel, consts, nw, stages))
     elif which == "pk":
         bm, bn, tiles, nw, ns, exact, group = spec + [0, 128][len(spec) - 5:]
         consts = dict(GROUP_SIZE=group, BLOCK_M=bm, BLOCK_N=bn, TILES=tiles, HAS_BIAS=False, WRITE_PARTIAL=False,

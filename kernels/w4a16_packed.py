@@ -24,8 +24,8 @@ byte's two nibbles as MAGIC + q with w4a16._byte_pair (inline PTX) and joins the
 into one [block_n, 128] register operand (tl.join/permute/reshape; the compiled code keeps it in
 registers). Either (scale-in-A) it forms (q - z) * s in x.dtype (the subtraction exact, the product
 rounded once, as a dense 16-bit copy of the weight would be) and accumulates one dot over all of K,
-or (exact) it runs one dot per group on MAGIC + q and closes it in fp32 with s and z. One token
-goes to _pk_gemv_kernel (CUDA cores, PackedGemvConfig). Small grids split K (fp32 partial sums reduced
+or (exact) it runs one dot per group on the exact q - z ((MAGIC + q) - (MAGIC + z)) and scales it in
+fp32. One or two tokens go to _pk_gemv_kernel (CUDA cores, PackedGemvConfig). Small grids split K (fp32 partial sums reduced
 by w4a16._splitk_reduce_kernel). The reference is awq_format.w4a16_matmul_ref on the AWQ tensors;
 unpack_w4a16 inverts the packing.
 """
@@ -99,9 +99,9 @@ class PackedConfig:
     split_k: int = 0  # 0: derived from the grid (see w4a16._waves_split)
     waves: float = 2.0  # programs per multiprocessor that w4a16._waves_split aims for
     maxnreg: int = 0
-    # True: each group's dot runs on the exact MAGIC + q and is closed with the scale and zero point
-    # in fp32 (fewer instructions a weight, more an output: for few tokens). False: (q - z) * s is
-    # formed in x.dtype and the dots accumulate over all of K (for many tokens).
+    # True: each group's dot runs on the exact integers q - z and is scaled in fp32 (fewer
+    # instructions a weight, more an output: for few tokens). False: (q - z) * s is formed in x.dtype
+    # and the dots accumulate over all of K (for many tokens).
     exact: bool = False
 
 
@@ -110,18 +110,25 @@ class PackedGemvConfig:
     """The decode kernel on the packed layout (_pk_gemv_kernel): CUDA cores, one row of x a program
     (rows of x are a grid axis), block_n output columns x 16 words a tile."""
 
-    block_n: int = 64
-    num_warps: int = 4
-    tiles: int = 1  # K tiles loaded together per step (more bytes in flight)
+    block_n: int = 8
+    num_warps: int = 1
+    rows: int = 1  # rows of x a program: 1, 2 or 4 (each weight read once for all of them)
+    tiles: int = 8  # K tiles (16 words of each column) a step
+    stages: int = 3  # steps in flight (software pipeline through shared memory)
     split_k: int = 0
-    waves: float = 4.0
+    waves: float = 2.0
 
 
 # Tuned on one H100 80GB HBM3 (benchmarks/pk_explore.py, Triton 3.6, bf16, group 128, the InternLM2-7B
 # and -20B linears; results/pk-explore-h100.json and pk-explore-gemv-h100.json): the config that was
 # best or within a few percent of the best on most of the eight shapes for each M.
-PACKED_GEMV_MAX_M = 1
-PACKED_GEMV_CONFIG = PackedGemvConfig(block_n=64, num_warps=4, tiles=2, waves=4.0)
+# The GEMV (8 columns and all of K a one-warp program, no split-K) won on all eight shapes at M = 1
+# and 2 (results/pk-gemv-h100.json): one row a program for M = 1, two for M = 2.
+PACKED_GEMV_MAX_M = 2
+PACKED_GEMV_CONFIGS = {
+    1: PackedGemvConfig(block_n=8, num_warps=1, rows=1, tiles=8, stages=3, waves=2.0),
+    2: PackedGemvConfig(block_n=8, num_warps=1, rows=2, tiles=8, stages=3, waves=2.0),
+}
 # (largest M, config), first match wins.
 PACKED_CONFIGS = [
     (16, PackedConfig(block_m=16, block_n=64, num_warps=4, num_stages=4, waves=4.0, exact=True)),
@@ -134,7 +141,7 @@ PACKED_CONFIGS = [
 
 def pick_packed_config(m: int):
     if m <= PACKED_GEMV_MAX_M:
-        return PACKED_GEMV_CONFIG
+        return PACKED_GEMV_CONFIGS[max(m, 1)]
     for bound, cfg in PACKED_CONFIGS:
         if m <= bound:
             return cfg
@@ -165,19 +172,22 @@ def w4a16_packed_matmul(x, qk, zeros, scales, group_size: int, bias=None, *, out
 def _launch_packed_gemv(x, qk, zeros, scales, group_size, bias, out, cfg: PackedGemvConfig):
     if cfg.tiles not in (1, 2, 4, 8):
         raise ValueError(f"packed GEMV: PackedGemvConfig.tiles must be 1, 2, 4 or 8, got {cfg.tiles}")
+    if cfg.rows not in (1, 2, 4):
+        raise ValueError(f"packed GEMV: PackedGemvConfig.rows must be 1, 2 or 4, got {cfg.rows}")
     m, k = x.shape
     n = out.shape[1]
     k_tiles = k // TILE_K
     tiles = cfg.tiles if k_tiles % cfg.tiles == 0 else 1
     steps = k_tiles // tiles
-    n_blocks = triton.cdiv(n, cfg.block_n)
-    split, per_split, dest = _split_dest(out, _waves_split(cfg.split_k, cfg.waves, m * n_blocks, steps, x.device),
+    grid_m, n_blocks = triton.cdiv(m, cfg.rows), triton.cdiv(n, cfg.block_n)
+    split, per_split, dest = _split_dest(out, _waves_split(cfg.split_k, cfg.waves, grid_m * n_blocks, steps, x.device),
                                          steps)
-    _pk_gemv_kernel[(m, n_blocks, split)](
+    _pk_gemv_kernel[(grid_m, n_blocks, split)](
         x, qk, zeros, scales, bias if bias is not None else scales, dest,
-        n, x.stride(0), qk.stride(0), zeros.stride(0), scales.stride(0), n, m * n, per_split * tiles, k_tiles,
-        GROUP_SIZE=group_size, BLOCK_N=cfg.block_n, TILES=tiles, HAS_BIAS=bias is not None and split == 1,
-        WRITE_PARTIAL=split > 1, EVEN_N=n % cfg.block_n == 0, num_warps=cfg.num_warps,
+        m, n, x.stride(0), qk.stride(0), zeros.stride(0), scales.stride(0), n, m * n, per_split * tiles, k_tiles,
+        GROUP_SIZE=group_size, BLOCK_N=cfg.block_n, ROWS=cfg.rows, TILES=tiles, STAGES=cfg.stages,
+        HAS_BIAS=bias is not None and split == 1, WRITE_PARTIAL=split > 1, EVEN_N=n % cfg.block_n == 0,
+        num_warps=cfg.num_warps,
     )
     if split > 1:
         _reduce_partials(dest, bias, out)
@@ -223,7 +233,11 @@ if triton is not None:
     def _pk_nib(v, zm, s, SCALE: tl.constexpr, DOT_FP32: tl.constexpr):
         if SCALE:
             return _magic_scaled(v, zm, s, DOT_FP32)
-        return v
+        # (MAGIC + q) - (MAGIC + z): the integer q - z, exact (through fp32 under the interpreter,
+        # whose bf16 arithmetic is not to be trusted: the same values)
+        if DOT_FP32:
+            return (v.to(tl.float32) - zm.to(tl.float32)[:, None]).to(v.dtype)
+        return v - zm[:, None]
 
     @triton.jit
     def _pk_part(w, s_ptr, z_ptr, offs_n, mask_n, stride_s, stride_z, g, P: tl.constexpr, NP: tl.constexpr,
@@ -231,14 +245,13 @@ if triton is not None:
                  SCALE: tl.constexpr):
         """Part P of NP of a K tile as a dot operand [BN, 128 / NP]: nibbles [8P/NP, 8(P+1)/NP) of the
         words w [BN, 16], column 16 i + j from nibble i of word j (relative to the part). Each nibble
-        is MAGIC + q, or with SCALE (q - z) * s in DTYPE with group g's scale and zero point."""
+        is the exact q - z, or with SCALE (q - z) * s, in DTYPE, with group g's scale and zero point."""
         BF16: tl.constexpr = DTYPE == tl.bfloat16
+        zm = (tl.load(z_ptr + g * stride_z + offs_n, mask=mask_n, other=0).to(tl.float32) + MAGIC).to(DTYPE)
         if SCALE:
             s = tl.load(s_ptr + g * stride_s + offs_n, mask=mask_n, other=0.0).to(DTYPE)
-            zm = (tl.load(z_ptr + g * stride_z + offs_n, mask=mask_n, other=0).to(tl.float32) + MAGIC).to(DTYPE)
         else:
             s = 0.0
-            zm = 0.0
         if NP == 4:
             l0, h0 = _byte_pair(w, P, BF16, USE_ASM)
             return _pk_cat(_pk_nib(l0, zm, s, SCALE, DOT_FP32), _pk_nib(h0, zm, s, SCALE, DOT_FP32))
@@ -306,59 +319,97 @@ if triton is not None:
         return 2.0 ** (PK_PRESCALE - E)
 
     @triton.jit
+    def _pk_gemv_row(w, hi, x_ptrs, row, M, s, z, P: tl.constexpr, NIBS: tl.constexpr, BLOCK_N: tl.constexpr,
+                     W: tl.constexpr):
+        """One row of x against the step's words w [BN, W], group part P: s (sum x q - z sum x) per
+        column and 4-word quad, [BN, W/4] (x_ptrs [1, W] at nibble 0 of the step's words)."""
+        a = tl.zeros([BLOCK_N, W], dtype=tl.float32)
+        xs = tl.zeros([1, W], dtype=tl.float32)
+        x_mask = (tl.zeros([1, W], dtype=tl.int32) + row) < M
+        for i in tl.static_range(P * NIBS, P * NIBS + NIBS):
+            xi = tl.load(x_ptrs + 16 * i, mask=x_mask, other=0.0).to(tl.float32)
+            xs += xi
+            a += _pk_nibble_f32(w, hi, i) * (xi * _pk_prescale(i))
+        a4 = tl.sum(tl.reshape(a, [BLOCK_N, W // 4, 4]), axis=2)
+        xs4 = tl.sum(tl.reshape(xs, [1, W // 4, 4]), axis=2) * (2.0 ** (PK_PRESCALE - 149))
+        return s * (a4 - z * xs4)
+
+    @triton.jit
+    def _pk_gemv_store(out_ptr, bias_ptr, row, M, stride_om, stride_split, pid_k, offs_n, mask_n, acc,
+                       HAS_BIAS: tl.constexpr, WRITE_PARTIAL: tl.constexpr):
+        col = tl.sum(acc, axis=1) * (2.0 ** (149 - PK_PRESCALE))
+        out_row = out_ptr + row.to(tl.int64) * stride_om + offs_n
+        mask = mask_n & ((tl.zeros_like(offs_n) + row) < M)
+        if WRITE_PARTIAL:
+            tl.store(out_row + pid_k.to(tl.int64) * stride_split, col, mask=mask)
+        else:
+            if HAS_BIAS:
+                col += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+            tl.store(out_row, col.to(out_ptr.dtype.element_ty), mask=mask)
+
+    @triton.jit
     def _pk_gemv_kernel(
         x_ptr, qk_ptr, z_ptr, s_ptr, bias_ptr, out_ptr,
-        N, stride_xm, stride_qk, stride_z, stride_s, stride_om, stride_split, t_per_split, T,
-        GROUP_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, TILES: tl.constexpr, HAS_BIAS: tl.constexpr,
-        WRITE_PARTIAL: tl.constexpr, EVEN_N: tl.constexpr,
+        M, N, stride_xm, stride_qk, stride_z, stride_s, stride_om, stride_split, t_per_split, T,
+        GROUP_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, ROWS: tl.constexpr, TILES: tl.constexpr,
+        STAGES: tl.constexpr, HAS_BIAS: tl.constexpr, WRITE_PARTIAL: tl.constexpr, EVEN_N: tl.constexpr,
     ):
-        """Program (m, n, split): row m of x, BLOCK_N columns, K tiles [split * t_per_split, ...).
-        Nibble i of a word becomes a float with one AND (masked in place it reads as the subnormal
-        q * 2**(4i - 149); nibbles 6 and 7 after a shift by 8), so a weight costs one LOP3 and one
-        FMA into a per-word partial sum; each group closes per word as s (sum x q - z sum x), which
-        is linear, and the 16 words of a column are summed once at the end."""
+        """Program (m, n, split): rows [ROWS m, ROWS m + ROWS) of x (1, 2 or 4), BLOCK_N columns,
+        K tiles [split * t_per_split, ...), TILES tiles (W = 16 TILES words of each column,
+        contiguous) a step, STAGES steps in flight.
+
+        Each thread holds 4 consecutive words of several columns. Nibble i becomes a float with one
+        AND (masked in place it reads as the subnormal q * 2**(4i - 149); nibbles 6 and 7 after a
+        shift by 8), so a weight costs one LOP3 and one FMA per row, the x values (pre-scaled per
+        nibble) being shared by the thread's columns. A thread's 4 words lie in one K tile, so their
+        sums are closed together, once per group: s (sum x q - z sum x)."""
         pid_m = tl.program_id(0)
         pid_n = tl.program_id(1)
         pid_k = tl.program_id(2)
         NP: tl.constexpr = 128 // GROUP_SIZE  # groups per K tile
         NIBS: tl.constexpr = 8 // NP  # nibbles per group
+        W: tl.constexpr = 16 * TILES
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        offs_j = tl.arange(0, 16)
-        offs_u = tl.arange(0, TILES)
         mask_n = offs_n < N
-        # TILES K tiles per step, loaded together: [TILES, BLOCK_N, 16] words in flight per program.
-        w_ptrs = qk_ptr + offs_n[None, :, None].to(tl.int64) * stride_qk + offs_u[:, None, None] * 16 + offs_j[None, None, :]
-        x_ptrs = x_ptr + pid_m.to(tl.int64) * stride_xm + offs_u[:, None] * 128 + offs_j[None, :]
-        acc = tl.zeros([TILES, BLOCK_N, 16], dtype=tl.float32)
+        offs_w = tl.arange(0, W)
+        w_ptrs = qk_ptr + offs_n[:, None].to(tl.int64) * stride_qk + offs_w[None, :]  # [BN, W]
+        # x index of nibble 0 of word w of a step: 128 (w // 16) + w % 16; nibble i adds 16 i.
+        row0 = pid_m * ROWS
+        x0 = x_ptr + row0.to(tl.int64) * stride_xm + ((offs_w // 16) * 128 + offs_w % 16)[None, :]  # [1, W]
+        quad_tile = (tl.arange(0, W // 4) // 4)[None, :]  # [1, W/4]: the K tile of each 4-word quad
+        acc0 = tl.zeros([BLOCK_N, W // 4], dtype=tl.float32)
+        acc1 = tl.zeros([BLOCK_N, W // 4], dtype=tl.float32)
+        acc2 = tl.zeros([BLOCK_N, W // 4], dtype=tl.float32)
+        acc3 = tl.zeros([BLOCK_N, W // 4], dtype=tl.float32)
         t_lo = pid_k * t_per_split
         t_hi = tl.minimum(t_lo + t_per_split, T)
-        for t0 in range(t_lo, t_hi, TILES):
+        for t0 in tl.range(t_lo, t_hi, TILES, num_stages=STAGES):
             if EVEN_N:
                 w = tl.load(w_ptrs + t0 * 16)
             else:
-                w = tl.load(w_ptrs + t0 * 16, mask=mask_n[None, :, None], other=0)
+                w = tl.load(w_ptrs + t0 * 16, mask=mask_n[:, None], other=0)
             hi = w >> 8
+            xt = x0 + t0 * 128
             for p in tl.static_range(NP):
-                g = (t0 + offs_u) * NP + p  # [TILES]
-                s = tl.load(s_ptr + g[:, None] * stride_s + offs_n[None, :], mask=mask_n[None, :], other=0.0)
-                z = tl.load(z_ptr + g[:, None] * stride_z + offs_n[None, :], mask=mask_n[None, :], other=0)
-                s = s.to(tl.float32)
-                a = tl.zeros([TILES, BLOCK_N, 16], dtype=tl.float32)
-                xs = tl.zeros([TILES, 16], dtype=tl.float32)
-                for i in tl.static_range(p * NIBS, p * NIBS + NIBS):
-                    xi = tl.load(x_ptrs + t0 * 128 + 16 * i).to(tl.float32)
-                    xs += xi
-                    a += _pk_nibble_f32(w, hi, i) * (xi * _pk_prescale(i))[:, None, :]
-                sc = s * (2.0 ** (149 - PK_PRESCALE))
-                acc += a * sc[:, :, None] - (s * z.to(tl.float32))[:, :, None] * xs[:, None, :]
-        col = tl.sum(tl.sum(acc, axis=2), axis=0)
-        out_row = out_ptr + pid_m.to(tl.int64) * stride_om + offs_n
-        if WRITE_PARTIAL:
-            tl.store(out_row + pid_k.to(tl.int64) * stride_split, col, mask=mask_n)
-        else:
-            if HAS_BIAS:
-                col += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
-            tl.store(out_row, col.to(out_ptr.dtype.element_ty), mask=mask_n)
+                g = (t0 + quad_tile) * NP + p
+                s = tl.load(s_ptr + g * stride_s + offs_n[:, None], mask=mask_n[:, None], other=0.0).to(tl.float32)
+                z = tl.load(z_ptr + g * stride_z + offs_n[:, None], mask=mask_n[:, None], other=0).to(tl.float32)
+                acc0 += _pk_gemv_row(w, hi, xt, row0, M, s, z, p, NIBS, BLOCK_N, W)
+                if ROWS > 1:
+                    acc1 += _pk_gemv_row(w, hi, xt + stride_xm, row0 + 1, M, s, z, p, NIBS, BLOCK_N, W)
+                if ROWS > 2:
+                    acc2 += _pk_gemv_row(w, hi, xt + 2 * stride_xm, row0 + 2, M, s, z, p, NIBS, BLOCK_N, W)
+                    acc3 += _pk_gemv_row(w, hi, xt + 3 * stride_xm, row0 + 3, M, s, z, p, NIBS, BLOCK_N, W)
+        _pk_gemv_store(out_ptr, bias_ptr, row0, M, stride_om, stride_split, pid_k, offs_n, mask_n, acc0,
+                       HAS_BIAS, WRITE_PARTIAL)
+        if ROWS > 1:
+            _pk_gemv_store(out_ptr, bias_ptr, row0 + 1, M, stride_om, stride_split, pid_k, offs_n, mask_n, acc1,
+                           HAS_BIAS, WRITE_PARTIAL)
+        if ROWS > 2:
+            _pk_gemv_store(out_ptr, bias_ptr, row0 + 2, M, stride_om, stride_split, pid_k, offs_n, mask_n, acc2,
+                           HAS_BIAS, WRITE_PARTIAL)
+            _pk_gemv_store(out_ptr, bias_ptr, row0 + 3, M, stride_om, stride_split, pid_k, offs_n, mask_n, acc3,
+                           HAS_BIAS, WRITE_PARTIAL)
 
     @triton.jit
     def _pk_kernel(
@@ -401,20 +452,17 @@ if triton is not None:
                 else:
                     w = tl.load(w_rows + t * 16, mask=mask_n[:, None], other=0)
                 if EXACT:
-                    # One dot per group on MAGIC + q, closed in fp32: s * (sum x (MAGIC + q) - (MAGIC + z) sum x).
+                    # One dot per group on the exact q - z, scaled in fp32.
                     for p in tl.static_range(NP):
                         g = t * NP + p
                         s = tl.load(s_ptr + g * stride_s + offs_n, mask=mask_n, other=0.0).to(tl.float32)
-                        zm = tl.load(z_ptr + g * stride_z + offs_n, mask=mask_n, other=0).to(tl.float32) + MAGIC
                         if EVEN_M:
                             xp = tl.load(x_part + t * 128 + p * W)
                         else:
                             xp = tl.load(x_part + t * 128 + p * W, mask=mask_m[None, :], other=0.0)
                         a = _pk_part(w, s_ptr, z_ptr, offs_n, mask_n, stride_s, stride_z, g, p, NP, MAGIC, DTYPE,
                                      USE_ASM, DOT_FP32, False)
-                        part = _tc_dot(a, xp, None, DOT_FP32)
-                        xs = tl.sum(xp.to(tl.float32), axis=0)  # [BM]
-                        acc += part * s[:, None] - (zm * s)[:, None] * xs[None, :]
+                        acc += _tc_dot(a, xp, None, DOT_FP32) * s[:, None]
                 else:
                     if EVEN_M:
                         xt = tl.load(x_cols + t * 128)

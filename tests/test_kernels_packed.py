@@ -75,6 +75,8 @@ def test_packed_matmul_names_bad_inputs():
         w4a16_packed_matmul(x, qk, zeros, scales, 64)
     with pytest.raises(ValueError, match="tiles must be 1, 2, 4 or 8, got 3"):
         w4a16_packed_matmul(x, qk, zeros, scales, 128, config=PackedGemvConfig(tiles=3))
+    with pytest.raises(ValueError, match="rows must be 1, 2 or 4, got 3"):
+        w4a16_packed_matmul(x, qk, zeros, scales, 128, config=PackedGemvConfig(rows=3))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -93,6 +95,10 @@ def _cases():
             cases.append(("gemv", dict(block_n=16, num_warps=1, tiles=2), dtype, (1, 1), 512, 48, gs, gs == 64))
             # tiles=4 does not divide K/128 = 3: the launcher falls back to one tile a step.
             cases.append(("gemv", dict(block_n=16, num_warps=1, tiles=4), dtype, (1,), 384, 24, gs, False))
+            # Several rows a program, the last program's rows partly past M.
+            cases.append(("gemv", dict(block_n=8, num_warps=1, rows=2, stages=2), dtype, (3,), 256, 24, gs, True))
+            cases.append(("gemv", dict(block_n=8, num_warps=1, rows=4, tiles=2, split_k=2), dtype, (1, 6), 512, 16,
+                          gs, False))
             # Tensor-core kernel, both modes: masked M and N tiles, split-K, two tiles per step.
             for exact in (True, False):
                 cases.append(("tc", dict(block_m=16, block_n=32, num_warps=1, split_k=1, exact=exact),
