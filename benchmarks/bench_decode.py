@@ -7,7 +7,9 @@ torch: RMSNorm, wqkv, attention of the new token over a KV cache of fixed length
 overwritten by the new k/v; torch SDPA with GQA; no rotary embedding), wo, RMSNorm, w13, SwiGLU, w2.
 No embedding and no LM head (both stay 16-bit in an AWQ checkpoint). The W4A16 stack uses AWQ tensors
 quantized from the same weights the bf16 stack uses (dequantized back), so both compute nearly the
-same function; the script reports how far their outputs differ.
+same function; the script reports how far their outputs differ. "w4a16" is the plugin's CUDA path
+(the weights repacked to the K-packed layout, w4a16_packed_matmul); "awq" the AWQ-layout kernels
+(w4a16_matmul) on the same values, for comparison.
 Each step is captured in a CUDA graph and replayed, which takes the launch overhead out; the eager
 time is reported too. Tokens/s = batch / step time.
 """
@@ -39,9 +41,12 @@ class Linear:
         w = torch.randn(n, k, device="cuda", generator=gen) * (1.0 / k**0.5)
         self.awq = K_.quantize_awq(w, GROUP, scale_dtype=torch.float16)
         self.dense = K_.dequantize_awq(*self.awq, GROUP, dtype=torch.float32).t().contiguous().to(torch.bfloat16)
+        self.packed = K_.pack_w4a16(*self.awq, GROUP) + (self.awq[2],)
 
     def __call__(self, x, quant):
-        if quant:
+        if quant == "w4a16":
+            return K_.w4a16_packed_matmul(x, *self.packed, GROUP)
+        if quant == "awq":
             return K_.w4a16_matmul(x, *self.awq, GROUP)
         return F.linear(x, self.dense)
 
@@ -113,7 +118,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--layers", type=int, default=32)
     ap.add_argument("--kv-len", type=int, default=1024)
-    ap.add_argument("--batches", type=int, nargs="+", default=[1, 16])
+    ap.add_argument("--batches", type=int, nargs="+", default=[1, 4, 16])
     ap.add_argument("--json")
     args = ap.parse_args()
     gen = torch.Generator(device="cuda").manual_seed(0)
@@ -122,20 +127,23 @@ def main():
     for batch in args.batches:
         h0 = torch.randn(batch, HIDDEN, device="cuda", generator=gen).to(torch.bfloat16)
         res = {}
-        for quant in (False, True):
-            ms_graph, ms_eager, out = time_graph(layers, h0, quant)
-            res[quant] = (ms_graph, ms_eager, out)
-        diff = float((res[True][2].float() - res[False][2].float()).norm() / res[False][2].float().norm())
+        for quant in ("bf16", "w4a16", "awq"):
+            res[quant] = time_graph(layers, h0, quant)  # (graph ms, eager ms, output)
+        ref = res["bf16"][2].float()
+        diff = float((res["w4a16"][2].float() - ref).norm() / ref.norm())
         row = dict(batch=batch, layers=args.layers, kv_len=args.kv_len, cuda_graph=True,
-                   bf16_ms=res[False][0], w4a16_ms=res[True][0],
-                   bf16_eager_ms=res[False][1], w4a16_eager_ms=res[True][1],
-                   bf16_tok_s=batch / res[False][0] * 1e3, w4a16_tok_s=batch / res[True][0] * 1e3,
-                   speedup=res[False][0] / res[True][0], output_rel_diff=diff)
+                   bf16_ms=res["bf16"][0], w4a16_ms=res["w4a16"][0], awq_ms=res["awq"][0],
+                   bf16_eager_ms=res["bf16"][1], w4a16_eager_ms=res["w4a16"][1],
+                   bf16_tok_s=batch / res["bf16"][0] * 1e3, w4a16_tok_s=batch / res["w4a16"][0] * 1e3,
+                   awq_tok_s=batch / res["awq"][0] * 1e3,
+                   speedup=res["bf16"][0] / res["w4a16"][0], awq_speedup=res["bf16"][0] / res["awq"][0],
+                   output_rel_diff=diff)
         rows.append(row)
         print(f"batch {batch:3d}: bf16 {row['bf16_ms']:.3f} ms/step ({row['bf16_tok_s']:.0f} tok/s)  "
-              f"w4a16 {row['w4a16_ms']:.3f} ms/step ({row['w4a16_tok_s']:.0f} tok/s)  "
-              f"speedup x{row['speedup']:.2f}  [eager {row['bf16_eager_ms']:.2f} / {row['w4a16_eager_ms']:.2f} ms]  "
-              f"output rel diff {diff:.1e}", flush=True)
+              f"w4a16 {row['w4a16_ms']:.3f} ms/step ({row['w4a16_tok_s']:.0f} tok/s, x{row['speedup']:.2f})  "
+              f"awq layout {row['awq_ms']:.3f} ms/step (x{row['awq_speedup']:.2f})  "
+              f"[eager {row['bf16_eager_ms']:.2f} / {row['w4a16_eager_ms']:.2f} ms]  output rel diff {diff:.1e}",
+              flush=True)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(dict(device=torch.cuda.get_device_name(), torch=torch.__version__, rows=rows), f, indent=1)

@@ -11,7 +11,9 @@ up to ~15 us to a small kernel, so it is used here only for the copy bandwidth.)
 Columns (microseconds):
   bf16_us      torch F.linear with the dense bf16 weight [N, K] (cuBLAS)
   tinygemm_us  torch.ops.aten._weight_int4pack_mm (same 4-bit values and scales, tinygemm layout)
-  ours_us      internvl_kernels.w4a16_matmul (launcher's choice of kernel and config)
+  ours_us      what the plugin runs on CUDA: the weight repacked by pack_w4a16, then
+               internvl_kernels.w4a16_packed_matmul (launcher's choice of kernel and config)
+  awq_us       internvl_kernels.w4a16_matmul on the AWQ layout itself, for comparison
   floor_us     bytes that must move (int4 weight + fp16 scales + packed zeros + x + out) over the
                device-to-device copy bandwidth measured at the start of the run
 Activations are bf16, group size 128.
@@ -192,12 +194,12 @@ def bench(models, gen):
     rows = []
     for model in models:
         for name, k, n in INTERNLM2_SHAPES[model]:
-            layer = Layer(k, n, gen)
+            layer = Layer(k, n, gen, packed=True)
             tg_err = None
             for m in MS:
                 x = torch.randn(m, k, device="cuda", generator=gen).to(torch.bfloat16)
                 ref = x.float() @ layer.dense_nk.float().t()
-                ours = K_.w4a16_matmul(x, layer.qweight, layer.qzeros, layer.scales, GROUP)
+                ours = K_.w4a16_packed_matmul(x, *layer.packed_copies[0], GROUP)
                 err = float((ours.float() - ref).norm() / ref.norm())
                 row = dict(model=model, shape=name, K=k, N=n, M=m, rel_err=err)
                 row["bf16_us"] = layer.time_bf16(x)
@@ -207,7 +209,8 @@ def bench(models, gen):
                     row["tinygemm_rel_err"] = tg_err
                 else:
                     row["tinygemm_us"] = None
-                row["ours_us"] = layer.time_ours(x)
+                row["ours_us"] = layer.time_packed(x)
+                row["awq_us"] = layer.time_ours(x)
                 row["floor_us"] = layer.floor_bytes(m) / bw * 1e6
                 rows.append(row)
                 print(_fmt(row), flush=True)
@@ -219,16 +222,17 @@ def bench(models, gen):
 def _fmt(r):
     tg = f"{r['tinygemm_us']:8.1f}" if r.get("tinygemm_us") else "     n/a"
     return (f"{r['model']:>3s} {r['shape']:5s} K={r['K']:5d} N={r['N']:5d} M={r['M']:3d}  "
-            f"bf16 {r['bf16_us']:8.1f}  tinygemm {tg}  ours {r['ours_us']:8.1f}  floor {r['floor_us']:7.1f}  "
+            f"bf16 {r['bf16_us']:8.1f}  tinygemm {tg}  ours {r['ours_us']:8.1f}  awq {r['awq_us']:8.1f}  "
+            f"floor {r['floor_us']:7.1f}  "
             f"x{r['bf16_us'] / r['ours_us']:5.2f} vs bf16  err {r['rel_err']:.1e}")
 
 
 def summary(rows):
-    print("\nmodel shape     M   bf16_us  tinygemm_us  ours_us  floor_us  bf16/ours  tg/ours  ours/floor")
+    print("\nmodel shape     M   bf16_us  tinygemm_us  ours_us   awq_us  floor_us  bf16/ours  tg/ours  ours/floor")
     for r in rows:
         tg = r.get("tinygemm_us")
         print(f"{r['model']:>5s} {r['shape']:5s} {r['M']:4d} {r['bf16_us']:9.1f} {tg if tg else float('nan'):12.1f} "
-              f"{r['ours_us']:8.1f} {r['floor_us']:9.1f} {r['bf16_us'] / r['ours_us']:10.2f} "
+              f"{r['ours_us']:8.1f} {r['awq_us']:8.1f} {r['floor_us']:9.1f} {r['bf16_us'] / r['ours_us']:10.2f} "
               f"{(tg / r['ours_us']) if tg else float('nan'):8.2f} {r['ours_us'] / r['floor_us']:11.2f}")
 
 

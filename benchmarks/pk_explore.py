@@ -24,7 +24,7 @@ def check(gen, quick=False):
     """Fresh random inputs over shapes, dtypes, group sizes, token counts and configs (the default
     and check_configs): relative error against an fp64 reference of the AWQ tensors."""
     shapes = ((128, 64), (384, 200), (1024, 4096 + 512)) if not quick else ((384, 200), (1024, 4096 + 512))
-    ms = (1, 3, 16, 33, 64, 100, 300) if not quick else (1, 3, 6, 40)
+    ms = (1, 2, 3, 16, 33, 64, 100, 300) if not quick else (1, 2, 6, 40)
 
     def run(qw, qz, sc, g):
         qk, zz = K_.pack_w4a16(qw, qz, sc, g)
@@ -34,36 +34,29 @@ def check(gen, quick=False):
 
 
 def check_configs():
-    yield PackedGemvConfig(block_n=8, num_warps=1)
     yield PackedGemvConfig(block_n=32, num_warps=2, split_k=3, stages=2)
     yield PackedGemvConfig(block_n=16, num_warps=2, tiles=4, stages=4, rows=2)
-    yield PackedGemvConfig(block_n=8, num_warps=1, tiles=4, rows=4)
-    yield PackedConfig(block_m=16, block_n=64, num_warps=4, split_k=3)
+    yield PackedConfig(block_m=16, block_n=64, num_warps=4, split_k=3, exact=True)
     yield PackedConfig(block_m=64, block_n=128, num_warps=8, num_stages=3)
 
 
 def candidates(m):
     bm = 16 if m <= 16 else 32 if m <= 32 else 64 if m <= 64 else 128
-    if m <= 8:
+    if m <= 2:
         gemv = {1: [(8, 1, 8, 2), (8, 1, 8, 3), (8, 1, 8, 4), (16, 1, 4, 2), (16, 1, 4, 3), (16, 1, 4, 4),
                     (16, 1, 8, 3), (16, 2, 8, 3), (4, 1, 8, 3), (8, 1, 4, 3)],
-                2: [(8, 1, 8, 2), (8, 1, 8, 3), (8, 1, 4, 3), (16, 2, 8, 3), (16, 1, 4, 3), (4, 1, 8, 3)],
-                4: [(8, 1, 4, 2), (8, 1, 4, 3), (8, 1, 8, 3), (16, 2, 4, 3), (4, 1, 8, 3), (4, 1, 4, 3)]}
-        for rows in (1, 2, 4):
-            if rows > m or (m > 2 and rows == 1):
-                continue
+                2: [(8, 1, 8, 2), (8, 1, 8, 3), (8, 1, 4, 3), (16, 2, 8, 3), (16, 1, 4, 3), (4, 1, 8, 3)]}
+        for rows in range(1, m + 1):
             for bn, nw, tiles, stages in gemv[rows]:
                 yield PackedGemvConfig(block_n=bn, num_warps=nw, tiles=tiles, stages=stages, rows=rows, waves=2.0)
-        if m > 1:
-            yield PackedConfig(block_m=16, block_n=64, num_warps=4, num_stages=4, waves=4.0, exact=True)
         return
     if m <= 32:
-        for bn, nw in ((64, 4), (128, 4), (128, 8), (256, 8)):
-            for waves in (2.0, 4.0):
-                for exact in (True, False):
-                    yield PackedConfig(block_m=bm, block_n=bn, num_warps=nw, num_stages=4, waves=waves, exact=exact)
-        yield PackedConfig(block_m=bm, block_n=128, num_warps=4, num_stages=6, waves=4.0, exact=True)
-        yield PackedConfig(block_m=bm, block_n=64, num_warps=4, num_stages=6, waves=8.0, exact=True)
+        for bn, nw, tiles, ns, waves in ((64, 4, 1, 4, 4.0), (64, 4, 1, 4, 2.0), (64, 4, 1, 6, 4.0), (64, 4, 2, 3, 4.0),
+                                         (64, 4, 1, 4, 8.0), (32, 2, 1, 4, 4.0), (32, 2, 1, 4, 8.0), (32, 2, 2, 3, 8.0),
+                                         (128, 4, 1, 4, 4.0), (128, 8, 1, 4, 2.0), (128, 4, 1, 4, 2.0)):
+            for exact in (True, False):
+                yield PackedConfig(block_m=bm, block_n=bn, num_warps=nw, tiles=tiles, num_stages=ns, waves=waves,
+                                   exact=exact)
     elif m <= 128:
         for bm_ in sorted({bm, 64}):
             for bn, nw in ((64, 4), (128, 4), (128, 8), (256, 8)):

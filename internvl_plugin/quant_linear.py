@@ -1,11 +1,17 @@
 """The linear method of ``awq_w4a16`` (config and selection rules: ``quant.py``).
 
-Weights stay in the checkpoint's AWQ gemm layout from disk to the matmul, so the same three
-tensors feed the Triton kernel on CUDA and the torch reference on CPU (``w4a16_linear``):
+Weights load in the checkpoint's AWQ gemm layout:
 
     qweight  int32 [K, N/8]     packed along the output dim (AWQ nibble order)
     qzeros   int32 [K/G, N/8]   packed the same way
     scales   act dtype [K/G, N]
+
+On CUDA, when K is a multiple of 128 and G is 32, 64 or 128 (``can_pack``), they are repacked once
+after loading into the K-packed layout of ``internvl_kernels.w4a16_packed`` (``qk`` int32 [N, K/8],
+``zeros`` uint8 [K/G, N]; the AWQ tensors are freed, so the weight takes the same memory plus K/G x N
+bytes): its kernels are the faster ones at every batch size but 3-8 tokens (benchmarks/README.md).
+Other shapes, and every CPU tensor, keep the AWQ layout (``w4a16_linear``: Triton on CUDA, the torch
+reference on CPU).
 
 Fused layers (qkv, gate_up) load their shards through vLLM's parameter classes: a shard of N_i
 output columns lands at column offset sum(N_<i) of ``scales`` and at offset sum(N_<i)/8 of the
@@ -19,10 +25,28 @@ from vllm.model_executor.layers.linear import LinearMethodBase, register_weight_
 from vllm.model_executor.layers.quantization.utils.layer_utils import replace_parameter
 from vllm.model_executor.parameter import GroupQuantScaleParameter, PackedvLLMParameter
 
-from internvl_kernels import w4a16_linear
+from internvl_kernels import can_pack, pack_w4a16, w4a16_linear, w4a16_packed_matmul
+from internvl_kernels.w4a16 import triton
 from internvl_plugin.quant import METHOD_NAME, PACK_FACTOR, AWQW4A16Config
 
-__all__ = ["AWQW4A16LinearMethod"]
+__all__ = ["AWQW4A16LinearMethod", "use_packed_layout", "repack_layer"]
+
+# Columns repacked at a time: bounds the temporary memory of pack_w4a16 (about 12 K bytes a column).
+REPACK_CHUNK = 1024
+
+
+def use_packed_layout(qweight: torch.Tensor, scales: torch.Tensor, group_size: int) -> bool:
+    """Whether a layer's AWQ tensors go to the K-packed Triton kernels: CUDA, fp16/bf16, a packable shape."""
+    return (triton is not None and qweight.is_cuda and scales.dtype in (torch.float16, torch.bfloat16)
+            and can_pack(qweight.shape[0], group_size))
+
+
+def repack_layer(layer: torch.nn.Module, group_size: int) -> None:
+    """Replace the layer's qweight/qzeros by the packed qk/zeros (scales stay)."""
+    qk, zeros = pack_w4a16(layer.qweight.data, layer.qzeros.data, layer.scales.data, group_size, chunk=REPACK_CHUNK)
+    del layer.qweight, layer.qzeros
+    layer.register_parameter("qk", torch.nn.Parameter(qk, requires_grad=False))
+    layer.register_parameter("zeros", torch.nn.Parameter(zeros, requires_grad=False))
 
 
 @register_weight_loader_v2_supported_method
@@ -62,6 +86,10 @@ class AWQW4A16LinearMethod(LinearMethodBase):
         # Plain Parameters from here on: the loaders' subclasses are not needed by the kernel.
         for name in ("qweight", "qzeros", "scales"):
             replace_parameter(layer, name, getattr(layer, name).data.contiguous())
+        if use_packed_layout(layer.qweight, layer.scales, self.quant_config.group_size):
+            repack_layer(layer, self.quant_config.group_size)
 
     def apply(self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        if hasattr(layer, "qk"):
+            return w4a16_packed_matmul(x, layer.qk, layer.zeros, layer.scales, self.quant_config.group_size, bias)
         return w4a16_linear(x, layer.qweight, layer.qzeros, layer.scales, self.quant_config.group_size, bias)

@@ -131,7 +131,7 @@ PACKED_GEMV_CONFIGS = {
 }
 # (largest M, config), first match wins.
 PACKED_CONFIGS = [
-    (16, PackedConfig(block_m=16, block_n=64, num_warps=4, num_stages=4, waves=4.0, exact=True)),
+    (16, PackedConfig(block_m=16, block_n=64, tiles=2, num_warps=4, num_stages=3, waves=4.0, exact=True)),
     (32, PackedConfig(block_m=32, block_n=64, num_warps=4, num_stages=4, waves=4.0)),
     (64, PackedConfig(block_m=64, block_n=128, num_warps=8, num_stages=3, waves=2.0)),
     (128, PackedConfig(block_m=128, block_n=64, num_warps=4, num_stages=3, waves=1.0)),

@@ -138,7 +138,35 @@ def _worker():
         chosen = config or pick_packed_config(m)
         kind = "gemv" if isinstance(chosen, PackedGemvConfig) else "exact" if chosen.exact else "scaled"
         results[name] = case_result(kind, y, out, ref, lead, n, dt)
+    results["plugin"] = _plugin_layer()
     print(json.dumps(results))
+
+
+def _plugin_layer():
+    """The plugin's linear method on one layer: AWQ layout kept on CPU, then (as on CUDA) repacked."""
+    from internvl_plugin.quant import AWQW4A16Config
+    from internvl_plugin.quant_linear import AWQW4A16LinearMethod, repack_layer, use_packed_layout
+
+    g = torch.Generator().manual_seed(5)
+    k, n, gs = 256, 48, 64
+    qweight, qzeros, scales = quantize_awq(torch.randn(n, k, generator=g) * 0.05, gs, scale_dtype=torch.bfloat16)
+    layer = torch.nn.Module()
+    for name, t in (("qweight", qweight), ("qzeros", qzeros), ("scales", scales)):
+        layer.register_parameter(name, torch.nn.Parameter(t.clone(), requires_grad=False))
+    method = AWQW4A16LinearMethod(AWQW4A16Config(gs))
+    method.process_weights_after_loading(layer)
+    cpu_keeps_awq = hasattr(layer, "qweight") and not hasattr(layer, "qk") and not use_packed_layout(
+        layer.qweight, layer.scales, gs)
+    x = (torch.randn(2, 3, k, generator=g) + 0.3).to(torch.bfloat16)
+    ref = x.double() @ dequantize_awq(qweight, qzeros, scales, gs, dtype=torch.float64)
+    y_cpu = method.apply(layer, x)
+    repack_layer(layer, gs)
+    y = method.apply(layer, x)
+    return dict(cpu_keeps_awq=cpu_keeps_awq, awq_freed=not hasattr(layer, "qweight") and not hasattr(layer, "qzeros"),
+                packed_bytes=layer.qk.numel() * 4, awq_bytes=qweight.numel() * 4, zeros_shape=list(layer.zeros.shape),
+                zeros_dtype=str(layer.zeros.dtype), shape=list(y.shape),
+                err_cpu=float((y_cpu.double() - ref).norm() / ref.norm()),
+                err_packed=float((y.double() - ref).norm() / ref.norm()))
 
 
 @pytest.fixture(scope="module")
@@ -151,6 +179,15 @@ def test_packed_kernel_under_interpreter(interpreted, case):
     r = interpreted[case]
     dtype = case.split("-")[2]
     assert_case(r, TOLERANCE[(r["kind"], dtype)])
+
+
+def test_plugin_repacks_layer_and_matches_reference(interpreted):
+    r = interpreted["plugin"]
+    assert r["cpu_keeps_awq"]  # CPU tensors stay in the AWQ layout (the torch reference path)
+    assert r["awq_freed"] and r["packed_bytes"] == r["awq_bytes"]  # same bytes, AWQ copy gone
+    assert r["zeros_shape"] == [256 // 64, 48] and r["zeros_dtype"] == "torch.uint8"
+    assert r["shape"] == [2, 3, 48]
+    assert r["err_cpu"] < 5e-3 and r["err_packed"] < TOLERANCE[("exact", "bfloat16")]
 
 
 def test_packed_launcher_routes_to_every_kernel(interpreted):
