@@ -7,6 +7,7 @@ shared memory and the instruction mix of the main loop can be read here, at no d
     python3 benchmarks/sass_count.py gemm 16,128,128,4,3       # BLOCK_M,BLOCK_N,BLOCK_K,warps,stages
     python3 benchmarks/sass_count.py pkgemv 8,1[,8,3,1,128]     # packed GEMV: BLOCK_N,warps[,TILES,STAGES,ROWS,group]
     python3 benchmarks/sass_count.py pk 128,128,1,8,3[,exact,group]  # packed: BLOCK_M,BLOCK_N,TILES,warps,stages
+    python3 benchmarks/sass_count.py pkdq 32,4,1                # packed dequantizer: BLOCK_N,warps,TILES
 
 Use the Triton version of the device machine (3.6) for numbers that match it, e.g. in a side venv
 with `pip install triton==3.6.0` and torch on PYTHONPATH. Integer arguments that the runtime would
@@ -76,6 +77,11 @@ def main():
         consts = dict(GROUP_SIZE=group, BLOCK_N=bn, ROWS=rows, TILES=tiles, STAGES=stages, HAS_BIAS=False,
                       WRITE_PARTIAL=False, EVEN_N=True)
         report(compile_sm90(w4a16_packed._pk_gemv_kernel, consts, nw, stages))
+    elif which == "pkdq":
+        bn, nw, tiles = spec
+        PTRS["w_ptr"] = "*bf16"
+        consts = dict(GROUP_SIZE=128, BLOCK_N=bn, TILES=tiles, USE_ASM=True, DOT_FP32=False, EVEN_N=True)
+        report(compile_sm90(w4a16_packed._pk_dequant_kernel, consts, nw, 1))
     elif which == "pk":
         bm, bn, tiles, nw, ns, exact, group = spec + [0, 128][len(spec) - 5:]
         consts = dict(GROUP_SIZE=group, BLOCK_M=bm, BLOCK_N=bn, TILES=tiles, HAS_BIAS=False, WRITE_PARTIAL=False,

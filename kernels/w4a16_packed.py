@@ -25,7 +25,8 @@ into one [block_n, 128] register operand (tl.join/permute/reshape; the compiled 
 registers). Either (scale-in-A) it forms (q - z) * s in x.dtype (the subtraction exact, the product
 rounded once, as a dense 16-bit copy of the weight would be) and accumulates one dot over all of K,
 or (exact) it runs one dot per group on the exact q - z ((MAGIC + q) - (MAGIC + z)) and scales it in
-fp32. One or two tokens go to _pk_gemv_kernel (CUDA cores, PackedGemvConfig). Small grids split K (fp32 partial sums reduced
+fp32. One or two tokens go to _pk_gemv_kernel (CUDA cores, PackedGemvConfig); more than 256 to
+_pk_dequant_kernel + cuBLAS (PackedDequantConfig). Small grids split K (fp32 partial sums reduced
 by w4a16._splitk_reduce_kernel). The reference is awq_format.w4a16_matmul_ref on the AWQ tensors;
 unpack_w4a16 inverts the packing.
 """
@@ -44,8 +45,8 @@ if triton is not None:
 
     from .w4a16 import _byte_pair, _magic_scaled, _tc_dot
 
-__all__ = ["pack_w4a16", "unpack_w4a16", "can_pack", "w4a16_packed_matmul", "PackedConfig", "pick_packed_config",
-           "TILE_K"]
+__all__ = ["pack_w4a16", "unpack_w4a16", "can_pack", "w4a16_packed_matmul", "PackedConfig", "PackedGemvConfig",
+           "PackedDequantConfig", "pick_packed_config", "TILE_K"]
 
 TILE_K = 128  # inputs per packed tile: 16 words x 8 nibbles
 _WORDS = TILE_K // 8
@@ -119,6 +120,18 @@ class PackedGemvConfig:
     waves: float = 2.0
 
 
+@dataclass(frozen=True)
+class PackedDequantConfig:
+    """Many tokens: _pk_dequant_kernel writes the dense weight [N, K] in x.dtype, then cuBLAS
+    (x @ W^T, the layout of F.linear). The dense copy is made on every call and freed after it."""
+
+    # 32 columns, 4 warps, one tile: 88 registers a thread in the offline sm_90 compile (64 columns:
+    # 166, two tiles: 127), so five programs fit on a multiprocessor. Not yet timed.
+    block_n: int = 32
+    tiles: int = 1  # K tiles a program
+    num_warps: int = 4
+
+
 # Tuned on one H100 80GB HBM3 (benchmarks/pk_explore.py, Triton 3.6, bf16, group 128, the InternLM2-7B
 # and -20B linears; results/pk-explore-h100.json and pk-explore-gemv-h100.json): the config that was
 # best or within a few percent of the best on most of the eight shapes for each M.
@@ -135,7 +148,11 @@ PACKED_CONFIGS = [
     (32, PackedConfig(block_m=32, block_n=64, num_warps=4, num_stages=4, waves=4.0)),
     (64, PackedConfig(block_m=64, block_n=128, num_warps=8, num_stages=3, waves=2.0)),
     (128, PackedConfig(block_m=128, block_n=64, num_warps=4, num_stages=3, waves=1.0)),
-    (1 << 62, PackedConfig(block_m=256, block_n=128, num_warps=8, num_stages=3, waves=1.0)),
+    (256, PackedConfig(block_m=256, block_n=128, num_warps=8, num_stages=3, waves=1.0)),
+    # Above 256 tokens: dequantize + cuBLAS. At M = 512 the tensor-core kernel reached 0.41-0.83x of
+    # cuBLAS bf16 and the AWQ layout's dequantize + cuBLAS 0.56-0.68x, better on 6 of 8 shapes
+    # (results/pk-defaults-h100.json); the packed dequantizer writes the same bytes. Not yet timed.
+    (1 << 62, PackedDequantConfig()),
 ]
 
 
@@ -151,8 +168,8 @@ def pick_packed_config(m: int):
 def w4a16_packed_matmul(x, qk, zeros, scales, group_size: int, bias=None, *, out=None, config=None):
     """x [..., K] (fp16/bf16) @ the packed weight (pack_w4a16) -> [..., N] in x.dtype, through Triton.
 
-    CUDA tensors, or CPU tensors under TRITON_INTERPRET=1; `config` (a PackedConfig) overrides
-    pick_packed_config."""
+    CUDA tensors, or CPU tensors under TRITON_INTERPRET=1; `config` (a PackedConfig, PackedGemvConfig or
+    PackedDequantConfig) overrides pick_packed_config."""
     if triton is None:
         raise RuntimeError("w4a16_packed_matmul needs triton")
     if qk.dtype != torch.int32 or qk.dim() != 2 or zeros.dtype != torch.uint8 or zeros.dim() != 2:
@@ -193,9 +210,29 @@ def _launch_packed_gemv(x, qk, zeros, scales, group_size, bias, out, cfg: Packed
         _reduce_partials(dest, bias, out)
 
 
-def _launch_packed(x, qk, zeros, scales, group_size, bias, out, cfg: PackedConfig | PackedGemvConfig):
+def _launch_packed_dequant(x, qk, zeros, scales, group_size, bias, out, cfg: PackedDequantConfig):
+    n, k = qk.shape[0], qk.shape[1] * 8
+    k_tiles = k // TILE_K
+    tiles = cfg.tiles if k_tiles % cfg.tiles == 0 else 1
+    w = torch.empty((n, k), dtype=x.dtype, device=x.device)
+    interp = _interpreting()
+    _pk_dequant_kernel[(triton.cdiv(n, cfg.block_n), k_tiles // tiles)](
+        qk, zeros, scales, w, n, k, qk.stride(0), zeros.stride(0), scales.stride(0),
+        GROUP_SIZE=group_size, BLOCK_N=cfg.block_n, TILES=tiles, USE_ASM=not interp,
+        DOT_FP32=interp and x.dtype == torch.bfloat16, EVEN_N=n % cfg.block_n == 0, num_warps=cfg.num_warps,
+    )
+    if bias is not None:
+        torch.addmm(bias.to(x.dtype), x, w.t(), out=out)
+    else:
+        torch.matmul(x, w.t(), out=out)
+
+
+def _launch_packed(x, qk, zeros, scales, group_size, bias, out,
+                   cfg: PackedConfig | PackedGemvConfig | PackedDequantConfig):
     if isinstance(cfg, PackedGemvConfig):
         return _launch_packed_gemv(x, qk, zeros, scales, group_size, bias, out, cfg)
+    if isinstance(cfg, PackedDequantConfig):
+        return _launch_packed_dequant(x, qk, zeros, scales, group_size, bias, out, cfg)
     m, k = x.shape
     n = out.shape[1]
     k_tiles = k // TILE_K
@@ -412,6 +449,36 @@ if triton is not None:
                            HAS_BIAS, WRITE_PARTIAL)
 
     @triton.jit
+    def _pk_magic(DTYPE: tl.constexpr):
+        """The float whose low mantissa bits _byte_pair fills with q: 2**7 for bf16, 2**10 for fp16."""
+        if DTYPE == tl.bfloat16:
+            return 128.0
+        else:
+            return 1024.0
+
+    @triton.jit
+    def _pk_dequant_kernel(qk_ptr, z_ptr, s_ptr, w_ptr, N, K, stride_qk, stride_z, stride_s,
+                           GROUP_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, TILES: tl.constexpr,
+                           USE_ASM: tl.constexpr, DOT_FP32: tl.constexpr, EVEN_N: tl.constexpr):
+        """W^T [N, K] = (q - z) s in w_ptr's dtype (one rounding), for BLOCK_N columns x TILES K tiles."""
+        DTYPE: tl.constexpr = w_ptr.dtype.element_ty
+        pid_n = tl.program_id(0)
+        pid_t = tl.program_id(1)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        mask_n = offs_n < N
+        w_rows = qk_ptr + offs_n[:, None].to(tl.int64) * stride_qk + tl.arange(0, 16)[None, :]  # [BN, 16]
+        out_rows = w_ptr + offs_n[:, None].to(tl.int64) * K + tl.arange(0, 128)[None, :]  # [BN, 128]
+        for u in tl.static_range(TILES):
+            t = pid_t * TILES + u
+            if EVEN_N:
+                w = tl.load(w_rows + t * 16)
+            else:
+                w = tl.load(w_rows + t * 16, mask=mask_n[:, None], other=0)
+            a = _pk_scaled_tile(w, s_ptr, z_ptr, offs_n, mask_n, stride_s, stride_z, t, 128 // GROUP_SIZE,
+                                _pk_magic(DTYPE), DTYPE, USE_ASM, DOT_FP32)
+            tl.store(out_rows + t * 128, a, mask=mask_n[:, None])
+
+    @triton.jit
     def _pk_kernel(
         x_ptr, qk_ptr, z_ptr, s_ptr, bias_ptr, out_ptr,
         M, N, stride_xm, stride_qk, stride_z, stride_s, stride_om, stride_split, t_per_split, T,
@@ -422,10 +489,7 @@ if triton is not None:
         """Program (tile, split): out[m, n] for block_m tokens x block_n columns over K tiles
         [split * t_per_split, ...); see the module docstring for the layout."""
         DTYPE: tl.constexpr = x_ptr.dtype.element_ty
-        if DTYPE == tl.bfloat16:
-            MAGIC: tl.constexpr = 128.0
-        else:
-            MAGIC: tl.constexpr = 1024.0
+        MAGIC: tl.constexpr = _pk_magic(DTYPE)
         pid = tl.program_id(0)
         pid_k = tl.program_id(1)
         # M tiles vary fastest: the programs that read one weight tile run side by side.

@@ -28,6 +28,8 @@ TOLERANCE = {
     ("exact", "bfloat16"): 6e-3,
     ("scaled", "float16"): 2e-3,
     ("scaled", "bfloat16"): 1.2e-2,
+    ("dequant", "float16"): 2e-3,
+    ("dequant", "bfloat16"): 1.2e-2,
 }
 
 
@@ -99,6 +101,9 @@ def _cases():
             cases.append(("gemv", dict(block_n=8, num_warps=1, rows=2, stages=2), dtype, (3,), 256, 24, gs, True))
             cases.append(("gemv", dict(block_n=8, num_warps=1, rows=4, tiles=2, split_k=2), dtype, (1, 6), 512, 16,
                           gs, False))
+            # Dequantize + cuBLAS: a masked N block, and tiles=2 falling back to 1 (K/128 = 3).
+            cases.append(("dequant", dict(block_n=16, num_warps=1), dtype, (5,), 256, 40, gs, True))
+            cases.append(("dequant", dict(block_n=16, num_warps=1, tiles=2), dtype, (2, 2), 384, 32, gs, False))
             # Tensor-core kernel, both modes: masked M and N tiles, split-K, two tiles per step.
             for exact in (True, False):
                 cases.append(("tc", dict(block_m=16, block_n=32, num_warps=1, split_k=1, exact=exact),
@@ -109,14 +114,15 @@ def _cases():
         cases.append(("auto", None, dtype, (1,), 256, 64, 128, False))
         cases.append(("auto", None, dtype, (2, 5), 256, 48, 64, True))
         cases.append(("auto", None, dtype, (40,), 256, 32, 32, True))
+        cases.append(("auto", None, dtype, (300,), 256, 16, 128, True))
     return [(f"{path}-{i}-{dtype}-g{gs}", path, cfg, dtype, lead, k, n, gs, bias)
             for i, (path, cfg, dtype, lead, k, n, gs, bias) in enumerate(cases)]
 
 
 def _worker():
     assert os.environ.get("TRITON_INTERPRET") == "1"
-    from internvl_kernels.w4a16_packed import (PackedConfig, PackedGemvConfig, pick_packed_config,
-                                               w4a16_packed_matmul)
+    from internvl_kernels.w4a16_packed import (PackedConfig, PackedDequantConfig, PackedGemvConfig,
+                                               pick_packed_config, w4a16_packed_matmul)
 
     results = {}
     for name, path, cfg, dtype, lead, k, n, gs, use_bias in _cases():
@@ -127,7 +133,8 @@ def _worker():
         qk, zeros = pack_w4a16(qweight, qzeros, scales, gs)
         x = (torch.randn(*lead, k, generator=g) + 0.3).to(dt)  # a mean, so zero points matter
         bias = torch.randn(n, generator=g).to(dt) if use_bias else None
-        config = None if cfg is None else (PackedGemvConfig if path == "gemv" else PackedConfig)(**cfg)
+        kinds = {"gemv": PackedGemvConfig, "dequant": PackedDequantConfig, "tc": PackedConfig}
+        config = None if cfg is None else kinds[path](**cfg)
         m = x.numel() // k
         out = torch.full((m, n), float("nan"), dtype=dt)
         w4a16_packed_matmul(x, qk, zeros, scales, gs, bias, out=out, config=config)
@@ -136,7 +143,8 @@ def _worker():
         if bias is not None:
             ref = ref + bias.double()
         chosen = config or pick_packed_config(m)
-        kind = "gemv" if isinstance(chosen, PackedGemvConfig) else "exact" if chosen.exact else "scaled"
+        kind = ("gemv" if isinstance(chosen, PackedGemvConfig) else "dequant" if isinstance(chosen, PackedDequantConfig)
+                else "exact" if chosen.exact else "scaled")
         results[name] = case_result(kind, y, out, ref, lead, n, dt)
     results["plugin"] = _plugin_layer()
     print(json.dumps(results))
@@ -192,7 +200,7 @@ def test_plugin_repacks_layer_and_matches_reference(interpreted):
 
 def test_packed_launcher_routes_to_every_kernel(interpreted):
     kinds = {r["kind"] for name, r in interpreted.items() if name.startswith("auto")}
-    assert kinds == {"gemv", "exact", "scaled"}
+    assert kinds == {"gemv", "exact", "scaled", "dequant"}
 
 
 if __name__ == "__main__" and "--worker" in sys.argv:
