@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # The whole GPU cycle in one device call, from the repository root:
-#   check (kernel vs reference), kernel benchmark, decode benchmark; or a config sweep.
-# Usage (device tool):  bash benchmarks/gpu_cycle.sh [full|quick|sweep|profile|all] [sweep Ms...]
-#   full: full check + bench + decode; all: quick check + bench + decode + sweep
+#   check (kernels vs reference), kernel benchmark, decode benchmark; or a config sweep.
+# Usage (device tool):  bash benchmarks/gpu_cycle.sh [full|check|bench|quick|sweep|profile|all] [sweep Ms...]
+#   check: quick checks of both layouts (the K-packed kernels the plugin runs on CUDA, and the AWQ ones)
+#   bench: kernel benchmark + decode benchmark;  full: check + bench (about 9 minutes)
+#   quick/sweep/all/profile: the AWQ-layout check, then benchmarks and/or the AWQ-layout config sweep
 # Writes JSON and logs under $OUT (or benchmarks/results/ when OUT is unset) and prints tables last.
 set -uo pipefail
 MODE=${1:-full}
@@ -26,6 +28,21 @@ if [ "$MODE" = profile ]; then
         grep -E "Duration|DRAM Throughput|Memory Throughput|Achieved Occupancy|Theoretical Occupancy|Registers Per|Stall Long|Stall Wait|Stall Math|Stall Not Sel|Stall Short|Warp Cycles Per Issued|Issued Ipc|Eligible Warps|Grid Size|Waves Per" "$OUT/ncu-$3-$2.log" | sed 's/  */ /g' | head -24
     done
     MODE=sweep
+fi
+if [ "$MODE" = check ] || [ "$MODE" = full ]; then
+    python3 benchmarks/pk_explore.py --quick-check --defaults-only --ms 1 --shapes 7B:wo \
+        --json "$OUT/pk-check-h100.json" > "$OUT/pk-check.log" 2>&1 || rc=1
+    grep -E "^check|FAIL" "$OUT/pk-check.log" | tail -8
+    python3 benchmarks/check_w4a16_gpu.py --quick --json "$OUT/check-h100.json" > "$OUT/check.log" 2>&1 || rc=1
+    tail -6 "$OUT/check.log"
+    [ "$MODE" = check ] && exit $rc
+    MODE=bench
+fi
+if [ "$MODE" = bench ]; then
+    python3 benchmarks/bench_w4a16.py --json "$OUT/w4a16-h100.json" > "$OUT/bench.log" 2>&1 || rc=1
+    python3 benchmarks/bench_decode.py --json "$OUT/decode-h100.json" 2>&1 | tee "$OUT/decode.log" || rc=1
+    sed -n '/^model shape/,$p' "$OUT/bench.log"
+    exit $rc
 fi
 if [ "$MODE" = quick ] || [ "$MODE" = sweep ] || [ "$MODE" = all ]; then
     python3 benchmarks/check_w4a16_gpu.py --quick --json "$OUT/check-h100.json" > "$OUT/check.log" 2>&1 || rc=1
