@@ -72,11 +72,7 @@ def w4a16_matmul(x, qweight, qzeros, scales, group_size: int, bias=None, *, out=
     if isinstance(cfg, GemvConfig):
         _launch_gemv(x2, qweight, qzeros, scales, group_size, bias, out, cfg)
     elif isinstance(cfg, DequantConfig):
-        w = _launch_dequant(qweight, qzeros, scales, group_size, x.dtype, cfg)
-        if bias is not None:
-            torch.addmm(bias.to(x.dtype), x2, w, out=out)
-        else:
-            torch.matmul(x2, w, out=out)
+        _dense_matmul(x2, _launch_dequant(qweight, qzeros, scales, group_size, x.dtype, cfg), bias, out)
     elif isinstance(cfg, TcConfig):
         _launch_tc(x2, qweight, qzeros, scales, group_size, bias, out, cfg)
     else:
@@ -387,6 +383,14 @@ def _launch_dequant(qweight, qzeros, scales, group_size, dtype, cfg: DequantConf
         GROUP_SIZE=group_size, BLOCK_K=block_k, BLOCK_W=cfg.block_w, num_warps=cfg.num_warps,
     )
     return w
+
+
+def _dense_matmul(x, w, bias, out):
+    """out = x @ w (+ bias) through cuBLAS, w [K, N] dense in x.dtype (any strides)."""
+    if bias is not None:
+        torch.addmm(bias.to(x.dtype), x, w, out=out)
+    else:
+        torch.matmul(x, w, out=out)
 
 
 def _reduce_partials(partials, bias, out):

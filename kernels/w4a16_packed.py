@@ -38,7 +38,7 @@ from dataclasses import dataclass
 import torch
 
 from .awq_format import check_awq_shapes, unpack_awq_int4
-from .w4a16 import _interpreting, _prepare_io, _reduce_partials, _split_dest, _waves_split, triton
+from .w4a16 import _dense_matmul, _interpreting, _prepare_io, _reduce_partials, _split_dest, _waves_split, triton
 
 if triton is not None:
     import triton.language as tl
@@ -108,8 +108,9 @@ class PackedConfig:
 
 @dataclass(frozen=True)
 class PackedGemvConfig:
-    """The decode kernel on the packed layout (_pk_gemv_kernel): CUDA cores, one row of x a program
-    (rows of x are a grid axis), block_n output columns x 16 words a tile."""
+    """The decode kernel on the packed layout (_pk_gemv_kernel): CUDA cores; a program covers `rows`
+    rows of x, block_n output columns and its share of K (all of it unless the grid is too small
+    for `waves` programs a multiprocessor, then K is split), `tiles` 128-deep K tiles a step."""
 
     block_n: int = 8
     num_warps: int = 1
@@ -136,7 +137,7 @@ class PackedDequantConfig:
 # and -20B linears; results/pk-explore-h100.json and pk-explore-gemv-h100.json): the config that was
 # best or within a few percent of the best on most of the eight shapes for each M.
 # The GEMV (8 columns and all of K a one-warp program, no split-K) won on all eight shapes at M = 1
-# and 2 (results/pk-gemv-h100.json): one row a program for M = 1, two for M = 2.
+# and 2 (results/pk-gemv-h100.json, pk-gemv2-h100.json): one row a program for M = 1, two for M = 2.
 PACKED_GEMV_MAX_M = 2
 PACKED_GEMV_CONFIGS = {
     1: PackedGemvConfig(block_n=8, num_warps=1, rows=1, tiles=8, stages=3, waves=2.0),
@@ -221,10 +222,7 @@ def _launch_packed_dequant(x, qk, zeros, scales, group_size, bias, out, cfg: Pac
         GROUP_SIZE=group_size, BLOCK_N=cfg.block_n, TILES=tiles, USE_ASM=not interp,
         DOT_FP32=interp and x.dtype == torch.bfloat16, EVEN_N=n % cfg.block_n == 0, num_warps=cfg.num_warps,
     )
-    if bias is not None:
-        torch.addmm(bias.to(x.dtype), x, w.t(), out=out)
-    else:
-        torch.matmul(x, w.t(), out=out)
+    _dense_matmul(x, w.t(), bias, out)
 
 
 def _launch_packed(x, qk, zeros, scales, group_size, bias, out,
