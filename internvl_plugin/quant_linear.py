@@ -25,7 +25,7 @@ from vllm.model_executor.layers.linear import LinearMethodBase, register_weight_
 from vllm.model_executor.layers.quantization.utils.layer_utils import replace_parameter
 from vllm.model_executor.parameter import GroupQuantScaleParameter, PackedvLLMParameter
 
-from internvl_kernels import can_pack, pack_w4a16, w4a16_linear, w4a16_packed_matmul
+from internvl_kernels import can_pack, pack_w4a16, w4a16_linear, w4a16_packed_mm
 from internvl_kernels.w4a16 import triton
 from internvl_plugin.quant import METHOD_NAME, PACK_FACTOR, AWQW4A16Config
 
@@ -90,6 +90,6 @@ class AWQW4A16LinearMethod(LinearMethodBase):
             repack_layer(layer, self.quant_config.group_size)
 
     def apply(self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-        if hasattr(layer, "qk"):
-            return w4a16_packed_matmul(x, layer.qk, layer.zeros, layer.scales, self.quant_config.group_size, bias)
+        if hasattr(layer, "qk"):  # w4a16_packed_matmul as a torch operator, opaque to torch.compile
+            return w4a16_packed_mm(x, layer.qk, layer.zeros, layer.scales, self.quant_config.group_size, bias)
         return w4a16_linear(x, layer.qweight, layer.qzeros, layer.scales, self.quant_config.group_size, bias)

@@ -108,7 +108,8 @@ def w4a16_linear(x, qweight, qzeros, scales, group_size: int, bias=None):
     so it is numerically identical to w4a16_matmul_ref.
     """
     if triton is not None and x.is_cuda and x.dtype in (torch.float16, torch.bfloat16):
-        return w4a16_matmul(x, qweight, qzeros, scales, group_size, bias)
+        # w4a16_matmul as a torch operator (ops.py): one opaque node under torch.compile
+        return torch.ops.internvl_kernels.w4a16_awq_mm(x, qweight, qzeros, scales, group_size, bias)
     return w4a16_matmul_ref(x, qweight, qzeros, scales, group_size, bias)
 
 
