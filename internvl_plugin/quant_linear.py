@@ -9,7 +9,8 @@ Weights load in the checkpoint's AWQ gemm layout:
 On CUDA, when K is a multiple of 128 and G is 32, 64 or 128 (``can_pack``), they are repacked once
 after loading into the K-packed layout of ``internvl_kernels.w4a16_packed`` (``qk`` int32 [N, K/8],
 ``zeros`` uint8 [K/G, N]; the AWQ tensors are freed, so the weight takes the same memory plus K/G x N
-bytes): its kernels are the faster ones at every batch size but 3-8 tokens (benchmarks/README.md).
+bytes). Its kernels beat the AWQ-layout ones at 1-2 and 32-128 tokens on every InternLM2 shape
+measured; benchmarks/README.md has the figures, and where they fall behind (3-8 tokens on large weights).
 Other shapes, and every CPU tensor, keep the AWQ layout (``w4a16_linear``: Triton on CUDA, the torch
 reference on CPU).
 

@@ -23,7 +23,6 @@ from .w4a16_packed import w4a16_packed_matmul
 NAMESPACE = "internvl_kernels"
 
 
-
 def _packed(x, qk, zeros, scales, group_size, bias):
     return w4a16_packed_matmul(x, qk, zeros, scales, group_size, bias)
 
