@@ -115,7 +115,7 @@ class PackedGemvConfig:
     block_n: int = 8
     num_warps: int = 1
     rows: int = 1  # rows of x a program: 1, 2 or 4 (each weight read once for all of them)
-    tiles: int = 8  # K tiles (16 words of each column) a step
+    tiles: int = 8  # K tiles (16 words of each column) a step; fewer where they do not divide K/128
     stages: int = 3  # steps in flight (software pipeline through shared memory)
     split_k: int = 0
     waves: float = 2.0
@@ -187,6 +187,14 @@ def w4a16_packed_matmul(x, qk, zeros, scales, group_size: int, bias=None, *, out
     return out.view(*lead, n)
 
 
+def _fit_tiles(tiles: int, k_tiles: int) -> int:
+    """The largest power of two up to `tiles` that divides the K tile count (e.g. 28 tiles of a
+    3584-wide Qwen2.5-7B layer take 4 a step where 8 were asked)."""
+    while k_tiles % tiles:
+        tiles //= 2
+    return tiles
+
+
 def _launch_packed_gemv(x, qk, zeros, scales, group_size, bias, out, cfg: PackedGemvConfig):
     if cfg.tiles not in (1, 2, 4, 8):
         raise ValueError(f"packed GEMV: PackedGemvConfig.tiles must be 1, 2, 4 or 8, got {cfg.tiles}")
@@ -195,7 +203,7 @@ def _launch_packed_gemv(x, qk, zeros, scales, group_size, bias, out, cfg: Packed
     m, k = x.shape
     n = out.shape[1]
     k_tiles = k // TILE_K
-    tiles = cfg.tiles if k_tiles % cfg.tiles == 0 else 1
+    tiles = _fit_tiles(cfg.tiles, k_tiles)
     steps = k_tiles // tiles
     grid_m, n_blocks = triton.cdiv(m, cfg.rows), triton.cdiv(n, cfg.block_n)
     split, per_split, dest = _split_dest(out, _waves_split(cfg.split_k, cfg.waves, grid_m * n_blocks, steps, x.device),
@@ -214,7 +222,7 @@ def _launch_packed_gemv(x, qk, zeros, scales, group_size, bias, out, cfg: Packed
 def _launch_packed_dequant(x, qk, zeros, scales, group_size, bias, out, cfg: PackedDequantConfig):
     n, k = qk.shape[0], qk.shape[1] * 8
     k_tiles = k // TILE_K
-    tiles = cfg.tiles if k_tiles % cfg.tiles == 0 else 1
+    tiles = _fit_tiles(cfg.tiles, k_tiles)
     w = torch.empty((n, k), dtype=x.dtype, device=x.device)
     interp = _interpreting()
     _pk_dequant_kernel[(triton.cdiv(n, cfg.block_n), k_tiles // tiles)](
@@ -234,7 +242,7 @@ def _launch_packed(x, qk, zeros, scales, group_size, bias, out,
     m, k = x.shape
     n = out.shape[1]
     k_tiles = k // TILE_K
-    tiles = cfg.tiles if k_tiles % cfg.tiles == 0 else 1
+    tiles = _fit_tiles(cfg.tiles, k_tiles)
     steps = k_tiles // tiles
     programs = triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n)
     split, per_split, dest = _split_dest(out, _waves_split(cfg.split_k, cfg.waves, programs, steps, x.device),

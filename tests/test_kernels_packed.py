@@ -62,6 +62,13 @@ def test_pack_rejects_what_it_cannot_hold():
         pack_w4a16(qweight, qzeros, scales, 64)
 
 
+def test_fit_tiles_takes_the_largest_dividing_power_of_two():
+    from internvl_kernels.w4a16_packed import _fit_tiles
+
+    assert [_fit_tiles(8, t) for t in (32, 28, 6, 7, 112)] == [8, 4, 2, 1, 8]
+    assert _fit_tiles(2, 3) == 1 and _fit_tiles(1, 5) == 1
+
+
 def test_packed_matmul_names_bad_inputs():
     from internvl_kernels import w4a16_packed_matmul
     from internvl_kernels.w4a16_packed import PackedGemvConfig
@@ -95,8 +102,10 @@ def _cases():
             cases.append(("gemv", dict(block_n=16, num_warps=1, split_k=1), dtype, (1,), 256, 40, gs, True))
             cases.append(("gemv", dict(block_n=32, num_warps=1, split_k=3, tiles=1), dtype, (2,), 384, 72, gs, False))
             cases.append(("gemv", dict(block_n=16, num_warps=1, tiles=2), dtype, (1, 1), 512, 48, gs, gs == 64))
-            # tiles=4 does not divide K/128 = 3: the launcher falls back to one tile a step.
+            # tiles=4 does not divide K/128 = 3: the launcher falls back to one tile a step; 8 and
+            # K/128 = 6: two a step.
             cases.append(("gemv", dict(block_n=16, num_warps=1, tiles=4), dtype, (1,), 384, 24, gs, False))
+            cases.append(("gemv", dict(block_n=8, num_warps=1, tiles=8), dtype, (1,), 768, 16, gs, True))
             # Several rows a program, the last program's rows partly past M.
             cases.append(("gemv", dict(block_n=8, num_warps=1, rows=2, stages=2), dtype, (3,), 256, 24, gs, True))
             cases.append(("gemv", dict(block_n=8, num_warps=1, rows=4, tiles=2, split_k=2), dtype, (1, 6), 512, 16,
