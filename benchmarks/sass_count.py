@@ -4,14 +4,17 @@ Triton compiles for a named target offline and ships ptxas/cuobjdump, so registe
 shared memory and the instruction mix of the main loop can be read here, at no device time:
 
     python3 benchmarks/sass_count.py tc 16,32,128,2,4,3,0     # BLOCK_M,BLOCK_W,BLOCK_K,warps,bytes,stages,scale_in_a
-    python3 benchmarks/sass_count.py gemm 16,128,128,4,3       # BLOCK_M,BLOCK_N,BLOCK_K,warps,stages
+    python3 benchmarks/sass_count.py gemm 16,128,128,4,3[,1]   # BLOCK_M,BLOCK_N,BLOCK_K,warps,stages[,scale_after_dot]
+    python3 benchmarks/sass_count.py dq 64,32,8                # the AWQ-layout dequantizer: BLOCK_K,BLOCK_W,warps
+    python3 benchmarks/sass_count.py gemv 8,2                  # the AWQ-layout GEMV: BLOCK_K,warps
     python3 benchmarks/sass_count.py pkgemv 8,1[,8,3,1,128]     # packed GEMV: BLOCK_N,warps[,TILES,STAGES,ROWS,group]
     python3 benchmarks/sass_count.py pk 128,128,1,8,3[,exact,group]  # packed: BLOCK_M,BLOCK_N,TILES,warps,stages
     python3 benchmarks/sass_count.py pkdq 32,4,1                # packed dequantizer: BLOCK_N,warps,TILES
 
-Use the Triton version of the device machine (3.6) for numbers that match it, e.g. in a side venv
-with `pip install triton==3.6.0` and torch on PYTHONPATH. Integer arguments that the runtime would
-specialize (multiples of 16) are marked so here too, as they change vectorization.
+Use the Triton version of the device machine (3.6) for numbers that match it: scripts/setup.sh makes
+one on GPU-less machines, `.venv/triton-gpu/bin/python benchmarks/sass_count.py ...`. Integer
+arguments that the runtime would specialize (multiples of 16) are marked so here too, as they change
+vectorization. `--batch` reads [[kernel, spec, dtype], ...] as JSON on stdin (tests/test_kernels_sm90.py).
 """
 
 from __future__ import annotations
@@ -34,21 +37,25 @@ from internvl_kernels import w4a16, w4a16_packed  # noqa: E402
 
 BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
 PTRS = {"x_ptr": "*bf16", "qw_ptr": "*i32", "qz_ptr": "*i32", "s_ptr": "*fp16", "bias_ptr": "*fp16", "out_ptr": "*fp32",
-        "qk_ptr": "*i32", "z_ptr": "*u8"}
+        "qk_ptr": "*i32", "z_ptr": "*u8", "w_ptr": "*bf16"}
 DIV16 = set(PTRS) | {"N", "K", "stride_xm", "stride_qw", "stride_qz", "stride_s", "stride_om", "stride_split",
                      "k_per_split", "stride_qk", "stride_z"}
 
 
-def compile_sm90(fn, consts, num_warps, num_stages):
+def compile_sm90(fn, consts, num_warps, num_stages, unspecialized=(), dtype="bf16"):
+    """Compile `fn` for sm_90 with x (and the dense weight) in `dtype`, the runtime's multiple-of-16
+    specializations on pointers and strides except `unspecialized`."""
     names = list(fn.arg_names)
-    sig = {a: PTRS.get(a, "i32") for a in names if a not in consts}
+    ptrs = dict(PTRS, x_ptr=f"*{dtype}", w_ptr=f"*{dtype}")
+    sig = {a: ptrs.get(a, "i32") for a in names if a not in consts}
     sig.update({k: "constexpr" for k in consts})
-    attrs = {(names.index(a),): [["tt.divisibility", 16]] for a in names if a in DIV16}
+    attrs = {(names.index(a),): [["tt.divisibility", 16]] for a in names if a in DIV16 and a not in unspecialized}
     src = ASTSource(fn, signature=sig, constexprs=consts, attrs=attrs)
     return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=num_warps, num_stages=num_stages))
 
 
-def report(kernel):
+def resources(kernel):
+    """(registers, stack bytes, [(address, SASS instruction)]) of a compiled kernel, via cuobjdump."""
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(kernel.asm["cubin"])
         f.flush()
@@ -56,7 +63,12 @@ def report(kernel):
         sass = subprocess.run([f"{BIN}/cuobjdump", "-sass", f.name], capture_output=True, text=True).stdout
     m = re.search(r"REG:(\d+) STACK:(\d+)", res)
     ins = [(int(a, 16), t.strip()) for a, t in re.findall(r"/\*([0-9a-f]{4,})\*/\s+(.*?);", sass)]
-    print(f"registers {m.group(1)}, stack {m.group(2)} B, shared {kernel.metadata.shared} B, {len(ins)} instructions")
+    return int(m.group(1)), int(m.group(2)), ins
+
+
+def report(kernel):
+    regs, stack, ins = resources(kernel)
+    print(f"registers {regs}, stack {stack} B, shared {kernel.metadata.shared} B, {len(ins)} instructions")
     for addr, txt in ins:
         b = re.search(r"BRA .*0x([0-9a-f]+)", txt)
         if b and int(b.group(1), 16) < addr:  # a backward branch closes a loop
@@ -65,33 +77,65 @@ def report(kernel):
             print(f"  loop {lo:#x}-{addr:#x}: {sum(c.values())} instructions", dict(c.most_common(16)))
 
 
-def main():
-    which, spec = sys.argv[1], [int(v) for v in sys.argv[2].split(",")]
+def compile_case(which: str, spec: list[int], dtype: str = "bf16"):
+    """Compile one kernel for sm_90; `which` and `spec` as on the command line (module docstring)."""
     if which == "tc":
         bm, bw, bk, nw, nbytes, ns, sia = spec
         consts = dict(GROUP_SIZE=128, BLOCK_M=bm, BLOCK_W=bw, BLOCK_K=bk, BYTES=nbytes, HAS_BIAS=False,
                       WRITE_PARTIAL=True, USE_ASM=True, DOT_FP32=False, SCALE_IN_A=bool(sia), EVEN_W=True)
-        report(compile_sm90(w4a16._tc_kernel, consts, nw, ns))
-    elif which == "pkgemv":
+        return compile_sm90(w4a16._tc_kernel, consts, nw, ns, dtype=dtype)
+    if which == "gemv":  # the AWQ-layout GEMV; its word stride is not specialized at run time either
+        bk, nw = spec
+        consts = dict(GROUP_SIZE=128, BLOCK_K=bk, BLOCK_W=32 * nw, HAS_BIAS=False, WRITE_PARTIAL=True)
+        return compile_sm90(w4a16._gemv_kernel, consts, nw, 3, unspecialized=("stride_qw",), dtype=dtype)
+    if which == "pkgemv":
         bn, nw, tiles, stages, rows, group = spec + [8, 3, 1, 128][len(spec) - 2:]
         consts = dict(GROUP_SIZE=group, BLOCK_N=bn, ROWS=rows, TILES=tiles, STAGES=stages, HAS_BIAS=False,
                       WRITE_PARTIAL=False, EVEN_N=True)
-        report(compile_sm90(w4a16_packed._pk_gemv_kernel, consts, nw, stages))
-    elif which == "pkdq":
+        return compile_sm90(w4a16_packed._pk_gemv_kernel, consts, nw, stages, dtype=dtype)
+    if which == "pkdq":
         bn, nw, tiles = spec
-        PTRS["w_ptr"] = "*bf16"
         consts = dict(GROUP_SIZE=128, BLOCK_N=bn, TILES=tiles, USE_ASM=True, DOT_FP32=False, EVEN_N=True)
-        report(compile_sm90(w4a16_packed._pk_dequant_kernel, consts, nw, 1))
-    elif which == "pk":
+        return compile_sm90(w4a16_packed._pk_dequant_kernel, consts, nw, 1, dtype=dtype)
+    if which == "pk":
         bm, bn, tiles, nw, ns, exact, group = spec + [0, 128][len(spec) - 5:]
         consts = dict(GROUP_SIZE=group, BLOCK_M=bm, BLOCK_N=bn, TILES=tiles, HAS_BIAS=False, WRITE_PARTIAL=False,
                       USE_ASM=True, DOT_FP32=False, EVEN_N=True, EVEN_M=True, EXACT=bool(exact))
-        report(compile_sm90(w4a16_packed._pk_kernel, consts, nw, ns))
-    else:
-        bm, bn, bk, nw, ns = spec
+        return compile_sm90(w4a16_packed._pk_kernel, consts, nw, ns, dtype=dtype)
+    if which == "dq":  # the AWQ-layout dequantizer
+        bk, bw, nw = spec
+        consts = dict(GROUP_SIZE=128, BLOCK_K=bk, BLOCK_W=bw)
+        return compile_sm90(w4a16._dequant_kernel, consts, nw, 1, unspecialized=("stride_qw",), dtype=dtype)
+    if which == "gemm":
+        bm, bn, bk, nw, ns, sad = spec + [1][len(spec) - 5:]
         consts = dict(GROUP_SIZE=128, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, HAS_BIAS=False, WRITE_PARTIAL=True,
-                      DOT_FP32=False, SCALE_AFTER_DOT=True)
-        report(compile_sm90(w4a16._gemm_kernel, consts, nw, ns))
+                      DOT_FP32=False, SCALE_AFTER_DOT=bool(sad))
+        return compile_sm90(w4a16._gemm_kernel, consts, nw, ns, dtype=dtype)
+    raise ValueError(f"unknown kernel {which!r}")
+
+
+def batch(cases):
+    """[(kernel, spec, dtype)] -> one dict each: registers and stack, or the compiler's error."""
+    out = []
+    for which, spec, dtype in cases:
+        row = dict(kernel=which, spec=spec, dtype=dtype, triton=triton.__version__)
+        try:
+            row["registers"], row["stack"], ins = resources(compile_case(which, spec, dtype))
+            row["instructions"] = len(ins)
+        except Exception as e:  # reported per case
+            msg = [ln for ln in str(e).splitlines() if "error" in ln.lower()] or [repr(e)]
+            row["error"] = f"{type(e).__name__}: {msg[0][:300]}"
+        out.append(row)
+    return out
+
+
+def main():
+    if sys.argv[1] == "--batch":  # JSON [[kernel, spec, dtype], ...] on stdin -> JSON results on stdout
+        import json
+
+        print(json.dumps(batch(json.load(sys.stdin))))
+        return
+    report(compile_case(sys.argv[1], [int(v) for v in sys.argv[2].split(",")]))
 
 
 if __name__ == "__main__":

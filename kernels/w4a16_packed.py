@@ -455,19 +455,16 @@ if triton is not None:
                            HAS_BIAS, WRITE_PARTIAL)
 
     @triton.jit
-    def _pk_magic(DTYPE: tl.constexpr):
-        """The float whose low mantissa bits _byte_pair fills with q: 2**7 for bf16, 2**10 for fp16."""
-        if DTYPE == tl.bfloat16:
-            return 128.0
-        else:
-            return 1024.0
-
-    @triton.jit
     def _pk_dequant_kernel(qk_ptr, z_ptr, s_ptr, w_ptr, N, K, stride_qk, stride_z, stride_s,
                            GROUP_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, TILES: tl.constexpr,
                            USE_ASM: tl.constexpr, DOT_FP32: tl.constexpr, EVEN_N: tl.constexpr):
         """W^T [N, K] = (q - z) s in w_ptr's dtype (one rounding), for BLOCK_N columns x TILES K tiles."""
         DTYPE: tl.constexpr = w_ptr.dtype.element_ty
+        # The float whose low mantissa bits _byte_pair fills with q (a constexpr: no helper call).
+        if DTYPE == tl.bfloat16:
+            MAGIC: tl.constexpr = 128.0
+        else:
+            MAGIC: tl.constexpr = 1024.0
         pid_n = tl.program_id(0)
         pid_t = tl.program_id(1)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -481,7 +478,7 @@ if triton is not None:
             else:
                 w = tl.load(w_rows + t * 16, mask=mask_n[:, None], other=0)
             a = _pk_scaled_tile(w, s_ptr, z_ptr, offs_n, mask_n, stride_s, stride_z, t, 128 // GROUP_SIZE,
-                                _pk_magic(DTYPE), DTYPE, USE_ASM, DOT_FP32)
+                                MAGIC, DTYPE, USE_ASM, DOT_FP32)
             tl.store(out_rows + t * 128, a, mask=mask_n[:, None])
 
     @triton.jit
@@ -495,7 +492,10 @@ if triton is not None:
         """Program (tile, split): out[m, n] for block_m tokens x block_n columns over K tiles
         [split * t_per_split, ...); see the module docstring for the layout."""
         DTYPE: tl.constexpr = x_ptr.dtype.element_ty
-        MAGIC: tl.constexpr = _pk_magic(DTYPE)
+        if DTYPE == tl.bfloat16:
+            MAGIC: tl.constexpr = 128.0
+        else:
+            MAGIC: tl.constexpr = 1024.0
         pid = tl.program_id(0)
         pid_k = tl.program_id(1)
         # M tiles vary fastest: the programs that read one weight tile run side by side.

