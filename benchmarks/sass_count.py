@@ -14,7 +14,8 @@ shared memory and the instruction mix of the main loop can be read here, at no d
 Use the Triton version of the device machine (3.6) for numbers that match it: scripts/setup.sh makes
 one on GPU-less machines, `.venv/triton-gpu/bin/python benchmarks/sass_count.py ...`. Integer
 arguments that the runtime would specialize (multiples of 16) are marked so here too, as they change
-vectorization. `--batch` reads [[kernel, spec, dtype], ...] as JSON on stdin (tests/test_kernels_sm90.py).
+vectorization. `--batch` reads [[kernel, spec, dtype(, flags)], ...] as JSON on stdin
+(tests/test_kernels_sm90.py).
 """
 
 from __future__ import annotations
@@ -77,50 +78,58 @@ def report(kernel):
             print(f"  loop {lo:#x}-{addr:#x}: {sum(c.values())} instructions", dict(c.most_common(16)))
 
 
-def compile_case(which: str, spec: list[int], dtype: str = "bf16"):
-    """Compile one kernel for sm_90; `which` and `spec` as on the command line (module docstring)."""
+def compile_case(which: str, spec: list[int], dtype: str = "bf16", flags: dict | None = None):
+    """Compile one kernel for sm_90; `which` and `spec` as on the command line (module docstring);
+    `flags` overrides constexpr arguments (e.g. {"EVEN_N": False, "HAS_BIAS": True})."""
     if which == "tc":
         bm, bw, bk, nw, nbytes, ns, sia = spec
         consts = dict(GROUP_SIZE=128, BLOCK_M=bm, BLOCK_W=bw, BLOCK_K=bk, BYTES=nbytes, HAS_BIAS=False,
                       WRITE_PARTIAL=True, USE_ASM=True, DOT_FP32=False, SCALE_IN_A=bool(sia), EVEN_W=True)
+        consts.update(flags or {})
         return compile_sm90(w4a16._tc_kernel, consts, nw, ns, dtype=dtype)
     if which == "gemv":  # the AWQ-layout GEMV; its word stride is not specialized at run time either
         bk, nw = spec
         consts = dict(GROUP_SIZE=128, BLOCK_K=bk, BLOCK_W=32 * nw, HAS_BIAS=False, WRITE_PARTIAL=True)
+        consts.update(flags or {})
         return compile_sm90(w4a16._gemv_kernel, consts, nw, 3, unspecialized=("stride_qw",), dtype=dtype)
     if which == "pkgemv":
         bn, nw, tiles, stages, rows, group = spec + [8, 3, 1, 128][len(spec) - 2:]
         consts = dict(GROUP_SIZE=group, BLOCK_N=bn, ROWS=rows, TILES=tiles, STAGES=stages, HAS_BIAS=False,
                       WRITE_PARTIAL=False, EVEN_N=True)
+        consts.update(flags or {})
         return compile_sm90(w4a16_packed._pk_gemv_kernel, consts, nw, stages, dtype=dtype)
     if which == "pkdq":
         bn, nw, tiles = spec
         consts = dict(GROUP_SIZE=128, BLOCK_N=bn, TILES=tiles, USE_ASM=True, DOT_FP32=False, EVEN_N=True)
+        consts.update(flags or {})
         return compile_sm90(w4a16_packed._pk_dequant_kernel, consts, nw, 1, dtype=dtype)
     if which == "pk":
         bm, bn, tiles, nw, ns, exact, group = spec + [0, 128][len(spec) - 5:]
         consts = dict(GROUP_SIZE=group, BLOCK_M=bm, BLOCK_N=bn, TILES=tiles, HAS_BIAS=False, WRITE_PARTIAL=False,
                       USE_ASM=True, DOT_FP32=False, EVEN_N=True, EVEN_M=True, EXACT=bool(exact))
+        consts.update(flags or {})
         return compile_sm90(w4a16_packed._pk_kernel, consts, nw, ns, dtype=dtype)
     if which == "dq":  # the AWQ-layout dequantizer
         bk, bw, nw = spec
         consts = dict(GROUP_SIZE=128, BLOCK_K=bk, BLOCK_W=bw)
+        consts.update(flags or {})
         return compile_sm90(w4a16._dequant_kernel, consts, nw, 1, unspecialized=("stride_qw",), dtype=dtype)
     if which == "gemm":
         bm, bn, bk, nw, ns, sad = spec + [1][len(spec) - 5:]
         consts = dict(GROUP_SIZE=128, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, HAS_BIAS=False, WRITE_PARTIAL=True,
                       DOT_FP32=False, SCALE_AFTER_DOT=bool(sad))
+        consts.update(flags or {})
         return compile_sm90(w4a16._gemm_kernel, consts, nw, ns, dtype=dtype)
     raise ValueError(f"unknown kernel {which!r}")
 
 
 def batch(cases):
-    """[(kernel, spec, dtype)] -> one dict each: registers and stack, or the compiler's error."""
+    """[(kernel, spec, dtype[, flags])] -> one dict each: registers and stack, or the compiler's error."""
     out = []
-    for which, spec, dtype in cases:
-        row = dict(kernel=which, spec=spec, dtype=dtype, triton=triton.__version__)
+    for which, spec, dtype, *flags in cases:
+        row = dict(kernel=which, spec=spec, dtype=dtype, flags=flags[0] if flags else {}, triton=triton.__version__)
         try:
-            row["registers"], row["stack"], ins = resources(compile_case(which, spec, dtype))
+            row["registers"], row["stack"], ins = resources(compile_case(which, spec, dtype, row["flags"]))
             row["instructions"] = len(ins)
         except Exception as e:  # reported per case
             msg = [ln for ln in str(e).splitlines() if "error" in ln.lower()] or [repr(e)]

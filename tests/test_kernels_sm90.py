@@ -60,6 +60,14 @@ def _cases():
     # The packed kernels' group loops differ by group size: the M = 1 and M <= 16 defaults at group 32.
     cases += [[*_spec(w4a16_packed.PACKED_GEMV_CONFIGS[1], 32), "bf16"],
               [*_spec(w4a16_packed.PACKED_CONFIGS[0][1], 32), "bf16"]]
+    # The launchers' other branches, on the packed defaults: ragged N (and M), bias, split-K partials.
+    ragged = dict(EVEN_N=False, HAS_BIAS=True)
+    cases += [[*_spec(w4a16_packed.PACKED_GEMV_CONFIGS[2]), "fp16", ragged],
+              [*_spec(w4a16_packed.PACKED_GEMV_CONFIGS[1]), "bf16", dict(WRITE_PARTIAL=True)],
+              [*_spec(w4a16_packed.PACKED_CONFIGS[0][1]), "bf16", dict(ragged, EVEN_M=False)],
+              [*_spec(w4a16_packed.PACKED_CONFIGS[2][1]), "fp16", dict(ragged, EVEN_M=False)],
+              [*_spec(w4a16_packed.PACKED_CONFIGS[1][1]), "bf16", dict(WRITE_PARTIAL=True)],
+              [*_spec(w4a16_packed.PACKED_CONFIGS[-1][1]), "bf16", dict(EVEN_N=False)]]
     return cases
 
 
@@ -86,7 +94,7 @@ def test_default_configs_compile_for_sm90(compiled, which):
     assert len(rows) == len(CASES)
     if which == "gpu":
         assert {r["triton"] for r in rows} == {GPU_TRITON}
-    errors = [f"{r['kernel']} {r['spec']} {r['dtype']}: {r['error']}" for r in rows if "error" in r]
+    errors = [f"{r['kernel']} {r['spec']} {r['dtype']} {r['flags']}: {r['error']}" for r in rows if "error" in r]
     assert not errors, "\n".join(errors)
     spills = [f"{r['kernel']} {r['spec']} {r['dtype']}: {r['stack']} B" for r in rows
               if r["kernel"].startswith("pk") and r["stack"]]
@@ -95,4 +103,5 @@ def test_default_configs_compile_for_sm90(compiled, which):
 
 
 def test_every_launcher_table_is_covered():
-    assert {name for name, _, _ in CASES} == {"pkgemv", "pk", "pkdq", "gemv", "tc", "gemm", "dq"}
+    assert {case[0] for case in CASES} == {"pkgemv", "pk", "pkdq", "gemv", "tc", "gemm", "dq"}
+    assert sum(len(case) == 4 for case in CASES) == 6  # the branch variants
