@@ -126,8 +126,8 @@ class PackedDequantConfig:
     """Many tokens: _pk_dequant_kernel writes the dense weight [N, K] in x.dtype, then cuBLAS
     (x @ W^T, the layout of F.linear). The dense copy is made on every call and freed after it."""
 
-    # 32 columns, 4 warps, one tile: 88 registers a thread in the offline sm_90 compile (64 columns:
-    # 166, two tiles: 127), so five programs fit on a multiprocessor. Not yet timed.
+    # 32 columns, 4 warps, one tile: 32 registers a thread and 216 instructions in the offline sm_90
+    # compile with Triton 3.6 (`sass_count.py pkdq 32,4,1`), so occupancy is not the limit. Not yet timed.
     block_n: int = 32
     tiles: int = 1  # K tiles a program
     num_warps: int = 4
