@@ -149,7 +149,7 @@ class Layer:
         if self.tinygemm is not None:
             self.tg_copies = [self.tinygemm] + [tuple(t.clone() for t in self.tinygemm) for _ in range(r4 - 1)]
 
-    def time_ours(self, x, config=None):
+    def time_awq(self, x, config=None):
         return graph_us([lambda t=t: K_.w4a16_matmul(x, *t, GROUP, config=config) for t in self.awq_copies])
 
     def time_packed(self, x, config=None):
@@ -210,7 +210,7 @@ def bench(models, gen):
                 else:
                     row["tinygemm_us"] = None
                 row["ours_us"] = layer.time_packed(x)
-                row["awq_us"] = layer.time_ours(x)
+                row["awq_us"] = layer.time_awq(x)
                 row["floor_us"] = layer.floor_bytes(m) / bw * 1e6
                 rows.append(row)
                 print(_fmt(row), flush=True)
@@ -271,11 +271,11 @@ def sweep(gen, ms):
             results = []
             for cfg in sweep_candidates(m):
                 try:
-                    results.append((layer.time_ours(x, cfg), cfg))
+                    results.append((layer.time_awq(x, cfg), cfg))
                 except Exception as e:  # out of shared memory and the like
                     print(f"  skip {cfg}: {type(e).__name__}: {str(e)[:100]}", flush=True)
             results.sort(key=lambda t: t[0])
-            default = layer.time_ours(x)
+            default = layer.time_awq(x)
             print(f"{model} {name} M={m:3d} bf16 {bf16:7.1f} default {default:7.1f}  best:", flush=True)
             for t, cfg in results[:3]:
                 print(f"     {t:7.1f}  {cfg}")

@@ -99,7 +99,7 @@ def main():
                 break
             x = torch.randn(m, k, device="cuda", generator=gen).to(torch.bfloat16)
             bf16 = layer.time_bf16(x)
-            default = layer.time_ours(x)
+            default = layer.time_awq(x)
             packed_default = layer.time_packed(x)
             res = []
             for cfg in ([] if args.defaults_only else candidates(m)):

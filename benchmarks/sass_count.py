@@ -48,6 +48,8 @@ def compile_sm90(fn, consts, num_warps, num_stages, unspecialized=(), dtype="bf1
     specializations on pointers and strides except `unspecialized`."""
     names = list(fn.arg_names)
     ptrs = dict(PTRS, x_ptr=f"*{dtype}", w_ptr=f"*{dtype}")
+    if "MAGIC" in fn.arg_names:  # as the launchers pass it (w4a16._magic)
+        consts = dict(consts, MAGIC=128.0 if dtype == "bf16" else 1024.0)
     sig = {a: ptrs.get(a, "i32") for a in names if a not in consts}
     sig.update({k: "constexpr" for k in consts})
     attrs = {(names.index(a),): [["tt.divisibility", 16]] for a in names if a in DIV16 and a not in unspecialized}

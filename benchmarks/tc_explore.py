@@ -89,11 +89,11 @@ def main():
         for m in args.ms:
             x = torch.randn(m, k, device="cuda", generator=gen).to(torch.bfloat16)
             bf16 = layer.time_bf16(x)
-            default = layer.time_ours(x)
+            default = layer.time_awq(x)
             res = []
             for cfg in candidates(m, fine=args.fine):
                 try:
-                    res.append((layer.time_ours(x, cfg), cfg))
+                    res.append((layer.time_awq(x, cfg), cfg))
                 except Exception as e:  # resources and the like
                     print(f"  skip {cfg}: {type(e).__name__}: {str(e)[:120]}", flush=True)
             res.sort(key=lambda t: t[0])

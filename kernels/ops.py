@@ -23,14 +23,6 @@ from .w4a16_packed import w4a16_packed_matmul
 NAMESPACE = "internvl_kernels"
 
 
-def _packed(x, qk, zeros, scales, group_size, bias):
-    return w4a16_packed_matmul(x, qk, zeros, scales, group_size, bias)
-
-
-def _awq(x, qweight, qzeros, scales, group_size, bias):
-    return w4a16_matmul(x, qweight, qzeros, scales, group_size, bias)
-
-
 def _packed_fake(x, qk, zeros, scales, group_size, bias):
     return x.new_empty((*x.shape[:-1], qk.shape[0]))
 
@@ -50,8 +42,8 @@ def _registered() -> bool:
 if not _registered():  # once per process, even if this file is loaded under a second module name
     _LIB = torch.library.Library(NAMESPACE, "FRAGMENT")
     for _name, _args, _impl, _fake in (
-            ("w4a16_packed_mm", "Tensor qk, Tensor zeros", _packed, _packed_fake),
-            ("w4a16_awq_mm", "Tensor qweight, Tensor qzeros", _awq, _awq_fake)):
+            ("w4a16_packed_mm", "Tensor qk, Tensor zeros", w4a16_packed_matmul, _packed_fake),
+            ("w4a16_awq_mm", "Tensor qweight, Tensor qzeros", w4a16_matmul, _awq_fake)):
         _LIB.define(f"{_name}(Tensor x, {_args}, Tensor scales, int group_size, Tensor? bias) -> Tensor")
         for _key in ("CUDA", "CPU"):
             _LIB.impl(_name, _impl, _key)

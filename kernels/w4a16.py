@@ -366,7 +366,7 @@ def _launch_tc(x, qweight, qzeros, scales, group_size, bias, out, cfg: TcConfig)
         # The interpreter runs no PTX: the nibbles are extracted with plain integer ops there (same
         # values), and bf16 dots are widened to fp32 (Triton 3.9's interpreter gets bf16 tl.dot wrong).
         USE_ASM=not interp, DOT_FP32=interp and x.dtype == torch.bfloat16, SCALE_IN_A=cfg.scale_in_a,
-        EVEN_W=(n // 8) % cfg.block_w == 0,
+        EVEN_W=(n // 8) % cfg.block_w == 0, MAGIC=_magic(x.dtype),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, **({"maxnreg": cfg.maxnreg} if cfg.maxnreg and not interp else {}),
     )
     if split > 1:
@@ -384,6 +384,12 @@ def _launch_dequant(qweight, qzeros, scales, group_size, dtype, cfg: DequantConf
         GROUP_SIZE=group_size, BLOCK_K=block_k, BLOCK_W=cfg.block_w, num_warps=cfg.num_warps,
     )
     return w
+
+
+def _magic(dtype) -> float:
+    """MAGIC for x.dtype: the power of two whose low mantissa bits _byte_pair fills with q (MAGIC + q
+    exact), 2**7 for bf16 and 2**10 for fp16. Passed to the kernels as a constexpr argument."""
+    return 128.0 if dtype == torch.bfloat16 else 1024.0
 
 
 def _dense_matmul(x, w, bias, out):
@@ -476,15 +482,21 @@ if triton is not None:
         return s * (tl.sum(a, axis=0) * UNSCALE - z * xsum)
 
     @triton.jit
+    def _store_out(ptrs, acc, mask, bias_ptrs, bias_mask, HAS_BIAS: tl.constexpr, WRITE_PARTIAL: tl.constexpr):
+        """Every kernel's fp32 result: as it is (WRITE_PARTIAL: ptrs point into the split's slice of
+        the workspace), else plus the bias (bias_ptrs broadcast against acc), in the output's dtype."""
+        if WRITE_PARTIAL:
+            tl.store(ptrs, acc, mask=mask)
+        else:
+            if HAS_BIAS:
+                acc += tl.load(bias_ptrs, mask=bias_mask, other=0.0).to(tl.float32)
+            tl.store(ptrs, acc.to(ptrs.dtype.element_ty), mask=mask)
+
+    @triton.jit
     def _store_column(row_ptr, bias_ptr, offs_w, acc, mask, COLUMN: tl.constexpr,
                       HAS_BIAS: tl.constexpr, WRITE_PARTIAL: tl.constexpr):
         cols = offs_w * 8 + COLUMN
-        if WRITE_PARTIAL:
-            tl.store(row_ptr + cols, acc, mask=mask)
-        else:
-            if HAS_BIAS:
-                acc += tl.load(bias_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-            tl.store(row_ptr + cols, acc.to(row_ptr.dtype.element_ty), mask=mask)
+        _store_out(row_ptr + cols, acc, mask, bias_ptr + cols, mask, HAS_BIAS, WRITE_PARTIAL)
 
     @triton.jit(do_not_specialize=["stride_qw"])
     def _gemv_kernel(
@@ -695,13 +707,10 @@ if triton is not None:
                     acc = tl.dot(a, b, acc)
 
         out_ptrs = out_ptr + offs_m[:, None].to(tl.int64) * stride_om + offs_n[None, :]
-        mask = mask_m[:, None] & mask_n[None, :]
         if WRITE_PARTIAL:
-            tl.store(out_ptrs + pid_k.to(tl.int64) * stride_split, acc, mask=mask)
-        else:
-            if HAS_BIAS:
-                acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
-            tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+            out_ptrs += pid_k.to(tl.int64) * stride_split
+        _store_out(out_ptrs, acc, mask_m[:, None] & mask_n[None, :], (bias_ptr + offs_n)[None, :], mask_n[None, :],
+                   HAS_BIAS, WRITE_PARTIAL)
 
     @triton.jit
     def _byte_pair(wt, BYTE: tl.constexpr, BF16: tl.constexpr, USE_ASM: tl.constexpr):
@@ -800,12 +809,8 @@ if triton is not None:
     def _tc_store(out_rows, bias_ptr, offs_w, mask_w, tot, msk, NIB: tl.constexpr,
                   HAS_BIAS: tl.constexpr, WRITE_PARTIAL: tl.constexpr):
         col = _tc_column(NIB)
-        if WRITE_PARTIAL:
-            tl.store(out_rows + col, tot, mask=msk)
-        else:
-            if HAS_BIAS:
-                tot += tl.load(bias_ptr + offs_w * 8 + col, mask=mask_w, other=0.0).to(tl.float32)[:, None]
-            tl.store(out_rows + col, tot.to(out_rows.dtype.element_ty), mask=msk)
+        _store_out(out_rows + col, tot, msk, (bias_ptr + offs_w * 8 + col)[:, None], mask_w[:, None], HAS_BIAS,
+                   WRITE_PARTIAL)
 
     @triton.jit
     def _tc_kernel(
@@ -813,7 +818,7 @@ if triton is not None:
         M, N, stride_xm, stride_qw, stride_qz, stride_s, stride_om, stride_split, k_per_split, K,
         GROUP_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_K: tl.constexpr,
         BYTES: tl.constexpr, HAS_BIAS: tl.constexpr, WRITE_PARTIAL: tl.constexpr, USE_ASM: tl.constexpr,
-        DOT_FP32: tl.constexpr, SCALE_IN_A: tl.constexpr, EVEN_W: tl.constexpr,
+        DOT_FP32: tl.constexpr, SCALE_IN_A: tl.constexpr, EVEN_W: tl.constexpr, MAGIC: tl.constexpr,
     ):
         """out[m, 8w + AWQ_ORDER[i]] for nibble i: the transposed product W_i^T [W, K] @ x^T [K, M]
         per nibble, so the dequantized weight is the dot's first (register) operand and needs no
@@ -832,7 +837,7 @@ if triton is not None:
                 _tc_run(x_ptr, qw_ptr, qz_ptr, s_ptr, bias_ptr, out_ptr, M, N, stride_xm, stride_qw, stride_qz,
                         stride_s, stride_om, stride_split, k_per_split, K, pid_m, pid_n, pid_k, GROUP_SIZE, BLOCK_M,
                         BLOCK_W, BLOCK_K, LANE * BYTES, BYTES, HAS_BIAS, WRITE_PARTIAL, USE_ASM, DOT_FP32,
-                        SCALE_IN_A, EVEN_W)
+                        SCALE_IN_A, EVEN_W, MAGIC)
 
     @triton.jit
     def _tc_run(
@@ -842,16 +847,13 @@ if triton is not None:
         GROUP_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_K: tl.constexpr,
         BYTE0: tl.constexpr, NBYTES: tl.constexpr, HAS_BIAS: tl.constexpr, WRITE_PARTIAL: tl.constexpr,
         USE_ASM: tl.constexpr, DOT_FP32: tl.constexpr, SCALE_IN_A: tl.constexpr, EVEN_W: tl.constexpr,
+        MAGIC: tl.constexpr,
     ):
         """One program's work for bytes [BYTE0, BYTE0 + NBYTES) of its words. Without SCALE_IN_A,
         each K tile (inside one group) is closed with the group's scale and zero point in fp32
         (_tc_close), and sum_k x_k comes from one more dot with a ones tile, which lands in the
         accumulators' layout."""
         DTYPE: tl.constexpr = x_ptr.dtype.element_ty
-        if DTYPE == tl.bfloat16:
-            MAGIC: tl.constexpr = 128.0
-        else:
-            MAGIC: tl.constexpr = 1024.0
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_w = pid_n * BLOCK_W + tl.arange(0, BLOCK_W)
         offs_k = tl.arange(0, BLOCK_K)

@@ -38,12 +38,13 @@ from dataclasses import dataclass
 import torch
 
 from .awq_format import check_awq_shapes, unpack_awq_int4
-from .w4a16 import _dense_matmul, _interpreting, _prepare_io, _reduce_partials, _split_dest, _waves_split, triton
+from .w4a16 import (_dense_matmul, _interpreting, _magic, _prepare_io, _reduce_partials, _split_dest, _waves_split,
+                    triton)
 
 if triton is not None:
     import triton.language as tl
 
-    from .w4a16 import _byte_pair, _magic_scaled, _tc_dot
+    from .w4a16 import _byte_pair, _magic_scaled, _store_out, _tc_dot
 
 __all__ = ["pack_w4a16", "unpack_w4a16", "can_pack", "w4a16_packed_matmul", "PackedConfig", "PackedGemvConfig",
            "PackedDequantConfig", "pick_packed_config", "TILE_K"]
@@ -114,7 +115,9 @@ class PackedGemvConfig:
 
     block_n: int = 8
     num_warps: int = 1
-    rows: int = 1  # rows of x a program: 1, 2 or 4 (each weight read once for all of them)
+    # Rows of x a program, 1 or 2 (each weight load serves both). Four were instruction-bound and lost
+    # to the tensor-core kernel at M = 4 and 8 on the H100 (results/pk-gemv2-h100.json).
+    rows: int = 1
     tiles: int = 8  # K tiles (16 words of each column) a step; fewer where they do not divide K/128
     stages: int = 3  # steps in flight (software pipeline through shared memory)
     split_k: int = 0
@@ -198,8 +201,8 @@ def _fit_tiles(tiles: int, k_tiles: int) -> int:
 def _launch_packed_gemv(x, qk, zeros, scales, group_size, bias, out, cfg: PackedGemvConfig):
     if cfg.tiles not in (1, 2, 4, 8):
         raise ValueError(f"packed GEMV: PackedGemvConfig.tiles must be 1, 2, 4 or 8, got {cfg.tiles}")
-    if cfg.rows not in (1, 2, 4):
-        raise ValueError(f"packed GEMV: PackedGemvConfig.rows must be 1, 2 or 4, got {cfg.rows}")
+    if cfg.rows not in (1, 2):
+        raise ValueError(f"packed GEMV: PackedGemvConfig.rows must be 1 or 2, got {cfg.rows}")
     m, k = x.shape
     n = out.shape[1]
     k_tiles = k // TILE_K
@@ -228,7 +231,8 @@ def _launch_packed_dequant(x, qk, zeros, scales, group_size, bias, out, cfg: Pac
     _pk_dequant_kernel[(triton.cdiv(n, cfg.block_n), k_tiles // tiles)](
         qk, zeros, scales, w, n, k, qk.stride(0), zeros.stride(0), scales.stride(0),
         GROUP_SIZE=group_size, BLOCK_N=cfg.block_n, TILES=tiles, USE_ASM=not interp,
-        DOT_FP32=interp and x.dtype == torch.bfloat16, EVEN_N=n % cfg.block_n == 0, num_warps=cfg.num_warps,
+        DOT_FP32=interp and x.dtype == torch.bfloat16, EVEN_N=n % cfg.block_n == 0, MAGIC=_magic(x.dtype),
+        num_warps=cfg.num_warps,
     )
     _dense_matmul(x, w.t(), bias, out)
 
@@ -256,7 +260,7 @@ def _launch_packed(x, qk, zeros, scales, group_size, bias, out,
         # The interpreter runs no PTX (plain integer nibble extraction, same values) and gets bf16
         # tl.dot wrong in Triton 3.9 (the operands are widened to fp32 there, exactly).
         USE_ASM=not interp, DOT_FP32=interp and x.dtype == torch.bfloat16,
-        EVEN_N=n % cfg.block_n == 0, EVEN_M=m % cfg.block_m == 0, EXACT=cfg.exact,
+        EVEN_N=n % cfg.block_n == 0, EVEN_M=m % cfg.block_m == 0, EXACT=cfg.exact, MAGIC=_magic(x.dtype),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         **({"maxnreg": cfg.maxnreg} if cfg.maxnreg and not interp else {}),
     )
@@ -382,13 +386,10 @@ if triton is not None:
                        HAS_BIAS: tl.constexpr, WRITE_PARTIAL: tl.constexpr):
         col = tl.sum(acc, axis=1) * (2.0 ** (149 - PK_PRESCALE))
         out_row = out_ptr + row.to(tl.int64) * stride_om + offs_n
-        mask = mask_n & ((tl.zeros_like(offs_n) + row) < M)
         if WRITE_PARTIAL:
-            tl.store(out_row + pid_k.to(tl.int64) * stride_split, col, mask=mask)
-        else:
-            if HAS_BIAS:
-                col += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
-            tl.store(out_row, col.to(out_ptr.dtype.element_ty), mask=mask)
+            out_row += pid_k.to(tl.int64) * stride_split
+        _store_out(out_row, col, mask_n & ((tl.zeros_like(offs_n) + row) < M), bias_ptr + offs_n, mask_n, HAS_BIAS,
+                   WRITE_PARTIAL)
 
     @triton.jit
     def _pk_gemv_kernel(
@@ -397,7 +398,7 @@ if triton is not None:
         GROUP_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, ROWS: tl.constexpr, TILES: tl.constexpr,
         STAGES: tl.constexpr, HAS_BIAS: tl.constexpr, WRITE_PARTIAL: tl.constexpr, EVEN_N: tl.constexpr,
     ):
-        """Program (m, n, split): rows [ROWS m, ROWS m + ROWS) of x (1, 2 or 4), BLOCK_N columns,
+        """Program (m, n, split): rows [ROWS m, ROWS m + ROWS) of x (1 or 2), BLOCK_N columns,
         K tiles [split * t_per_split, ...), TILES tiles (W = 16 TILES words of each column,
         contiguous) a step, STAGES steps in flight.
 
@@ -422,8 +423,6 @@ if triton is not None:
         quad_tile = (tl.arange(0, W // 4) // 4)[None, :]  # [1, W/4]: the K tile of each 4-word quad
         acc0 = tl.zeros([BLOCK_N, W // 4], dtype=tl.float32)
         acc1 = tl.zeros([BLOCK_N, W // 4], dtype=tl.float32)
-        acc2 = tl.zeros([BLOCK_N, W // 4], dtype=tl.float32)
-        acc3 = tl.zeros([BLOCK_N, W // 4], dtype=tl.float32)
         t_lo = pid_k * t_per_split
         t_hi = tl.minimum(t_lo + t_per_split, T)
         for t0 in tl.range(t_lo, t_hi, TILES, num_stages=STAGES):
@@ -438,33 +437,21 @@ if triton is not None:
                 s = tl.load(s_ptr + g * stride_s + offs_n[:, None], mask=mask_n[:, None], other=0.0).to(tl.float32)
                 z = tl.load(z_ptr + g * stride_z + offs_n[:, None], mask=mask_n[:, None], other=0).to(tl.float32)
                 acc0 += _pk_gemv_row(w, hi, xt, row0, M, s, z, p, NIBS, BLOCK_N, W)
-                if ROWS > 1:
+                if ROWS == 2:
                     acc1 += _pk_gemv_row(w, hi, xt + stride_xm, row0 + 1, M, s, z, p, NIBS, BLOCK_N, W)
-                if ROWS > 2:
-                    acc2 += _pk_gemv_row(w, hi, xt + 2 * stride_xm, row0 + 2, M, s, z, p, NIBS, BLOCK_N, W)
-                    acc3 += _pk_gemv_row(w, hi, xt + 3 * stride_xm, row0 + 3, M, s, z, p, NIBS, BLOCK_N, W)
         _pk_gemv_store(out_ptr, bias_ptr, row0, M, stride_om, stride_split, pid_k, offs_n, mask_n, acc0,
                        HAS_BIAS, WRITE_PARTIAL)
-        if ROWS > 1:
+        if ROWS == 2:
             _pk_gemv_store(out_ptr, bias_ptr, row0 + 1, M, stride_om, stride_split, pid_k, offs_n, mask_n, acc1,
-                           HAS_BIAS, WRITE_PARTIAL)
-        if ROWS > 2:
-            _pk_gemv_store(out_ptr, bias_ptr, row0 + 2, M, stride_om, stride_split, pid_k, offs_n, mask_n, acc2,
-                           HAS_BIAS, WRITE_PARTIAL)
-            _pk_gemv_store(out_ptr, bias_ptr, row0 + 3, M, stride_om, stride_split, pid_k, offs_n, mask_n, acc3,
                            HAS_BIAS, WRITE_PARTIAL)
 
     @triton.jit
     def _pk_dequant_kernel(qk_ptr, z_ptr, s_ptr, w_ptr, N, K, stride_qk, stride_z, stride_s,
                            GROUP_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, TILES: tl.constexpr,
-                           USE_ASM: tl.constexpr, DOT_FP32: tl.constexpr, EVEN_N: tl.constexpr):
+                           USE_ASM: tl.constexpr, DOT_FP32: tl.constexpr, EVEN_N: tl.constexpr,
+                           MAGIC: tl.constexpr):
         """W^T [N, K] = (q - z) s in w_ptr's dtype (one rounding), for BLOCK_N columns x TILES K tiles."""
         DTYPE: tl.constexpr = w_ptr.dtype.element_ty
-        # The float whose low mantissa bits _byte_pair fills with q (a constexpr: no helper call).
-        if DTYPE == tl.bfloat16:
-            MAGIC: tl.constexpr = 128.0
-        else:
-            MAGIC: tl.constexpr = 1024.0
         pid_n = tl.program_id(0)
         pid_t = tl.program_id(1)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -487,15 +474,11 @@ if triton is not None:
         M, N, stride_xm, stride_qk, stride_z, stride_s, stride_om, stride_split, t_per_split, T,
         GROUP_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TILES: tl.constexpr,
         HAS_BIAS: tl.constexpr, WRITE_PARTIAL: tl.constexpr, USE_ASM: tl.constexpr, DOT_FP32: tl.constexpr,
-        EVEN_N: tl.constexpr, EVEN_M: tl.constexpr, EXACT: tl.constexpr,
+        EVEN_N: tl.constexpr, EVEN_M: tl.constexpr, EXACT: tl.constexpr, MAGIC: tl.constexpr,
     ):
         """Program (tile, split): out[m, n] for block_m tokens x block_n columns over K tiles
         [split * t_per_split, ...); see the module docstring for the layout."""
         DTYPE: tl.constexpr = x_ptr.dtype.element_ty
-        if DTYPE == tl.bfloat16:
-            MAGIC: tl.constexpr = 128.0
-        else:
-            MAGIC: tl.constexpr = 1024.0
         pid = tl.program_id(0)
         pid_k = tl.program_id(1)
         # M tiles vary fastest: the programs that read one weight tile run side by side.
@@ -543,10 +526,7 @@ if triton is not None:
                     acc = _tc_dot(a, xt, acc, DOT_FP32)
 
         out_ptrs = out_ptr + offs_m[None, :].to(tl.int64) * stride_om + offs_n[:, None]
-        msk = mask_m[None, :] & mask_n[:, None]
         if WRITE_PARTIAL:
-            tl.store(out_ptrs + pid_k.to(tl.int64) * stride_split, acc, mask=msk)
-        else:
-            if HAS_BIAS:
-                acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[:, None]
-            tl.store(out_ptrs, acc.to(DTYPE), mask=msk)
+            out_ptrs += pid_k.to(tl.int64) * stride_split
+        _store_out(out_ptrs, acc, mask_m[None, :] & mask_n[:, None], (bias_ptr + offs_n)[:, None], mask_n[:, None],
+                   HAS_BIAS, WRITE_PARTIAL)
