@@ -17,7 +17,7 @@ from _shim import INTERNLM2_SHAPES, import_kernels
 from bench_w4a16 import Layer, check_random, copy_bandwidth
 
 K_ = import_kernels()
-from internvl_kernels.w4a16_packed import PackedConfig, PackedGemvConfig  # noqa: E402
+from internvl_kernels.w4a16_packed import PackedConfig, PackedDequantConfig, PackedGemvConfig  # noqa: E402
 
 
 def check(gen, quick=False):
@@ -38,6 +38,8 @@ def check_configs():
     yield PackedGemvConfig(block_n=16, num_warps=2, tiles=4, stages=4, rows=2)
     yield PackedConfig(block_m=16, block_n=64, num_warps=4, split_k=3, exact=True)
     yield PackedConfig(block_m=64, block_n=128, num_warps=8, num_stages=3)
+    yield PackedConfig(block_m=16, block_n=64, num_warps=4, num_stages=4, exact=True, prefetch=True)
+    yield PackedConfig(block_m=64, block_n=128, num_warps=8, num_stages=3, split_k=2, prefetch=True)
 
 
 def candidates(m):
@@ -50,26 +52,26 @@ def candidates(m):
             for bn, nw, tiles, stages in gemv[rows]:
                 yield PackedGemvConfig(block_n=bn, num_warps=nw, tiles=tiles, stages=stages, rows=rows, waves=2.0)
         return
-    if m <= 32:
-        for bn, nw, tiles, ns, waves in ((64, 4, 1, 4, 4.0), (64, 4, 1, 4, 2.0), (64, 4, 1, 6, 4.0), (64, 4, 2, 3, 4.0),
-                                         (64, 4, 1, 4, 8.0), (32, 2, 1, 4, 4.0), (32, 2, 1, 4, 8.0), (32, 2, 2, 3, 8.0),
-                                         (128, 4, 1, 4, 4.0), (128, 8, 1, 4, 2.0), (128, 4, 1, 4, 2.0)):
-            for exact in (True, False):
-                yield PackedConfig(block_m=bm, block_n=bn, num_warps=nw, tiles=tiles, num_stages=ns, waves=waves,
-                                   exact=exact)
-    elif m <= 128:
-        for bm_ in sorted({bm, 64}):
-            for bn, nw in ((64, 4), (128, 4), (128, 8), (256, 8)):
-                for ns in (3, 4):
-                    yield PackedConfig(block_m=bm_, block_n=bn, num_warps=nw, num_stages=ns, waves=1.0)
-        yield PackedConfig(block_m=64, block_n=128, num_warps=8, num_stages=3, waves=2.0)
-        yield PackedConfig(block_m=64, block_n=128, num_warps=4, num_stages=4, waves=2.0, exact=True)
-    else:
-        for bm_, bn, nw in ((128, 128, 8), (128, 256, 8), (256, 128, 8), (64, 256, 8), (128, 128, 4), (256, 64, 4)):
-            for ns in (2, 3, 4):
-                yield PackedConfig(block_m=bm_, block_n=bn, num_warps=nw, num_stages=ns, waves=1.0)
-        yield PackedConfig(block_m=256, block_n=128, num_warps=8, num_stages=2, tiles=2, waves=1.0)
-        yield PackedConfig(block_m=128, block_n=128, num_warps=8, num_stages=2, tiles=2, waves=1.0)
+    if m <= 32:  # one tile a step with the scales loaded a step ahead; split-K against none
+        yield PackedConfig(block_m=bm, block_n=64, num_warps=4, tiles=2, num_stages=3, waves=4.0, exact=True)
+        for bn, nw, ns, waves, split, pf in ((64, 4, 4, 4.0, 0, False), (64, 4, 4, 4.0, 0, True),
+                                             (64, 4, 3, 4.0, 0, True), (64, 4, 4, 8.0, 0, True),
+                                             (64, 4, 4, 0.0, 1, True), (64, 4, 4, 0.0, 2, True),
+                                             (128, 8, 4, 4.0, 0, True)):
+            yield PackedConfig(block_m=bm, block_n=bn, num_warps=nw, num_stages=ns, waves=waves, split_k=split,
+                               exact=True, prefetch=pf)
+    elif m <= 128:  # the same, and wider blocks (x is read once per block of columns)
+        for bm_, bn, nw, ns in ((128, 64, 4, 3), (128, 128, 8, 3), (64, 128, 8, 3), (128, 256, 8, 2)):
+            for split in (0, 1):
+                for pf in (False, True):
+                    yield PackedConfig(block_m=min(bm_, bm), block_n=bn, num_warps=nw, num_stages=ns, waves=1.0,
+                                       split_k=split, prefetch=pf)
+    else:  # the fused kernel against dequantize + cuBLAS
+        for bm_, bn, nw, ns in ((256, 128, 8, 3), (128, 256, 8, 3), (128, 128, 8, 4)):
+            for pf in (False, True):
+                yield PackedConfig(block_m=bm_, block_n=bn, num_warps=nw, num_stages=ns, waves=1.0, prefetch=pf)
+        for bn, tiles, nw in ((32, 1, 4), (64, 1, 4), (32, 2, 4), (64, 2, 8)):
+            yield PackedDequantConfig(block_n=bn, tiles=tiles, num_warps=nw)
 
 
 def main():

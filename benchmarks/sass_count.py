@@ -8,7 +8,7 @@ shared memory and the instruction mix of the main loop can be read here, at no d
     python3 benchmarks/sass_count.py dq 64,32,8                # the AWQ-layout dequantizer: BLOCK_K,BLOCK_W,warps
     python3 benchmarks/sass_count.py gemv 8,2                  # the AWQ-layout GEMV: BLOCK_K,warps
     python3 benchmarks/sass_count.py pkgemv 8,1[,8,3,1,128]     # packed GEMV: BLOCK_N,warps[,TILES,STAGES,ROWS,group]
-    python3 benchmarks/sass_count.py pk 128,128,1,8,3[,exact,group]  # packed: BLOCK_M,BLOCK_N,TILES,warps,stages
+    python3 benchmarks/sass_count.py pk 128,128,1,8,3[,exact,group,prefetch]  # packed: BLOCK_M,BLOCK_N,TILES,warps,stages
     python3 benchmarks/sass_count.py pkdq 32,4,1                # packed dequantizer: BLOCK_N,warps,TILES
 
 Use the Triton version of the device machine (3.6) for numbers that match it: scripts/setup.sh makes
@@ -106,9 +106,10 @@ def compile_case(which: str, spec: list[int], dtype: str = "bf16", flags: dict |
         consts.update(flags or {})
         return compile_sm90(w4a16_packed._pk_dequant_kernel, consts, nw, 1, dtype=dtype)
     if which == "pk":
-        bm, bn, tiles, nw, ns, exact, group = spec + [0, 128][len(spec) - 5:]
+        bm, bn, tiles, nw, ns, exact, group, prefetch = spec + [0, 128, 0][len(spec) - 5:]
         consts = dict(GROUP_SIZE=group, BLOCK_M=bm, BLOCK_N=bn, TILES=tiles, HAS_BIAS=False, WRITE_PARTIAL=False,
-                      USE_ASM=True, DOT_FP32=False, EVEN_N=True, EVEN_M=True, EXACT=bool(exact))
+                      USE_ASM=True, DOT_FP32=False, EVEN_N=True, EVEN_M=True, EXACT=bool(exact),
+                      PREFETCH=bool(prefetch) and tiles * 128 // group == 1)
         consts.update(flags or {})
         return compile_sm90(w4a16_packed._pk_kernel, consts, nw, ns, dtype=dtype)
     if which == "dq":  # the AWQ-layout dequantizer

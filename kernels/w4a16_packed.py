@@ -105,6 +105,9 @@ class PackedConfig:
     # instructions a weight, more an output: for few tokens). False: (q - z) * s is formed in x.dtype
     # and the dots accumulate over all of K (for many tokens).
     exact: bool = False
+    # Load the next step's scales and zero points a step ahead (used with one group a step: tiles=1
+    # and group size 128; see _pk_kernel).
+    prefetch: bool = False
 
 
 @dataclass(frozen=True)
@@ -260,7 +263,8 @@ def _launch_packed(x, qk, zeros, scales, group_size, bias, out,
         # The interpreter runs no PTX (plain integer nibble extraction, same values) and gets bf16
         # tl.dot wrong in Triton 3.9 (the operands are widened to fp32 there, exactly).
         USE_ASM=not interp, DOT_FP32=interp and x.dtype == torch.bfloat16,
-        EVEN_N=n % cfg.block_n == 0, EVEN_M=m % cfg.block_m == 0, EXACT=cfg.exact, MAGIC=_magic(x.dtype),
+        EVEN_N=n % cfg.block_n == 0, EVEN_M=m % cfg.block_m == 0, EXACT=cfg.exact,
+        PREFETCH=cfg.prefetch and tiles * (TILE_K // group_size) == 1, MAGIC=_magic(x.dtype),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         **({"maxnreg": cfg.maxnreg} if cfg.maxnreg and not interp else {}),
     )
@@ -287,16 +291,23 @@ if triton is not None:
         return v - zm[:, None]
 
     @triton.jit
-    def _pk_part(w, s_ptr, z_ptr, offs_n, mask_n, stride_s, stride_z, g, P: tl.constexpr, NP: tl.constexpr,
-                 MAGIC: tl.constexpr, DTYPE: tl.constexpr, USE_ASM: tl.constexpr, DOT_FP32: tl.constexpr,
-                 SCALE: tl.constexpr):
+    def _pk_group(s_ptr, z_ptr, offs_n, mask_n, stride_s, stride_z, g):
+        """Scales and zero points [BN] of group g (zero where masked)."""
+        s = tl.load(s_ptr + g * stride_s + offs_n, mask=mask_n, other=0.0)
+        z = tl.load(z_ptr + g * stride_z + offs_n, mask=mask_n, other=0)
+        return s, z
+
+    @triton.jit
+    def _pk_part(w, s, z, P: tl.constexpr, NP: tl.constexpr, MAGIC: tl.constexpr, DTYPE: tl.constexpr,
+                 USE_ASM: tl.constexpr, DOT_FP32: tl.constexpr, SCALE: tl.constexpr):
         """Part P of NP of a K tile as a dot operand [BN, 128 / NP]: nibbles [8P/NP, 8(P+1)/NP) of the
         words w [BN, 16], column 16 i + j from nibble i of word j (relative to the part). Each nibble
-        is the exact q - z, or with SCALE (q - z) * s, in DTYPE, with group g's scale and zero point."""
+        is the exact q - z, or with SCALE (q - z) * s, in DTYPE, with the group's scales s and zero
+        points z [BN] (_pk_group)."""
         BF16: tl.constexpr = DTYPE == tl.bfloat16
-        zm = (tl.load(z_ptr + g * stride_z + offs_n, mask=mask_n, other=0).to(tl.float32) + MAGIC).to(DTYPE)
+        zm = (z.to(tl.float32) + MAGIC).to(DTYPE)
         if SCALE:
-            s = tl.load(s_ptr + g * stride_s + offs_n, mask=mask_n, other=0.0).to(DTYPE)
+            s = s.to(DTYPE)
         else:
             s = 0.0
         if NP == 4:
@@ -319,29 +330,34 @@ if triton is not None:
             return _pk_cat(lo, hi)
 
     @triton.jit
+    def _pk_scaled_part(w, s_ptr, z_ptr, offs_n, mask_n, stride_s, stride_z, g, P: tl.constexpr, NP: tl.constexpr,
+                        MAGIC: tl.constexpr, DTYPE: tl.constexpr, USE_ASM: tl.constexpr, DOT_FP32: tl.constexpr):
+        s, z = _pk_group(s_ptr, z_ptr, offs_n, mask_n, stride_s, stride_z, g)
+        return _pk_part(w, s, z, P, NP, MAGIC, DTYPE, USE_ASM, DOT_FP32, True)
+
+    @triton.jit
     def _pk_scaled_tile(w, s_ptr, z_ptr, offs_n, mask_n, stride_s, stride_z, t, NP: tl.constexpr,
                         MAGIC: tl.constexpr, DTYPE: tl.constexpr, USE_ASM: tl.constexpr, DOT_FP32: tl.constexpr):
         """K tile t as one dot operand [BN, 128] of (q - z) * s in DTYPE (NP groups per tile)."""
         g = t * NP
-        if NP == 1:
-            return _pk_part(w, s_ptr, z_ptr, offs_n, mask_n, stride_s, stride_z, g, 0, 1, MAGIC, DTYPE, USE_ASM,
-                            DOT_FP32, True)
-        elif NP == 2:
+        if NP == 2:
             return _pk_cat(
-                _pk_part(w, s_ptr, z_ptr, offs_n, mask_n, stride_s, stride_z, g, 0, 2, MAGIC, DTYPE, USE_ASM,
-                         DOT_FP32, True),
-                _pk_part(w, s_ptr, z_ptr, offs_n, mask_n, stride_s, stride_z, g + 1, 1, 2, MAGIC, DTYPE, USE_ASM,
-                         DOT_FP32, True))
-        else:
+                _pk_scaled_part(w, s_ptr, z_ptr, offs_n, mask_n, stride_s, stride_z, g, 0, 2, MAGIC, DTYPE, USE_ASM,
+                                DOT_FP32),
+                _pk_scaled_part(w, s_ptr, z_ptr, offs_n, mask_n, stride_s, stride_z, g + 1, 1, 2, MAGIC, DTYPE,
+                                USE_ASM, DOT_FP32))
+        elif NP == 4:
             return _pk_cat(
-                _pk_cat(_pk_part(w, s_ptr, z_ptr, offs_n, mask_n, stride_s, stride_z, g, 0, 4, MAGIC, DTYPE, USE_ASM,
-                                 DOT_FP32, True),
-                        _pk_part(w, s_ptr, z_ptr, offs_n, mask_n, stride_s, stride_z, g + 1, 1, 4, MAGIC, DTYPE,
-                                 USE_ASM, DOT_FP32, True)),
-                _pk_cat(_pk_part(w, s_ptr, z_ptr, offs_n, mask_n, stride_s, stride_z, g + 2, 2, 4, MAGIC, DTYPE,
-                                 USE_ASM, DOT_FP32, True),
-                        _pk_part(w, s_ptr, z_ptr, offs_n, mask_n, stride_s, stride_z, g + 3, 3, 4, MAGIC, DTYPE,
-                                 USE_ASM, DOT_FP32, True)))
+                _pk_cat(_pk_scaled_part(w, s_ptr, z_ptr, offs_n, mask_n, stride_s, stride_z, g, 0, 4, MAGIC, DTYPE,
+                                        USE_ASM, DOT_FP32),
+                        _pk_scaled_part(w, s_ptr, z_ptr, offs_n, mask_n, stride_s, stride_z, g + 1, 1, 4, MAGIC, DTYPE,
+                                        USE_ASM, DOT_FP32)),
+                _pk_cat(_pk_scaled_part(w, s_ptr, z_ptr, offs_n, mask_n, stride_s, stride_z, g + 2, 2, 4, MAGIC, DTYPE,
+                                        USE_ASM, DOT_FP32),
+                        _pk_scaled_part(w, s_ptr, z_ptr, offs_n, mask_n, stride_s, stride_z, g + 3, 3, 4, MAGIC, DTYPE,
+                                        USE_ASM, DOT_FP32)))
+        return _pk_scaled_part(w, s_ptr, z_ptr, offs_n, mask_n, stride_s, stride_z, g, 0, 1, MAGIC, DTYPE, USE_ASM,
+                               DOT_FP32)
 
     # The GEMV multiplies x by 2**(X_PRESCALE - e) for a nibble read as the float q * 2**(e - 149), so
     # every product is x q 2**(X_PRESCALE - 149), undone with the scale (as w4a16._gemv_kernel).
@@ -474,7 +490,8 @@ if triton is not None:
         M, N, stride_xm, stride_qk, stride_z, stride_s, stride_om, stride_split, t_per_split, T,
         GROUP_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TILES: tl.constexpr,
         HAS_BIAS: tl.constexpr, WRITE_PARTIAL: tl.constexpr, USE_ASM: tl.constexpr, DOT_FP32: tl.constexpr,
-        EVEN_N: tl.constexpr, EVEN_M: tl.constexpr, EXACT: tl.constexpr, MAGIC: tl.constexpr,
+        EVEN_N: tl.constexpr, EVEN_M: tl.constexpr, EXACT: tl.constexpr, PREFETCH: tl.constexpr,
+        MAGIC: tl.constexpr,
     ):
         """Program (tile, split): out[m, n] for block_m tokens x block_n columns over K tiles
         [split * t_per_split, ...); see the module docstring for the layout."""
@@ -497,7 +514,18 @@ if triton is not None:
         acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
         t_lo = pid_k * t_per_split
         t_hi = tl.minimum(t_lo + t_per_split, T)
+        # PREFETCH (one group a step: TILES = 1, group size 128): the step's scales and zero points
+        # are loaded one step ahead, into registers. The pipeliner does not take these narrow (1- and
+        # 2-byte) loads, so otherwise each step waits for them; the carried copies cost a layout
+        # conversion through shared memory a step.
+        if PREFETCH:
+            s_next, z_next = _pk_group(s_ptr, z_ptr, offs_n, mask_n, stride_s, stride_z, t_lo)
         for t0 in range(t_lo, t_hi, TILES):
+            if PREFETCH:
+                s_cur, z_cur = s_next, z_next
+                # (the last step reloads its own group: no load past the split's end)
+                s_next, z_next = _pk_group(s_ptr, z_ptr, offs_n, mask_n, stride_s, stride_z,
+                                           tl.minimum(t0 + 1, t_hi - 1))
             for u in tl.static_range(TILES):
                 t = t0 + u
                 if EVEN_N:
@@ -507,22 +535,26 @@ if triton is not None:
                 if EXACT:
                     # One dot per group on the exact q - z, scaled in fp32.
                     for p in tl.static_range(NP):
-                        g = t * NP + p
-                        s = tl.load(s_ptr + g * stride_s + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+                        if PREFETCH:
+                            s, z = s_cur, z_cur
+                        else:
+                            s, z = _pk_group(s_ptr, z_ptr, offs_n, mask_n, stride_s, stride_z, t * NP + p)
                         if EVEN_M:
                             xp = tl.load(x_part + t * 128 + p * W)
                         else:
                             xp = tl.load(x_part + t * 128 + p * W, mask=mask_m[None, :], other=0.0)
-                        a = _pk_part(w, s_ptr, z_ptr, offs_n, mask_n, stride_s, stride_z, g, p, NP, MAGIC, DTYPE,
-                                     USE_ASM, DOT_FP32, False)
-                        acc += _tc_dot(a, xp, None, DOT_FP32) * s[:, None]
+                        a = _pk_part(w, s, z, p, NP, MAGIC, DTYPE, USE_ASM, DOT_FP32, False)
+                        acc += _tc_dot(a, xp, None, DOT_FP32) * s.to(tl.float32)[:, None]
                 else:
                     if EVEN_M:
                         xt = tl.load(x_cols + t * 128)
                     else:
                         xt = tl.load(x_cols + t * 128, mask=mask_m[None, :], other=0.0)
-                    a = _pk_scaled_tile(w, s_ptr, z_ptr, offs_n, mask_n, stride_s, stride_z, t, NP, MAGIC, DTYPE,
-                                        USE_ASM, DOT_FP32)
+                    if PREFETCH:
+                        a = _pk_part(w, s_cur, z_cur, 0, 1, MAGIC, DTYPE, USE_ASM, DOT_FP32, True)
+                    else:
+                        a = _pk_scaled_tile(w, s_ptr, z_ptr, offs_n, mask_n, stride_s, stride_z, t, NP, MAGIC, DTYPE,
+                                            USE_ASM, DOT_FP32)
                     acc = _tc_dot(a, xt, acc, DOT_FP32)
 
         out_ptrs = out_ptr + offs_m[None, :].to(tl.int64) * stride_om + offs_n[:, None]

@@ -119,6 +119,12 @@ def _cases():
                               dtype, (3,), 256, 72, gs, True))
                 cases.append(("tc", dict(block_m=16, block_n=16, num_warps=1, split_k=2, tiles=2, exact=exact),
                               dtype, (2, 9), 512, 40, gs, False))
+                # Scales loaded a step ahead (one group a step: group 128; elsewhere the flag is inert):
+                # several steps a program, the last one's look-ahead masked; one step a program.
+                cases.append(("tc", dict(block_m=16, block_n=32, num_warps=1, split_k=1, exact=exact, prefetch=True),
+                              dtype, (5,), 384, 72, gs, True))
+                cases.append(("tc", dict(block_m=16, block_n=16, num_warps=1, split_k=4, exact=exact, prefetch=True),
+                              dtype, (17,), 512, 40, gs, False))
     for dtype in ("float16", "bfloat16"):  # the launcher's own choice
         cases.append(("auto", None, dtype, (1,), 256, 64, 128, False))
         cases.append(("auto", None, dtype, (2, 5), 256, 48, 64, True))
