@@ -17,14 +17,15 @@ from _shim import INTERNLM2_SHAPES, import_kernels
 from bench_w4a16 import Layer, check_random, copy_bandwidth
 
 K_ = import_kernels()
-from internvl_kernels.w4a16_packed import PackedConfig, PackedDequantConfig, PackedGemvConfig  # noqa: E402
+from internvl_kernels.w4a16_packed import (PACKED_WIDE_CONFIG, PackedConfig, PackedDequantConfig,  # noqa: E402
+                                           PackedGemvConfig)
 
 
 def check(gen, quick=False):
     """Fresh random inputs over shapes, dtypes, group sizes, token counts and configs (the default
     and check_configs): relative error against an fp64 reference of the AWQ tensors."""
     shapes = ((128, 64), (384, 200), (1024, 4096 + 512)) if not quick else ((384, 200), (1024, 4096 + 512))
-    ms = (1, 2, 3, 16, 33, 64, 100, 300) if not quick else (1, 2, 6, 40)
+    ms = (1, 2, 3, 16, 33, 64, 100, 300) if not quick else (1, 2, 6, 40, 200)
 
     def run(qw, qz, sc, g):
         qk, zz = K_.pack_w4a16(qw, qz, sc, g)
@@ -40,6 +41,7 @@ def check_configs():
     yield PackedConfig(block_m=64, block_n=128, num_warps=8, num_stages=3)
     yield PackedConfig(block_m=16, block_n=64, num_warps=4, num_stages=4, exact=True, prefetch=True)
     yield PackedConfig(block_m=64, block_n=128, num_warps=8, num_stages=3, split_k=2, prefetch=True)
+    yield PACKED_WIDE_CONFIG
 
 
 def candidates(m):

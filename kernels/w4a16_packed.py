@@ -25,8 +25,9 @@ into one [block_n, 128] register operand (tl.join/permute/reshape; the compiled 
 registers). Either (scale-in-A) it forms (q - z) * s in x.dtype (the subtraction exact, the product
 rounded once, as a dense 16-bit copy of the weight would be) and accumulates one dot over all of K,
 or (exact) it runs one dot per group on the exact q - z ((MAGIC + q) - (MAGIC + z)) and scales it in
-fp32. One or two tokens go to _pk_gemv_kernel (CUDA cores, PackedGemvConfig); more than 256 to
-_pk_dequant_kernel + cuBLAS (PackedDequantConfig). Small grids split K (fp32 partial sums reduced
+fp32. One or two tokens go to _pk_gemv_kernel (CUDA cores, PackedGemvConfig); more than 128 to
+the tensor-core kernel with wide blocks where the weight is wide, else to _pk_dequant_kernel +
+cuBLAS (PackedDequantConfig; pick_packed_config). Small grids split K (fp32 partial sums reduced
 by w4a16._splitk_reduce_kernel). The reference is awq_format.w4a16_matmul_ref on the AWQ tensors;
 unpack_w4a16 inverts the packing.
 """
@@ -38,8 +39,8 @@ from dataclasses import dataclass
 import torch
 
 from .awq_format import check_awq_shapes, unpack_awq_int4
-from .w4a16 import (_dense_matmul, _interpreting, _magic, _prepare_io, _reduce_partials, _split_dest, _waves_split,
-                    triton)
+from .w4a16 import (_dense_matmul, _interpreting, _magic, _prepare_io, _reduce_partials, _sm_count, _split_dest,
+                    _waves_split, triton)
 
 if triton is not None:
     import triton.language as tl
@@ -101,6 +102,8 @@ class PackedConfig:
     split_k: int = 0  # 0: derived from the grid (see w4a16._waves_split)
     waves: float = 2.0  # programs per multiprocessor that w4a16._waves_split aims for
     maxnreg: int = 0
+    # False: no split-K once the grid has a program for every multiprocessor.
+    split_full_grids: bool = True
     # True: each group's dot runs on the exact integers q - z and is scaled in fp32 (fewer
     # instructions a weight, more an output: for few tokens). False: (q - z) * s is formed in x.dtype
     # and the dots accumulate over all of K (for many tokens).
@@ -133,15 +136,16 @@ class PackedDequantConfig:
     (x @ W^T, the layout of F.linear). The dense copy is made on every call and freed after it."""
 
     # 32 columns, 4 warps, one tile: 32 registers a thread and 216 instructions in the offline sm_90
-    # compile with Triton 3.6 (`sass_count.py pkdq 32,4,1`), so occupancy is not the limit. Not yet timed.
+    # compile with Triton 3.6 (`sass_count.py pkdq 32,4,1`). On the H100, 64 columns or two tiles a
+    # program were within 1% (results/pk-explore2-h100.json).
     block_n: int = 32
     tiles: int = 1  # K tiles a program
     num_warps: int = 4
 
 
 # Tuned on one H100 80GB HBM3 (benchmarks/pk_explore.py, Triton 3.6, bf16, group 128, the InternLM2-7B
-# and -20B linears; results/pk-explore-h100.json and pk-explore-gemv-h100.json): the config that was
-# best or within a few percent of the best on most of the eight shapes for each M.
+# and -20B linears; results/pk-explore-h100.json, pk-explore-gemv-h100.json, pk-explore2-h100.json):
+# the config that was best or within a few percent of the best on most of the eight shapes for each M.
 # The GEMV (8 columns and all of K a one-warp program, no split-K) won on all eight shapes at M = 1
 # and 2 (results/pk-gemv-h100.json, pk-gemv2-h100.json): one row a program for M = 1, two for M = 2.
 PACKED_GEMV_MAX_M = 2
@@ -153,23 +157,33 @@ PACKED_GEMV_CONFIGS = {
 PACKED_CONFIGS = [
     (16, PackedConfig(block_m=16, block_n=64, tiles=2, num_warps=4, num_stages=3, waves=4.0, exact=True)),
     (32, PackedConfig(block_m=32, block_n=64, num_warps=4, num_stages=4, waves=4.0)),
-    (64, PackedConfig(block_m=64, block_n=128, num_warps=8, num_stages=3, waves=2.0)),
+    # Split K (into 2-9 ways) only while the grid has fewer programs than multiprocessors: at 64
+    # tokens the fp32 partials of a 28672-wide weight cost more than they gain (7B w13 61.4 us split
+    # in two, 50.1 us whole; results/pk-explore2-h100.json).
+    (64, PackedConfig(block_m=64, block_n=128, num_warps=8, num_stages=3, waves=2.0, split_full_grids=False)),
     (128, PackedConfig(block_m=128, block_n=64, num_warps=4, num_stages=3, waves=1.0)),
-    (256, PackedConfig(block_m=256, block_n=128, num_warps=8, num_stages=3, waves=1.0)),
-    # Above 256 tokens: dequantize + cuBLAS. At M = 512 the tensor-core kernel reached 0.41-0.83x of
-    # cuBLAS bf16 and the AWQ layout's dequantize + cuBLAS 0.56-0.68x, better on 6 of 8 shapes
-    # (results/pk-defaults-h100.json); the packed dequantizer writes the same bytes. Not yet timed.
-    (1 << 62, PackedDequantConfig()),
 ]
+# More than 128 tokens: the fused kernel on wide weights, else dequantize + cuBLAS. Both lose to
+# cuBLAS bf16 here; the fused kernel's share of the GPU grows with N (blocks of 256 columns), the
+# dequantizer's cost is fixed per weight. Measured crossovers (H100, results/pk-explore2-h100.json):
+# fused won at 256 tokens for N >= 8192 or K >= 8192 (7B w13 119.9 us against 163 or more; 7B w2
+# 102.6 against 116.8) and lost on the rest (7B wo 38.8 against 33.0); at 512 tokens it won for
+# N >= 8192 only (7B w13 243.7 against 280.9; 7B w2 161.3 against 133.7).
+PACKED_WIDE_CONFIG = PackedConfig(block_m=128, block_n=256, num_warps=8, num_stages=3, waves=1.0, prefetch=True)
+PACKED_WIDE_MIN = 8192
+PACKED_DEQUANT_CONFIG = PackedDequantConfig()
 
 
-def pick_packed_config(m: int):
+def pick_packed_config(m: int, n: int, k: int):
+    """The default config for m tokens through a [K, N] weight."""
     if m <= PACKED_GEMV_MAX_M:
         return PACKED_GEMV_CONFIGS[max(m, 1)]
     for bound, cfg in PACKED_CONFIGS:
         if m <= bound:
             return cfg
-    raise AssertionError("unreachable")
+    if (m <= 256 and max(n, k) >= PACKED_WIDE_MIN) or (m <= 512 and n >= PACKED_WIDE_MIN):
+        return PACKED_WIDE_CONFIG
+    return PACKED_DEQUANT_CONFIG
 
 
 def w4a16_packed_matmul(x, qk, zeros, scales, group_size: int, bias=None, *, out=None, config=None):
@@ -189,7 +203,7 @@ def w4a16_packed_matmul(x, qk, zeros, scales, group_size: int, bias=None, *, out
     lead, x2, out = _prepare_io("w4a16_packed_matmul", x, k, n, bias, out)
     qk, zeros, scales = (t if t.stride(-1) == 1 else t.contiguous() for t in (qk, zeros, scales))
     if x2.shape[0]:
-        _launch_packed(x2, qk, zeros, scales, group_size, bias, out, config or pick_packed_config(x2.shape[0]))
+        _launch_packed(x2, qk, zeros, scales, group_size, bias, out, config or pick_packed_config(x2.shape[0], n, k))
     return out.view(*lead, n)
 
 
@@ -240,6 +254,14 @@ def _launch_packed_dequant(x, qk, zeros, scales, group_size, bias, out, cfg: Pac
     _dense_matmul(x, w.t(), bias, out)
 
 
+def _packed_split(cfg: PackedConfig, programs: int, steps: int, device) -> int:
+    """Ways to split K for a grid of `programs` tiles of `steps` K steps each (w4a16._waves_split,
+    unless the config keeps full grids whole)."""
+    if not cfg.split_k and not cfg.split_full_grids and programs >= _sm_count(device):
+        return 1
+    return _waves_split(cfg.split_k, cfg.waves, programs, steps, device)
+
+
 def _launch_packed(x, qk, zeros, scales, group_size, bias, out,
                    cfg: PackedConfig | PackedGemvConfig | PackedDequantConfig):
     if isinstance(cfg, PackedGemvConfig):
@@ -252,8 +274,7 @@ def _launch_packed(x, qk, zeros, scales, group_size, bias, out,
     tiles = _fit_tiles(cfg.tiles, k_tiles)
     steps = k_tiles // tiles
     programs = triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n)
-    split, per_split, dest = _split_dest(out, _waves_split(cfg.split_k, cfg.waves, programs, steps, x.device),
-                                         steps)
+    split, per_split, dest = _split_dest(out, _packed_split(cfg, programs, steps, x.device), steps)
     interp = _interpreting()
     _pk_kernel[(programs, split)](
         x, qk, zeros, scales, bias if bias is not None else scales, dest,

@@ -69,6 +69,33 @@ def test_fit_tiles_takes_the_largest_dividing_power_of_two():
     assert _fit_tiles(2, 3) == 1 and _fit_tiles(1, 5) == 1
 
 
+def test_default_configs_follow_tokens_and_weight_shape():
+    from internvl_kernels.w4a16_packed import (PACKED_CONFIGS, PACKED_DEQUANT_CONFIG, PACKED_WIDE_CONFIG,
+                                               PackedGemvConfig, pick_packed_config)
+
+    assert pick_packed_config(1, 4096, 4096).rows == 1 and pick_packed_config(2, 4096, 4096).rows == 2
+    assert isinstance(pick_packed_config(2, 4096, 4096), PackedGemvConfig)
+    assert pick_packed_config(3, 4096, 4096) is PACKED_CONFIGS[0][1] and pick_packed_config(16, 64, 64).exact
+    assert pick_packed_config(128, 28672, 4096) is PACKED_CONFIGS[-1][1]
+    # Above 128 tokens: wide weights (N, or K up to 256 tokens, at least 8192) take the fused kernel.
+    assert pick_packed_config(129, 4096, 4096) is PACKED_DEQUANT_CONFIG
+    assert pick_packed_config(256, 4096, 14336) is PACKED_WIDE_CONFIG  # 7B w2
+    assert pick_packed_config(257, 4096, 14336) is PACKED_DEQUANT_CONFIG
+    assert pick_packed_config(512, 28672, 4096) is PACKED_WIDE_CONFIG  # 7B w13
+    assert pick_packed_config(513, 28672, 4096) is PACKED_DEQUANT_CONFIG
+
+
+def test_packed_split_keeps_full_grids_whole_when_asked():
+    from internvl_kernels.w4a16_packed import PackedConfig, _packed_split
+
+    cpu = torch.device("cpu")  # w4a16._sm_count: 4 "multiprocessors" off CUDA
+    keep = PackedConfig(waves=2.0, split_full_grids=False)
+    assert _packed_split(keep, 4, 8, cpu) == 1  # a full grid: whole
+    assert _packed_split(keep, 2, 8, cpu) == 4  # half a grid: split for two waves
+    assert _packed_split(PackedConfig(waves=2.0), 4, 8, cpu) == 2
+    assert _packed_split(PackedConfig(split_k=3, split_full_grids=False), 4, 8, cpu) == 3
+
+
 def test_packed_matmul_names_bad_inputs():
     from internvl_kernels import w4a16_packed_matmul
     from internvl_kernels.w4a16_packed import PackedGemvConfig
@@ -125,6 +152,9 @@ def _cases():
                               dtype, (5,), 384, 72, gs, True))
                 cases.append(("tc", dict(block_m=16, block_n=16, num_warps=1, split_k=4, exact=exact, prefetch=True),
                               dtype, (17,), 512, 40, gs, False))
+        # The wide-block config of more than 128 tokens (masked N, prefetch inert at groups 32/64).
+        cases.append(("tc", dict(block_m=128, block_n=256, num_warps=8, prefetch=True), dtype, (130,), 256, 40, 128,
+                      dtype == "float16"))
     for dtype in ("float16", "bfloat16"):  # the launcher's own choice
         cases.append(("auto", None, dtype, (1,), 256, 64, 128, False))
         cases.append(("auto", None, dtype, (2, 5), 256, 48, 64, True))
@@ -157,7 +187,7 @@ def _worker():
         ref = x.double() @ dequantize_awq(qweight, qzeros, scales, gs, dtype=torch.float64)
         if bias is not None:
             ref = ref + bias.double()
-        chosen = config or pick_packed_config(m)
+        chosen = config or pick_packed_config(m, n, k)
         kind = ("gemv" if isinstance(chosen, PackedGemvConfig) else "dequant" if isinstance(chosen, PackedDequantConfig)
                 else "exact" if chosen.exact else "scaled")
         results[name] = case_result(kind, y, out, ref, lead, n, dt)

@@ -35,7 +35,8 @@ def _spec(cfg, group=128):
     if isinstance(cfg, w4a16_packed.PackedDequantConfig):
         return "pkdq", [cfg.block_n, cfg.num_warps, cfg.tiles]
     if isinstance(cfg, w4a16_packed.PackedConfig):
-        return "pk", [cfg.block_m, cfg.block_n, cfg.tiles, cfg.num_warps, cfg.num_stages, int(cfg.exact), group]
+        return "pk", [cfg.block_m, cfg.block_n, cfg.tiles, cfg.num_warps, cfg.num_stages, int(cfg.exact), group,
+                      int(cfg.prefetch)]
     if isinstance(cfg, w4a16.GemvConfig):
         return "gemv", [cfg.block_k, cfg.num_warps]
     if isinstance(cfg, w4a16.TcConfig):
@@ -51,6 +52,7 @@ def _spec(cfg, group=128):
 
 def _cases():
     cfgs = list(w4a16_packed.PACKED_GEMV_CONFIGS.values()) + [c for _, c in w4a16_packed.PACKED_CONFIGS]
+    cfgs += [w4a16_packed.PACKED_WIDE_CONFIG, w4a16_packed.PACKED_DEQUANT_CONFIG]
     cfgs += list(w4a16.GEMV_CONFIGS.values()) + [c for _, _, c in w4a16.TC_CONFIGS] + [c for _, c in w4a16.GEMM_CONFIGS]
     specs = []
     for cfg in cfgs:
@@ -67,7 +69,8 @@ def _cases():
               [*_spec(w4a16_packed.PACKED_CONFIGS[0][1]), "bf16", dict(ragged, EVEN_M=False)],
               [*_spec(w4a16_packed.PACKED_CONFIGS[2][1]), "fp16", dict(ragged, EVEN_M=False)],
               [*_spec(w4a16_packed.PACKED_CONFIGS[1][1]), "bf16", dict(WRITE_PARTIAL=True)],
-              [*_spec(w4a16_packed.PACKED_CONFIGS[-1][1]), "bf16", dict(EVEN_N=False)]]
+              [*_spec(w4a16_packed.PACKED_WIDE_CONFIG), "fp16", dict(ragged, EVEN_M=False)],
+              [*_spec(w4a16_packed.PACKED_DEQUANT_CONFIG), "bf16", dict(EVEN_N=False)]]
     return cases
 
 
@@ -104,4 +107,4 @@ def test_default_configs_compile_for_sm90(compiled, which):
 
 def test_every_launcher_table_is_covered():
     assert {case[0] for case in CASES} == {"pkgemv", "pk", "pkdq", "gemv", "tc", "gemm", "dq"}
-    assert sum(len(case) == 4 for case in CASES) == 6  # the branch variants
+    assert sum(len(case) == 4 for case in CASES) == 7  # the branch variants
