@@ -166,9 +166,9 @@ PACKED_CONFIGS = [
 # More than 128 tokens: the fused kernel on wide weights, else dequantize + cuBLAS. Both lose to
 # cuBLAS bf16 here; the fused kernel's share of the GPU grows with N (blocks of 256 columns), the
 # dequantizer's cost is fixed per weight. Measured crossovers (H100, results/pk-explore2-h100.json):
-# fused won at 256 tokens for N >= 8192 or K >= 8192 (7B w13 119.9 us against 163 or more; 7B w2
+# fused won at 256 tokens for N >= 8192 or K >= 8192 (7B w13 119.9 us, dequantized above 190; 7B w2
 # 102.6 against 116.8) and lost on the rest (7B wo 38.8 against 33.0); at 512 tokens it won for
-# N >= 8192 only (7B w13 243.7 against 280.9; 7B w2 161.3 against 133.7).
+# N >= 8192 only (7B w13 243.7 against 280.9; 7B w2: the best fused 161.3 against 133.7).
 PACKED_WIDE_CONFIG = PackedConfig(block_m=128, block_n=256, num_warps=8, num_stages=3, waves=1.0, prefetch=True)
 PACKED_WIDE_MIN = 8192
 PACKED_DEQUANT_CONFIG = PackedDequantConfig()
@@ -536,9 +536,10 @@ if triton is not None:
         t_lo = pid_k * t_per_split
         t_hi = tl.minimum(t_lo + t_per_split, T)
         # PREFETCH (one group a step: TILES = 1, group size 128): the step's scales and zero points
-        # are loaded one step ahead, into registers. The pipeliner does not take these narrow (1- and
-        # 2-byte) loads, so otherwise each step waits for them; the carried copies cost a layout
-        # conversion through shared memory a step.
+        # are loaded one step ahead, into registers (the pipeliner does not take these narrow 1- and
+        # 2-byte loads). The carried copies cost a layout conversion through shared memory a step
+        # except with 256-wide blocks; on the H100 it lost with the M <= 128 defaults and won only
+        # in PACKED_WIDE_CONFIG (benchmarks/README.md).
         if PREFETCH:
             s_next, z_next = _pk_group(s_ptr, z_ptr, offs_n, mask_n, stride_s, stride_z, t_lo)
         for t0 in range(t_lo, t_hi, TILES):

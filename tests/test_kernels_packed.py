@@ -147,7 +147,7 @@ def _cases():
                 cases.append(("tc", dict(block_m=16, block_n=16, num_warps=1, split_k=2, tiles=2, exact=exact),
                               dtype, (2, 9), 512, 40, gs, False))
                 # Scales loaded a step ahead (one group a step: group 128; elsewhere the flag is inert):
-                # several steps a program, the last one's look-ahead masked; one step a program.
+                # several steps a program (the last one's look-ahead reloads its own group); one step a program.
                 cases.append(("tc", dict(block_m=16, block_n=32, num_warps=1, split_k=1, exact=exact, prefetch=True),
                               dtype, (5,), 384, 72, gs, True))
                 cases.append(("tc", dict(block_m=16, block_n=16, num_warps=1, split_k=4, exact=exact, prefetch=True),
