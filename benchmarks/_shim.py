@@ -30,6 +30,9 @@ def import_kernels():
 
 # InternLM2 linear shapes (K, N); the weight is x @ W with W [K, N].
 INTERNLM2_SHAPES = {
+    # InternLM2-1.8B (InternVL2-2B's language model): hidden 2048, 16 heads, 8 kv heads, head_dim 128,
+    # FFN 8192; not part of the default benchmark sets (pk_explore.py --shapes 1.8B:w13 ...)
+    "1.8B": [("wqkv", 2048, 4096), ("wo", 2048, 2048), ("w13", 2048, 2 * 8192), ("w2", 8192, 2048)],
     # InternLM2-7B: hidden 4096, 32 heads, 8 kv heads, head_dim 128, FFN 14336
     "7B": [("wqkv", 4096, 6144), ("wo", 4096, 4096), ("w13", 4096, 2 * 14336), ("w2", 14336, 4096)],
     # InternLM2-20B: hidden 6144, 48 heads, 8 kv heads, head_dim 128, FFN 16384

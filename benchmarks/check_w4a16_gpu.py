@@ -44,7 +44,7 @@ def cases(quick: bool):
                 continue
             for m in (ms if not quick else [1, 3, 17, 100]):
                 yield k, n, m, g, None
-    big = [(k, n) for model in INTERNLM2_SHAPES.values() for _, k, n in model]
+    big = [(k, n) for model in ("7B", "20B") for _, k, n in INTERNLM2_SHAPES[model]]
     for k, n in big:
         for g in ((128,) if quick else (32, 64, 128)):
             for m in ((1, 16, 512) if g != 128 else (1, 2, 4, 16, 32, 64, 128, 512)):
