@@ -7,6 +7,7 @@ and the AWQ-layout default path, after a correctness check. One device call:
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
@@ -54,6 +55,9 @@ def candidates(m):
             for bn, nw, tiles, stages in gemv[rows]:
                 yield PackedGemvConfig(block_n=bn, num_warps=nw, tiles=tiles, stages=stages, rows=rows, waves=2.0)
         return
+    if m <= 4:  # the GEMV, two rows a program, against the tensor-core kernel on few tokens
+        for bn, stages in ((8, 3), (8, 4), (16, 3)):
+            yield PackedGemvConfig(block_n=bn, num_warps=1, tiles=8, stages=stages, rows=2, waves=2.0)
     if m <= 32:  # one tile a step with the scales loaded a step ahead; split-K against none
         yield PackedConfig(block_m=bm, block_n=64, num_warps=4, tiles=2, num_stages=3, waves=4.0, exact=True)
         for bn, nw, ns, waves, split, pf in ((64, 4, 4, 4.0, 0, False), (64, 4, 4, 4.0, 0, True),
@@ -74,6 +78,8 @@ def candidates(m):
                 yield PackedConfig(block_m=bm_, block_n=bn, num_warps=nw, num_stages=ns, waves=1.0, prefetch=pf)
         for bn, tiles, nw in ((32, 1, 4), (64, 1, 4), (32, 2, 4), (64, 2, 8)):
             yield PackedDequantConfig(block_n=bn, tiles=tiles, num_warps=nw)
+        for waves in (0.5, 0.25):  # the wide config splitting K less (it splits grids under one wave)
+            yield dataclasses.replace(PACKED_WIDE_CONFIG, waves=waves)
 
 
 def main():

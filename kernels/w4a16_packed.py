@@ -169,7 +169,12 @@ PACKED_CONFIGS = [
 # fused won at 256 tokens for N >= 8192 or K >= 8192 (7B w13 119.9 us, dequantized above 190; 7B w2
 # 102.6 against 116.8) and lost on the rest (7B wo 38.8 against 33.0); at 512 tokens it won for
 # N >= 8192 only (7B w13 243.7 against 280.9; 7B w2: the best fused 161.3 against 133.7).
-PACKED_WIDE_CONFIG = PackedConfig(block_m=128, block_n=256, num_warps=8, num_stages=3, waves=1.0, prefetch=True)
+# It splits K only for grids of fewer programs than half the multiprocessors (waves=0.5): at 256
+# tokens that beat aiming for one wave on four of six weights (20B wqkv 59.6 us against 82.5, 20B w2
+# 136.5 against 177.6, InternLM2-1.8B w13 33.8 against 59.3; results/pk-wide-split-h100.json), tied
+# where neither splits (7B and 20B w13) and lost on the smallest grid (1.8B w2, 16 programs: 34 or
+# more against 28.3).
+PACKED_WIDE_CONFIG = PackedConfig(block_m=128, block_n=256, num_warps=8, num_stages=3, waves=0.5, prefetch=True)
 PACKED_WIDE_MIN = 8192
 PACKED_DEQUANT_CONFIG = PackedDequantConfig()
 
