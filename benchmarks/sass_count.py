@@ -109,7 +109,7 @@ def compile_case(which: str, spec: list[int], dtype: str = "bf16", flags: dict |
         bm, bn, tiles, nw, ns, exact, group, prefetch = spec + [0, 128, 0][len(spec) - 5:]
         consts = dict(GROUP_SIZE=group, BLOCK_M=bm, BLOCK_N=bn, TILES=tiles, HAS_BIAS=False, WRITE_PARTIAL=False,
                       USE_ASM=True, DOT_FP32=False, EVEN_N=True, EVEN_M=True, EXACT=bool(exact),
-                      PREFETCH=bool(prefetch) and tiles * 128 // group == 1)
+                      PREFETCH=bool(prefetch))
         consts.update(flags or {})
         return compile_sm90(w4a16_packed._pk_kernel, consts, nw, ns, dtype=dtype)
     if which == "dq":  # the AWQ-layout dequantizer

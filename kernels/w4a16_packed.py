@@ -290,7 +290,7 @@ def _launch_packed(x, qk, zeros, scales, group_size, bias, out,
         # tl.dot wrong in Triton 3.9 (the operands are widened to fp32 there, exactly).
         USE_ASM=not interp, DOT_FP32=interp and x.dtype == torch.bfloat16,
         EVEN_N=n % cfg.block_n == 0, EVEN_M=m % cfg.block_m == 0, EXACT=cfg.exact,
-        PREFETCH=cfg.prefetch and tiles * (TILE_K // group_size) == 1, MAGIC=_magic(x.dtype),
+        PREFETCH=cfg.prefetch, MAGIC=_magic(x.dtype),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         **({"maxnreg": cfg.maxnreg} if cfg.maxnreg and not interp else {}),
     )
@@ -540,15 +540,16 @@ if triton is not None:
         acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
         t_lo = pid_k * t_per_split
         t_hi = tl.minimum(t_lo + t_per_split, T)
-        # PREFETCH (one group a step: TILES = 1, group size 128): the step's scales and zero points
-        # are loaded one step ahead, into registers (the pipeliner does not take these narrow 1- and
-        # 2-byte loads). The carried copies cost a layout conversion through shared memory a step
-        # except with 256-wide blocks; on the H100 it lost with the M <= 128 defaults and won only
-        # in PACKED_WIDE_CONFIG (benchmarks/README.md).
-        if PREFETCH:
+        # PREFETCH, with one group a step (TILES = 1, group size 128; inert otherwise): the step's
+        # scales and zero points are loaded one step ahead, into registers (the pipeliner does not
+        # take these narrow 1- and 2-byte loads). The carried copies cost a layout conversion through
+        # shared memory a step except with 256-wide blocks; on the H100 it lost with the M <= 128
+        # defaults and won only in PACKED_WIDE_CONFIG (benchmarks/README.md).
+        AHEAD: tl.constexpr = PREFETCH and TILES * NP == 1
+        if AHEAD:
             s_next, z_next = _pk_group(s_ptr, z_ptr, offs_n, mask_n, stride_s, stride_z, t_lo)
         for t0 in range(t_lo, t_hi, TILES):
-            if PREFETCH:
+            if AHEAD:
                 s_cur, z_cur = s_next, z_next
                 # (the last step reloads its own group: no load past the split's end)
                 s_next, z_next = _pk_group(s_ptr, z_ptr, offs_n, mask_n, stride_s, stride_z,
@@ -562,7 +563,7 @@ if triton is not None:
                 if EXACT:
                     # One dot per group on the exact q - z, scaled in fp32.
                     for p in tl.static_range(NP):
-                        if PREFETCH:
+                        if AHEAD:
                             s, z = s_cur, z_cur
                         else:
                             s, z = _pk_group(s_ptr, z_ptr, offs_n, mask_n, stride_s, stride_z, t * NP + p)
@@ -577,7 +578,7 @@ if triton is not None:
                         xt = tl.load(x_cols + t * 128)
                     else:
                         xt = tl.load(x_cols + t * 128, mask=mask_m[None, :], other=0.0)
-                    if PREFETCH:
+                    if AHEAD:
                         a = _pk_part(w, s_cur, z_cur, 0, 1, MAGIC, DTYPE, USE_ASM, DOT_FP32, True)
                     else:
                         a = _pk_scaled_tile(w, s_ptr, z_ptr, offs_n, mask_n, stride_s, stride_z, t, NP, MAGIC, DTYPE,

@@ -94,6 +94,10 @@ def test_packed_split_keeps_full_grids_whole_when_asked():
     assert _packed_split(keep, 2, 8, cpu) == 4  # half a grid: split for two waves
     assert _packed_split(PackedConfig(waves=2.0), 4, 8, cpu) == 2
     assert _packed_split(PackedConfig(split_k=3, split_full_grids=False), 4, 8, cpu) == 3
+    # The wide config splits only grids under half a wave (2 of the 4 here).
+    from internvl_kernels.w4a16_packed import PACKED_WIDE_CONFIG
+
+    assert _packed_split(PACKED_WIDE_CONFIG, 2, 8, cpu) == 1 and _packed_split(PACKED_WIDE_CONFIG, 1, 8, cpu) == 2
 
 
 def test_packed_matmul_names_bad_inputs():
