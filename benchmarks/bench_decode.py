@@ -39,9 +39,9 @@ def rms_norm(x, w, eps=1e-6):
 class Linear:
     def __init__(self, k, n, gen):
         w = torch.randn(n, k, device="cuda", generator=gen) * (1.0 / k**0.5)
-        self.awq = K_.quantize_awq(w, GROUP, scale_dtype=torch.float16)
+        self.awq = K_.quantize_awq(w, GROUP, scale_dtype=torch.bfloat16)  # a bf16 model's scales
         self.dense = K_.dequantize_awq(*self.awq, GROUP, dtype=torch.float32).t().contiguous().to(torch.bfloat16)
-        self.packed = K_.pack_w4a16(*self.awq, GROUP) + (self.awq[2],)
+        self.packed = K_.pack_w4a16(*self.awq, GROUP)
 
     def __call__(self, x, quant):
         if quant == "w4a16":

@@ -14,7 +14,7 @@ Columns (microseconds):
   ours_us      what the plugin runs on CUDA: the weight repacked by pack_w4a16, then
                internvl_kernels.w4a16_packed_matmul (launcher's choice of kernel and config)
   awq_us       internvl_kernels.w4a16_matmul on the AWQ layout itself, for comparison
-  floor_us     bytes that must move (int4 weight + fp16 scales + packed zeros + x + out) over the
+  floor_us     bytes that must move (int4 weight + 16-bit scales + packed zeros + x + out) over the
                device-to-device copy bandwidth measured at the start of the run
 Activations are bf16, group size 128.
 """
@@ -131,7 +131,8 @@ class Layer:
     def __init__(self, k, n, gen, packed=False):
         w = torch.randn(n, k, device="cuda", generator=gen) * 0.02
         self.k, self.n = k, n
-        self.qweight, self.qzeros, self.scales = K_.quantize_awq(w, GROUP, scale_dtype=torch.float16)
+        # bf16 scales, as a bf16 model's checkpoint loads (the packed layout takes x's dtype)
+        self.qweight, self.qzeros, self.scales = K_.quantize_awq(w, GROUP, scale_dtype=torch.bfloat16)
         dense = K_.dequantize_awq(self.qweight, self.qzeros, self.scales, GROUP, dtype=torch.float32)  # [K, N]
         self.dense_nk = dense.t().contiguous().to(torch.bfloat16)
         del dense
@@ -143,8 +144,7 @@ class Layer:
         self.packed_copies = None
         if packed:
             pk = K_.pack_w4a16(self.qweight, self.qzeros, self.scales, GROUP)
-            self.packed_copies = [pk + (self.scales,)] + [
-                tuple(t.clone() for t in pk + (self.scales,)) for _ in range(r4 - 1)]
+            self.packed_copies = [pk] + [tuple(t.clone() for t in pk) for _ in range(r4 - 1)]
         self.tg_copies = None
         if self.tinygemm is not None:
             self.tg_copies = [self.tinygemm] + [tuple(t.clone() for t in self.tinygemm) for _ in range(r4 - 1)]

@@ -29,8 +29,8 @@ def check(gen, quick=False):
     ms = (1, 2, 3, 16, 33, 64, 100, 300) if not quick else (1, 2, 6, 40, 200)
 
     def run(qw, qz, sc, g):
-        qk, zz = K_.pack_w4a16(qw, qz, sc, g)
-        return lambda x, bias, out, cfg: K_.w4a16_packed_matmul(x, qk, zz, sc, g, bias, out=out, config=cfg)
+        qk, meta = K_.pack_w4a16(qw, qz, sc, g)
+        return lambda x, bias, out, cfg: K_.w4a16_packed_matmul(x, qk, meta, g, bias, out=out, config=cfg)
 
     return check_random(gen, shapes, ms, lambda m: [None, *check_configs()], run)
 

@@ -38,9 +38,9 @@ from internvl_kernels import w4a16, w4a16_packed  # noqa: E402
 
 BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
 PTRS = {"x_ptr": "*bf16", "qw_ptr": "*i32", "qz_ptr": "*i32", "s_ptr": "*fp16", "bias_ptr": "*fp16", "out_ptr": "*fp32",
-        "qk_ptr": "*i32", "z_ptr": "*u8", "w_ptr": "*bf16"}
+        "qk_ptr": "*i32", "meta_ptr": "*i32", "w_ptr": "*bf16"}
 DIV16 = set(PTRS) | {"N", "K", "stride_xm", "stride_qw", "stride_qz", "stride_s", "stride_om", "stride_split",
-                     "k_per_split", "stride_qk", "stride_z"}
+                     "k_per_split", "stride_qk", "stride_meta"}
 
 
 def compile_sm90(fn, consts, num_warps, num_stages, unspecialized=(), dtype="bf16"):

@@ -8,9 +8,9 @@ Weights load in the checkpoint's AWQ gemm layout:
 
 On CUDA, when K is a multiple of 128 and G is 32, 64 or 128 (``can_pack``), they are repacked once
 after loading into the K-packed layout of ``internvl_kernels.w4a16_packed`` (``qk`` int32 [N, K/8],
-``zeros`` uint8 [K/G, N]; the AWQ tensors are freed, so the weight takes the same memory plus K/G x N
-bytes). Its kernels beat the AWQ-layout ones at 1-2 and 32-128 tokens on every InternLM2 shape
-measured; benchmarks/README.md has the figures, and where they fall behind (3-8 tokens on large weights).
+``meta`` [K/G, 2N] of (zero point, scale) pairs in the activations' dtype; the AWQ tensors are freed,
+so the weight words take the same memory and the scales and zero points 1.5 bytes more a group and
+column, +0.09 bits a weight at G = 128). benchmarks/README.md has the figures against the AWQ layout.
 Other shapes, and every CPU tensor, keep the AWQ layout (``w4a16_linear``: Triton on CUDA, the torch
 reference on CPU).
 
@@ -43,11 +43,11 @@ def use_packed_layout(qweight: torch.Tensor, scales: torch.Tensor, group_size: i
 
 
 def repack_layer(layer: torch.nn.Module, group_size: int) -> None:
-    """Replace the layer's qweight/qzeros by the packed qk/zeros (scales stay)."""
-    qk, zeros = pack_w4a16(layer.qweight.data, layer.qzeros.data, layer.scales.data, group_size, chunk=REPACK_CHUNK)
-    del layer.qweight, layer.qzeros
+    """Replace the layer's qweight/qzeros/scales by the packed qk/meta."""
+    qk, meta = pack_w4a16(layer.qweight.data, layer.qzeros.data, layer.scales.data, group_size, chunk=REPACK_CHUNK)
+    del layer.qweight, layer.qzeros, layer.scales
     layer.register_parameter("qk", torch.nn.Parameter(qk, requires_grad=False))
-    layer.register_parameter("zeros", torch.nn.Parameter(zeros, requires_grad=False))
+    layer.register_parameter("meta", torch.nn.Parameter(meta, requires_grad=False))
 
 
 @register_weight_loader_v2_supported_method
@@ -92,5 +92,5 @@ class AWQW4A16LinearMethod(LinearMethodBase):
 
     def apply(self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         if hasattr(layer, "qk"):  # w4a16_packed_matmul as a torch operator, opaque to torch.compile
-            return w4a16_packed_mm(x, layer.qk, layer.zeros, layer.scales, self.quant_config.group_size, bias)
+            return w4a16_packed_mm(x, layer.qk, layer.meta, self.quant_config.group_size, bias)
         return w4a16_linear(x, layer.qweight, layer.qzeros, layer.scales, self.quant_config.group_size, bias)

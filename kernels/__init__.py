@@ -8,7 +8,7 @@ W4A16 on the AWQ "gemm" format (qweight int32 [K, N/8], qzeros int32 [K/G, N/8],
     w4a16_matmul(...)        the Triton path (CUDA, or CPU under TRITON_INTERPRET=1)
     w4a16_matmul_ref(...)    the float32 torch reference
 K-packed layout for the tensor-core kernel (repacked once at load time, w4a16_packed.py):
-    pack_w4a16(qweight, qzeros, scales, group_size) -> (qk, zeros); w4a16_packed_matmul(x, qk, zeros, scales, ...)
+    pack_w4a16(qweight, qzeros, scales, group_size) -> (qk, meta); w4a16_packed_matmul(x, qk, meta, group_size, ...)
     dequantize_awq, quantize_awq, pack_awq_int4, unpack_awq_int4, AWQ_ORDER, AWQ_REVERSE_ORDER
 The same two Triton paths as torch operators, opaque to torch.compile (ops.py):
     torch.ops.internvl_kernels.w4a16_packed_mm / w4a16_awq_mm (also exported as w4a16_packed_mm, w4a16_awq_mm)

@@ -8,15 +8,18 @@ output column, the nibbles split K instead of N and every dot adds into the same
 
 Packed layout (pack_w4a16), for K a multiple of 128 and group size G in {32, 64, 128}:
 
-    qk     int32 [N, K/8]   word (n, 16 t + j), nibble i (bits 4i..4i+3) holds q[128 t + 16 i + j, n]
-    zeros  uint8 [K/G, N]   zero points 0..15 (unpacked)
-    scales        [K/G, N]   as in the AWQ checkpoint
+    qk     int32 [N, K/8]      word (n, 16 t + j), nibble i (bits 4i..4i+3) holds q[128 t + 16 i + j, n]
+    meta   fp16/bf16 [K/G, 2N]  (zero point, scale) pairs: meta[g, 2n] = z[g, n] (0..15, exact),
+                               meta[g, 2n + 1] = scales[g, n]; in the scales' dtype, which must be x's
 
 So in each 128-deep K tile t, the 16 words j of a column give, for nibble i, the sixteen
 consecutive inputs 128 t + 16 i + j: the nibble-i slice of a [columns, 16] word tile is a dot
 operand of depth 16 whose partner is the contiguous slice x[:, 128 t + 16 i : +16]. Two nibbles of
-a byte (32 inputs) always share a group. Same bytes as AWQ: nothing is added but the unpacked zero
-points (K/G x N bytes).
+a byte (32 inputs) always share a group. The weight words take the same bytes as AWQ's; a group's
+scale and zero point of a column share one 32-bit word (4 bytes a group and column against AWQ's 2.5,
++0.09 bits a weight at G = 128), because the kernels load that word through the software pipeline's
+asynchronous copies (cp.async), which move 4, 8 or 16 bytes a thread: a 2-byte scale and a 1-byte zero
+point were loaded synchronously, a memory latency or two a step (benchmarks/README.md).
 
 The kernel (_pk_kernel, configured by PackedConfig) computes out^T = W^T x^T over programs of
 block_n columns x block_m tokens: per 128-deep tile it loads the [block_n, 16] words, extracts each
@@ -25,7 +28,9 @@ into one [block_n, 128] register operand (tl.join/permute/reshape; the compiled 
 registers). Either (scale-in-A) it forms (q - z) * s in x.dtype (the subtraction exact, the product
 rounded once, as a dense 16-bit copy of the weight would be) and accumulates one dot over all of K,
 or (exact) it runs one dot per group on the exact q - z ((MAGIC + q) - (MAGIC + z)) and scales it in
-fp32. One or two tokens go to _pk_gemv_kernel (CUDA cores, PackedGemvConfig); more than 128 to
+fp32 (Triton re-issues the meta load for the scale in the accumulator's layout, outside the software
+pipeline: a synchronous load a step, which is why the defaults scale in A). One or two tokens go to
+_pk_gemv_kernel (CUDA cores, PackedGemvConfig); more than 128 to
 the tensor-core kernel with wide blocks where the weight is wide, else to _pk_dequant_kernel +
 cuBLAS (PackedDequantConfig; pick_packed_config). Small grids split K (fp32 partial sums reduced
 by w4a16._splitk_reduce_kernel). The reference is awq_format.w4a16_matmul_ref on the AWQ tensors;
@@ -60,14 +65,17 @@ def can_pack(k: int, group_size: int) -> bool:
 
 
 def pack_w4a16(qweight, qzeros, scales, group_size: int, *, chunk: int = 4096):
-    """AWQ (qweight [K, N/8], qzeros [K/G, N/8], scales) -> (qk int32 [N, K/8], zeros uint8 [K/G, N]).
+    """AWQ (qweight [K, N/8], qzeros [K/G, N/8], scales fp16/bf16 [K/G, N]) -> (qk int32 [N, K/8],
+    meta [K/G, 2N] in scales.dtype: (zero point, scale) pairs; module docstring).
 
     Plain torch on the tensors' device, `chunk` output columns at a time (temporary memory about
-    12 * K * chunk bytes). scales are used as they are."""
+    12 * K * chunk bytes). The scales are copied as they are: activations must have their dtype."""
     k, n = check_awq_shapes(qweight, qzeros, scales, group_size)
     if not can_pack(k, group_size):
         raise ValueError(f"pack_w4a16: needs K a multiple of {TILE_K} and group size 32, 64 or 128; "
                          f"got K={k}, group_size={group_size}")
+    if scales.dtype not in (torch.float16, torch.bfloat16):
+        raise ValueError(f"pack_w4a16: scales must be float16 or bfloat16, got {scales.dtype}")
     qk = torch.empty((n, k // 8), dtype=torch.int32, device=qweight.device)
     shifts = torch.arange(0, 32, 4, dtype=torch.int64, device=qweight.device).view(1, 1, 8, 1)
     for c0 in range(0, n // 8, chunk // 8):
@@ -77,16 +85,16 @@ def pack_w4a16(qweight, qzeros, scales, group_size: int, *, chunk: int = 4096):
         word = q.sum(dim=2)  # the nibbles do not overlap: the sum is the OR
         word = torch.where(word >= 2**31, word - 2**32, word)
         qk[8 * c0:8 * c1] = word.reshape(word.shape[0], k // 8).to(torch.int32)
-    zeros = unpack_awq_int4(qzeros).to(torch.uint8)
-    return qk, zeros
+    meta = torch.stack((unpack_awq_int4(qzeros).to(scales.dtype), scales), dim=2)  # [K/G, N, 2]
+    return qk, meta.reshape(k // group_size, 2 * n)
 
 
-def unpack_w4a16(qk, zeros):
-    """The packed form back to plain values: (q int32 [K, N], zeros int32 [K/G, N])."""
+def unpack_w4a16(qk, meta):
+    """The packed form back to plain values: (q int32 [K, N], zeros int32 [K/G, N], scales [K/G, N])."""
     n, kw = qk.shape
     shifts = torch.arange(0, 32, 4, dtype=torch.int32, device=qk.device).view(1, 1, 8, 1)
     q = (qk.view(n, kw // _WORDS, 1, _WORDS) >> shifts) & 0xF  # [N, tile, nibble, word]
-    return q.reshape(n, kw * 8).t().contiguous(), zeros.to(torch.int32)
+    return q.reshape(n, kw * 8).t().contiguous(), meta[:, 0::2].to(torch.int32), meta[:, 1::2].contiguous()
 
 
 @dataclass(frozen=True)
@@ -191,24 +199,29 @@ def pick_packed_config(m: int, n: int, k: int):
     return PACKED_DEQUANT_CONFIG
 
 
-def w4a16_packed_matmul(x, qk, zeros, scales, group_size: int, bias=None, *, out=None, config=None):
-    """x [..., K] (fp16/bf16) @ the packed weight (pack_w4a16) -> [..., N] in x.dtype, through Triton.
+def w4a16_packed_matmul(x, qk, meta, group_size: int, bias=None, *, out=None, config=None):
+    """x [..., K] (fp16/bf16) @ the packed weight (qk, meta from pack_w4a16) -> [..., N] in x.dtype,
+    through Triton.
 
     CUDA tensors, or CPU tensors under TRITON_INTERPRET=1; `config` (a PackedConfig, PackedGemvConfig or
     PackedDequantConfig) overrides pick_packed_config."""
     if triton is None:
         raise RuntimeError("w4a16_packed_matmul needs triton")
-    if qk.dtype != torch.int32 or qk.dim() != 2 or zeros.dtype != torch.uint8 or zeros.dim() != 2:
-        raise ValueError("w4a16_packed_matmul: qk must be int32 [N, K/8] and zeros uint8 [K/G, N] (pack_w4a16)")
+    if qk.dtype != torch.int32 or qk.dim() != 2 or meta.dim() != 2:
+        raise ValueError("w4a16_packed_matmul: qk must be int32 [N, K/8] and meta [K/G, 2N] (pack_w4a16)")
     n, k = qk.shape[0], qk.shape[1] * 8
-    if not can_pack(k, group_size) or tuple(zeros.shape) != (k // group_size, n) \
-            or tuple(scales.shape) != (k // group_size, n):
+    if not can_pack(k, group_size) or tuple(meta.shape) != (k // group_size, 2 * n):
         raise ValueError(f"w4a16_packed_matmul: with qk {tuple(qk.shape)} and group_size {group_size} expected "
-                         f"zeros and scales {(k // group_size, n)}, got {tuple(zeros.shape)} and {tuple(scales.shape)}")
+                         f"meta {(k // group_size, 2 * n)}, got {tuple(meta.shape)}")
+    if meta.dtype != x.dtype:
+        raise ValueError(f"w4a16_packed_matmul: meta holds {meta.dtype} scales but x is {x.dtype}; "
+                         f"pack the weight with scales of the activations' dtype")
     lead, x2, out = _prepare_io("w4a16_packed_matmul", x, k, n, bias, out)
-    qk, zeros, scales = (t if t.stride(-1) == 1 else t.contiguous() for t in (qk, zeros, scales))
+    qk, meta = (t if t.stride(-1) == 1 else t.contiguous() for t in (qk, meta))
     if x2.shape[0]:
-        _launch_packed(x2, qk, zeros, scales, group_size, bias, out, config or pick_packed_config(x2.shape[0], n, k))
+        # The kernels read a (zero, scale) pair as one int32 word.
+        _launch_packed(x2, qk, meta.view(torch.int32), group_size, bias, out,
+                       config or pick_packed_config(x2.shape[0], n, k))
     return out.view(*lead, n)
 
 
@@ -220,7 +233,7 @@ def _fit_tiles(tiles: int, k_tiles: int) -> int:
     return tiles
 
 
-def _launch_packed_gemv(x, qk, zeros, scales, group_size, bias, out, cfg: PackedGemvConfig):
+def _launch_packed_gemv(x, qk, meta, group_size, bias, out, cfg: PackedGemvConfig):
     if cfg.tiles not in (1, 2, 4, 8):
         raise ValueError(f"packed GEMV: PackedGemvConfig.tiles must be 1, 2, 4 or 8, got {cfg.tiles}")
     if cfg.rows not in (1, 2):
@@ -234,8 +247,8 @@ def _launch_packed_gemv(x, qk, zeros, scales, group_size, bias, out, cfg: Packed
     split, per_split, dest = _split_dest(out, _waves_split(cfg.split_k, cfg.waves, grid_m * n_blocks, steps, x.device),
                                          steps)
     _pk_gemv_kernel[(grid_m, n_blocks, split)](
-        x, qk, zeros, scales, bias if bias is not None else scales, dest,
-        m, n, x.stride(0), qk.stride(0), zeros.stride(0), scales.stride(0), n, m * n, per_split * tiles, k_tiles,
+        x, qk, meta, bias if bias is not None else out, dest,
+        m, n, x.stride(0), qk.stride(0), meta.stride(0), n, m * n, per_split * tiles, k_tiles,
         GROUP_SIZE=group_size, BLOCK_N=cfg.block_n, ROWS=cfg.rows, TILES=tiles, STAGES=cfg.stages,
         HAS_BIAS=bias is not None and split == 1, WRITE_PARTIAL=split > 1, EVEN_N=n % cfg.block_n == 0,
         num_warps=cfg.num_warps,
@@ -244,14 +257,14 @@ def _launch_packed_gemv(x, qk, zeros, scales, group_size, bias, out, cfg: Packed
         _reduce_partials(dest, bias, out)
 
 
-def _launch_packed_dequant(x, qk, zeros, scales, group_size, bias, out, cfg: PackedDequantConfig):
+def _launch_packed_dequant(x, qk, meta, group_size, bias, out, cfg: PackedDequantConfig):
     n, k = qk.shape[0], qk.shape[1] * 8
     k_tiles = k // TILE_K
     tiles = _fit_tiles(cfg.tiles, k_tiles)
     w = torch.empty((n, k), dtype=x.dtype, device=x.device)
     interp = _interpreting()
     _pk_dequant_kernel[(triton.cdiv(n, cfg.block_n), k_tiles // tiles)](
-        qk, zeros, scales, w, n, k, qk.stride(0), zeros.stride(0), scales.stride(0),
+        qk, meta, w, n, k, qk.stride(0), meta.stride(0),
         GROUP_SIZE=group_size, BLOCK_N=cfg.block_n, TILES=tiles, USE_ASM=not interp,
         DOT_FP32=interp and x.dtype == torch.bfloat16, EVEN_N=n % cfg.block_n == 0, MAGIC=_magic(x.dtype),
         num_warps=cfg.num_warps,
@@ -267,12 +280,11 @@ def _packed_split(cfg: PackedConfig, programs: int, steps: int, device) -> int:
     return _waves_split(cfg.split_k, cfg.waves, programs, steps, device)
 
 
-def _launch_packed(x, qk, zeros, scales, group_size, bias, out,
-                   cfg: PackedConfig | PackedGemvConfig | PackedDequantConfig):
+def _launch_packed(x, qk, meta, group_size, bias, out, cfg: PackedConfig | PackedGemvConfig | PackedDequantConfig):
     if isinstance(cfg, PackedGemvConfig):
-        return _launch_packed_gemv(x, qk, zeros, scales, group_size, bias, out, cfg)
+        return _launch_packed_gemv(x, qk, meta, group_size, bias, out, cfg)
     if isinstance(cfg, PackedDequantConfig):
-        return _launch_packed_dequant(x, qk, zeros, scales, group_size, bias, out, cfg)
+        return _launch_packed_dequant(x, qk, meta, group_size, bias, out, cfg)
     m, k = x.shape
     n = out.shape[1]
     k_tiles = k // TILE_K
@@ -282,8 +294,8 @@ def _launch_packed(x, qk, zeros, scales, group_size, bias, out,
     split, per_split, dest = _split_dest(out, _packed_split(cfg, programs, steps, x.device), steps)
     interp = _interpreting()
     _pk_kernel[(programs, split)](
-        x, qk, zeros, scales, bias if bias is not None else scales, dest,
-        m, n, x.stride(0), qk.stride(0), zeros.stride(0), scales.stride(0), n, m * n, per_split * tiles, k_tiles,
+        x, qk, meta, bias if bias is not None else out, dest,
+        m, n, x.stride(0), qk.stride(0), meta.stride(0), n, m * n, per_split * tiles, k_tiles,
         GROUP_SIZE=group_size, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, TILES=tiles,
         HAS_BIAS=bias is not None and split == 1, WRITE_PARTIAL=split > 1,
         # The interpreter runs no PTX (plain integer nibble extraction, same values) and gets bf16
@@ -317,11 +329,22 @@ if triton is not None:
         return v - zm[:, None]
 
     @triton.jit
-    def _pk_group(s_ptr, z_ptr, offs_n, mask_n, stride_s, stride_z, g):
-        """Scales and zero points [BN] of group g (zero where masked)."""
-        s = tl.load(s_ptr + g * stride_s + offs_n, mask=mask_n, other=0.0)
-        z = tl.load(z_ptr + g * stride_z + offs_n, mask=mask_n, other=0)
+    def _pk_meta(m, BF16: tl.constexpr):
+        """(scale, zero point) in fp32 from meta words m (int32: the scale's 16 bits high, the zero
+        point's low, both in x.dtype)."""
+        if BF16:
+            s = (m & -65536).to(tl.float32, bitcast=True)
+            z = (m << 16).to(tl.float32, bitcast=True)
+        else:
+            s = (m >> 16).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+            z = m.to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
         return s, z
+
+    @triton.jit
+    def _pk_group(meta_ptr, offs_n, mask_n, stride_meta, g, BF16: tl.constexpr):
+        """Scales and zero points [BN] of group g in fp32 (zero where masked)."""
+        m = tl.load(meta_ptr + g * stride_meta + offs_n, mask=mask_n, other=0)
+        return _pk_meta(m, BF16)
 
     @triton.jit
     def _pk_part(w, s, z, P: tl.constexpr, NP: tl.constexpr, MAGIC: tl.constexpr, DTYPE: tl.constexpr,
@@ -331,7 +354,7 @@ if triton is not None:
         is the exact q - z, or with SCALE (q - z) * s, in DTYPE, with the group's scales s and zero
         points z [BN] (_pk_group)."""
         BF16: tl.constexpr = DTYPE == tl.bfloat16
-        zm = (z.to(tl.float32) + MAGIC).to(DTYPE)
+        zm = (z + MAGIC).to(DTYPE)
         if SCALE:
             s = s.to(DTYPE)
         else:
@@ -356,34 +379,31 @@ if triton is not None:
             return _pk_cat(lo, hi)
 
     @triton.jit
-    def _pk_scaled_part(w, s_ptr, z_ptr, offs_n, mask_n, stride_s, stride_z, g, P: tl.constexpr, NP: tl.constexpr,
+    def _pk_scaled_part(w, meta_ptr, offs_n, mask_n, stride_meta, g, P: tl.constexpr, NP: tl.constexpr,
                         MAGIC: tl.constexpr, DTYPE: tl.constexpr, USE_ASM: tl.constexpr, DOT_FP32: tl.constexpr):
-        s, z = _pk_group(s_ptr, z_ptr, offs_n, mask_n, stride_s, stride_z, g)
+        s, z = _pk_group(meta_ptr, offs_n, mask_n, stride_meta, g, DTYPE == tl.bfloat16)
         return _pk_part(w, s, z, P, NP, MAGIC, DTYPE, USE_ASM, DOT_FP32, True)
 
     @triton.jit
-    def _pk_scaled_tile(w, s_ptr, z_ptr, offs_n, mask_n, stride_s, stride_z, t, NP: tl.constexpr,
+    def _pk_scaled_tile(w, meta_ptr, offs_n, mask_n, stride_meta, t, NP: tl.constexpr,
                         MAGIC: tl.constexpr, DTYPE: tl.constexpr, USE_ASM: tl.constexpr, DOT_FP32: tl.constexpr):
         """K tile t as one dot operand [BN, 128] of (q - z) * s in DTYPE (NP groups per tile)."""
         g = t * NP
         if NP == 2:
             return _pk_cat(
-                _pk_scaled_part(w, s_ptr, z_ptr, offs_n, mask_n, stride_s, stride_z, g, 0, 2, MAGIC, DTYPE, USE_ASM,
-                                DOT_FP32),
-                _pk_scaled_part(w, s_ptr, z_ptr, offs_n, mask_n, stride_s, stride_z, g + 1, 1, 2, MAGIC, DTYPE,
-                                USE_ASM, DOT_FP32))
+                _pk_scaled_part(w, meta_ptr, offs_n, mask_n, stride_meta, g, 0, 2, MAGIC, DTYPE, USE_ASM, DOT_FP32),
+                _pk_scaled_part(w, meta_ptr, offs_n, mask_n, stride_meta, g + 1, 1, 2, MAGIC, DTYPE, USE_ASM, DOT_FP32))
         elif NP == 4:
             return _pk_cat(
-                _pk_cat(_pk_scaled_part(w, s_ptr, z_ptr, offs_n, mask_n, stride_s, stride_z, g, 0, 4, MAGIC, DTYPE,
-                                        USE_ASM, DOT_FP32),
-                        _pk_scaled_part(w, s_ptr, z_ptr, offs_n, mask_n, stride_s, stride_z, g + 1, 1, 4, MAGIC, DTYPE,
-                                        USE_ASM, DOT_FP32)),
-                _pk_cat(_pk_scaled_part(w, s_ptr, z_ptr, offs_n, mask_n, stride_s, stride_z, g + 2, 2, 4, MAGIC, DTYPE,
-                                        USE_ASM, DOT_FP32),
-                        _pk_scaled_part(w, s_ptr, z_ptr, offs_n, mask_n, stride_s, stride_z, g + 3, 3, 4, MAGIC, DTYPE,
-                                        USE_ASM, DOT_FP32)))
-        return _pk_scaled_part(w, s_ptr, z_ptr, offs_n, mask_n, stride_s, stride_z, g, 0, 1, MAGIC, DTYPE, USE_ASM,
-                               DOT_FP32)
+                _pk_cat(_pk_scaled_part(w, meta_ptr, offs_n, mask_n, stride_meta, g, 0, 4, MAGIC, DTYPE, USE_ASM,
+                                        DOT_FP32),
+                        _pk_scaled_part(w, meta_ptr, offs_n, mask_n, stride_meta, g + 1, 1, 4, MAGIC, DTYPE, USE_ASM,
+                                        DOT_FP32)),
+                _pk_cat(_pk_scaled_part(w, meta_ptr, offs_n, mask_n, stride_meta, g + 2, 2, 4, MAGIC, DTYPE, USE_ASM,
+                                        DOT_FP32),
+                        _pk_scaled_part(w, meta_ptr, offs_n, mask_n, stride_meta, g + 3, 3, 4, MAGIC, DTYPE, USE_ASM,
+                                        DOT_FP32)))
+        return _pk_scaled_part(w, meta_ptr, offs_n, mask_n, stride_meta, g, 0, 1, MAGIC, DTYPE, USE_ASM, DOT_FP32)
 
     # The GEMV multiplies x by 2**(X_PRESCALE - e) for a nibble read as the float q * 2**(e - 149), so
     # every product is x q 2**(X_PRESCALE - 149), undone with the scale (as w4a16._gemv_kernel).
@@ -435,8 +455,8 @@ if triton is not None:
 
     @triton.jit
     def _pk_gemv_kernel(
-        x_ptr, qk_ptr, z_ptr, s_ptr, bias_ptr, out_ptr,
-        M, N, stride_xm, stride_qk, stride_z, stride_s, stride_om, stride_split, t_per_split, T,
+        x_ptr, qk_ptr, meta_ptr, bias_ptr, out_ptr,
+        M, N, stride_xm, stride_qk, stride_meta, stride_om, stride_split, t_per_split, T,
         GROUP_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, ROWS: tl.constexpr, TILES: tl.constexpr,
         STAGES: tl.constexpr, HAS_BIAS: tl.constexpr, WRITE_PARTIAL: tl.constexpr, EVEN_N: tl.constexpr,
     ):
@@ -476,8 +496,8 @@ if triton is not None:
             xt = x0 + t0 * 128
             for p in tl.static_range(NP):
                 g = (t0 + quad_tile) * NP + p
-                s = tl.load(s_ptr + g * stride_s + offs_n[:, None], mask=mask_n[:, None], other=0.0).to(tl.float32)
-                z = tl.load(z_ptr + g * stride_z + offs_n[:, None], mask=mask_n[:, None], other=0).to(tl.float32)
+                s, z = _pk_meta(tl.load(meta_ptr + g * stride_meta + offs_n[:, None], mask=mask_n[:, None], other=0),
+                                x_ptr.dtype.element_ty == tl.bfloat16)
                 acc0 += _pk_gemv_row(w, hi, xt, row0, M, s, z, p, NIBS, BLOCK_N, W)
                 if ROWS == 2:
                     acc1 += _pk_gemv_row(w, hi, xt + stride_xm, row0 + 1, M, s, z, p, NIBS, BLOCK_N, W)
@@ -488,7 +508,7 @@ if triton is not None:
                            HAS_BIAS, WRITE_PARTIAL)
 
     @triton.jit
-    def _pk_dequant_kernel(qk_ptr, z_ptr, s_ptr, w_ptr, N, K, stride_qk, stride_z, stride_s,
+    def _pk_dequant_kernel(qk_ptr, meta_ptr, w_ptr, N, K, stride_qk, stride_meta,
                            GROUP_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, TILES: tl.constexpr,
                            USE_ASM: tl.constexpr, DOT_FP32: tl.constexpr, EVEN_N: tl.constexpr,
                            MAGIC: tl.constexpr):
@@ -506,14 +526,14 @@ if triton is not None:
                 w = tl.load(w_rows + t * 16)
             else:
                 w = tl.load(w_rows + t * 16, mask=mask_n[:, None], other=0)
-            a = _pk_scaled_tile(w, s_ptr, z_ptr, offs_n, mask_n, stride_s, stride_z, t, 128 // GROUP_SIZE,
-                                MAGIC, DTYPE, USE_ASM, DOT_FP32)
+            a = _pk_scaled_tile(w, meta_ptr, offs_n, mask_n, stride_meta, t, 128 // GROUP_SIZE, MAGIC, DTYPE, USE_ASM,
+                                DOT_FP32)
             tl.store(out_rows + t * 128, a, mask=mask_n[:, None])
 
     @triton.jit
     def _pk_kernel(
-        x_ptr, qk_ptr, z_ptr, s_ptr, bias_ptr, out_ptr,
-        M, N, stride_xm, stride_qk, stride_z, stride_s, stride_om, stride_split, t_per_split, T,
+        x_ptr, qk_ptr, meta_ptr, bias_ptr, out_ptr,
+        M, N, stride_xm, stride_qk, stride_meta, stride_om, stride_split, t_per_split, T,
         GROUP_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TILES: tl.constexpr,
         HAS_BIAS: tl.constexpr, WRITE_PARTIAL: tl.constexpr, USE_ASM: tl.constexpr, DOT_FP32: tl.constexpr,
         EVEN_N: tl.constexpr, EVEN_M: tl.constexpr, EXACT: tl.constexpr, PREFETCH: tl.constexpr,
@@ -522,6 +542,7 @@ if triton is not None:
         """Program (tile, split): out[m, n] for block_m tokens x block_n columns over K tiles
         [split * t_per_split, ...); see the module docstring for the layout."""
         DTYPE: tl.constexpr = x_ptr.dtype.element_ty
+        BF16: tl.constexpr = DTYPE == tl.bfloat16
         pid = tl.program_id(0)
         pid_k = tl.program_id(1)
         # M tiles vary fastest: the programs that read one weight tile run side by side.
@@ -547,13 +568,12 @@ if triton is not None:
         # defaults and won only in PACKED_WIDE_CONFIG (benchmarks/README.md).
         AHEAD: tl.constexpr = PREFETCH and TILES * NP == 1
         if AHEAD:
-            s_next, z_next = _pk_group(s_ptr, z_ptr, offs_n, mask_n, stride_s, stride_z, t_lo)
+            s_next, z_next = _pk_group(meta_ptr, offs_n, mask_n, stride_meta, t_lo, BF16)
         for t0 in range(t_lo, t_hi, TILES):
             if AHEAD:
                 s_cur, z_cur = s_next, z_next
                 # (the last step reloads its own group: no load past the split's end)
-                s_next, z_next = _pk_group(s_ptr, z_ptr, offs_n, mask_n, stride_s, stride_z,
-                                           tl.minimum(t0 + 1, t_hi - 1))
+                s_next, z_next = _pk_group(meta_ptr, offs_n, mask_n, stride_meta, tl.minimum(t0 + 1, t_hi - 1), BF16)
             for u in tl.static_range(TILES):
                 t = t0 + u
                 if EVEN_N:
@@ -566,13 +586,13 @@ if triton is not None:
                         if AHEAD:
                             s, z = s_cur, z_cur
                         else:
-                            s, z = _pk_group(s_ptr, z_ptr, offs_n, mask_n, stride_s, stride_z, t * NP + p)
+                            s, z = _pk_group(meta_ptr, offs_n, mask_n, stride_meta, t * NP + p, BF16)
                         if EVEN_M:
                             xp = tl.load(x_part + t * 128 + p * W)
                         else:
                             xp = tl.load(x_part + t * 128 + p * W, mask=mask_m[None, :], other=0.0)
                         a = _pk_part(w, s, z, p, NP, MAGIC, DTYPE, USE_ASM, DOT_FP32, False)
-                        acc += _tc_dot(a, xp, None, DOT_FP32) * s.to(tl.float32)[:, None]
+                        acc += _tc_dot(a, xp, None, DOT_FP32) * s[:, None]
                 else:
                     if EVEN_M:
                         xt = tl.load(x_cols + t * 128)
@@ -581,8 +601,8 @@ if triton is not None:
                     if AHEAD:
                         a = _pk_part(w, s_cur, z_cur, 0, 1, MAGIC, DTYPE, USE_ASM, DOT_FP32, True)
                     else:
-                        a = _pk_scaled_tile(w, s_ptr, z_ptr, offs_n, mask_n, stride_s, stride_z, t, NP, MAGIC, DTYPE,
-                                            USE_ASM, DOT_FP32)
+                        a = _pk_scaled_tile(w, meta_ptr, offs_n, mask_n, stride_meta, t, NP, MAGIC, DTYPE, USE_ASM,
+                                            DOT_FP32)
                     acc = _tc_dot(a, xt, acc, DOT_FP32)
 
         out_ptrs = out_ptr + offs_m[None, :].to(tl.int64) * stride_om + offs_n[:, None]

@@ -40,19 +40,24 @@ def _awq(n, k, gs, seed=0, dtype=torch.float16):
 
 @pytest.mark.parametrize("gs", [32, 64, 128])
 def test_pack_layout_follows_the_docstring(gs):
-    """Word (n, 16 t + j), nibble i holds q[128 t + 16 i + j, n]; zeros unpacked; round trip exact."""
+    """Word (n, 16 t + j), nibble i holds q[128 t + 16 i + j, n]; meta holds (zero, scale) pairs in the
+    scales' dtype, one int32 word each (the scale's bits high); round trip exact."""
     n, k = 24, 384
-    qweight, qzeros, scales = _awq(n, k, gs, seed=gs)
-    qk, zeros = pack_w4a16(qweight, qzeros, scales, gs, chunk=8)  # several chunks
-    q = unpack_awq_int4(qweight)  # [K, N]
-    assert qk.dtype == torch.int32 and tuple(qk.shape) == (n, k // 8)
-    assert zeros.dtype == torch.uint8 and torch.equal(zeros.to(torch.int32), unpack_awq_int4(qzeros))
-    for col, t, i, j in [(0, 0, 0, 0), (5, 1, 7, 15), (23, 2, 3, 9), (11, 0, 6, 1)]:
-        word = int(qk[col, 16 * t + j]) & 0xFFFFFFFF
-        assert (word >> (4 * i)) & 0xF == int(q[128 * t + 16 * i + j, col])
-    q2, z2 = unpack_w4a16(qk, zeros)
-    assert torch.equal(q2, q) and torch.equal(z2, unpack_awq_int4(qzeros))
-    assert (qk < 0).any(), "a top nibble >= 8 must make the stored int32 word negative"
+    for dtype in (torch.float16, torch.bfloat16):
+        qweight, qzeros, scales = _awq(n, k, gs, seed=gs, dtype=dtype)
+        qk, meta = pack_w4a16(qweight, qzeros, scales, gs, chunk=8)  # several chunks
+        q, z = unpack_awq_int4(qweight), unpack_awq_int4(qzeros)  # [K, N], [K/G, N]
+        assert qk.dtype == torch.int32 and tuple(qk.shape) == (n, k // 8)
+        for col, t, i, j in [(0, 0, 0, 0), (5, 1, 7, 15), (23, 2, 3, 9), (11, 0, 6, 1)]:
+            word = int(qk[col, 16 * t + j]) & 0xFFFFFFFF
+            assert (word >> (4 * i)) & 0xF == int(q[128 * t + 16 * i + j, col])
+        assert meta.dtype == dtype and tuple(meta.shape) == (k // gs, 2 * n)
+        words = meta.view(torch.int32)  # what the kernels load: [K/G, N]
+        assert torch.equal((words >> 16) & 0xFFFF, scales.view(torch.int16).to(torch.int32) & 0xFFFF)
+        assert torch.equal(words & 0xFFFF, z.to(dtype).view(torch.int16).to(torch.int32) & 0xFFFF)
+        q2, z2, s2 = unpack_w4a16(qk, meta)
+        assert torch.equal(q2, q) and torch.equal(z2, z) and torch.equal(s2, scales)
+        assert (qk < 0).any(), "a top nibble >= 8 must make the stored int32 word negative"
 
 
 def test_pack_rejects_what_it_cannot_hold():
@@ -60,6 +65,9 @@ def test_pack_rejects_what_it_cannot_hold():
     qweight, qzeros, scales = _awq(16, 192, 64)
     with pytest.raises(ValueError, match="K a multiple of 128 .* got K=192"):
         pack_w4a16(qweight, qzeros, scales, 64)
+    qweight, qzeros, scales = _awq(16, 256, 64)
+    with pytest.raises(ValueError, match="scales must be float16 or bfloat16, got torch.float32"):
+        pack_w4a16(qweight, qzeros, scales.float(), 64)
 
 
 def test_fit_tiles_takes_the_largest_dividing_power_of_two():
@@ -105,18 +113,20 @@ def test_packed_matmul_names_bad_inputs():
     from internvl_kernels.w4a16_packed import PackedGemvConfig
 
     qweight, qzeros, scales = _awq(16, 256, 128)
-    qk, zeros = pack_w4a16(qweight, qzeros, scales, 128)
+    qk, meta = pack_w4a16(qweight, qzeros, scales, 128)
     x = torch.randn(1, 256).to(torch.float16)
-    with pytest.raises(ValueError, match="zeros uint8"):
-        w4a16_packed_matmul(x, qk, zeros.to(torch.int32), scales, 128)
+    with pytest.raises(ValueError, match="qk must be int32"):
+        w4a16_packed_matmul(x, qk.to(torch.int64), meta, 128)
     with pytest.raises(ValueError, match="expects K=256"):
-        w4a16_packed_matmul(torch.randn(1, 128).half(), qk, zeros, scales, 128)
-    with pytest.raises(ValueError, match="expected zeros and scales"):
-        w4a16_packed_matmul(x, qk, zeros, scales, 64)
+        w4a16_packed_matmul(torch.randn(1, 128).half(), qk, meta, 128)
+    with pytest.raises(ValueError, match=r"expected meta \(4, 32\), got \(2, 32\)"):
+        w4a16_packed_matmul(x, qk, meta, 64)
+    with pytest.raises(ValueError, match="meta holds torch.float16 scales but x is torch.bfloat16"):
+        w4a16_packed_matmul(x.to(torch.bfloat16), qk, meta, 128)
     with pytest.raises(ValueError, match="tiles must be 1, 2, 4 or 8, got 3"):
-        w4a16_packed_matmul(x, qk, zeros, scales, 128, config=PackedGemvConfig(tiles=3))
+        w4a16_packed_matmul(x, qk, meta, 128, config=PackedGemvConfig(tiles=3))
     with pytest.raises(ValueError, match="rows must be 1 or 2, got 4"):
-        w4a16_packed_matmul(x, qk, zeros, scales, 128, config=PackedGemvConfig(rows=4))
+        w4a16_packed_matmul(x, qk, meta, 128, config=PackedGemvConfig(rows=4))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -179,15 +189,15 @@ def _worker():
         g = torch.Generator().manual_seed(seed)
         dt = getattr(torch, dtype)
         qweight, qzeros, scales = quantize_awq(torch.randn(n, k, generator=g) * 0.05, gs, scale_dtype=dt)
-        qk, zeros = pack_w4a16(qweight, qzeros, scales, gs)
+        qk, meta = pack_w4a16(qweight, qzeros, scales, gs)
         x = (torch.randn(*lead, k, generator=g) + 0.3).to(dt)  # a mean, so zero points matter
         bias = torch.randn(n, generator=g).to(dt) if use_bias else None
         kinds = {"gemv": PackedGemvConfig, "dequant": PackedDequantConfig, "tc": PackedConfig}
         config = None if cfg is None else kinds[path](**cfg)
         m = x.numel() // k
         out = torch.full((m, n), float("nan"), dtype=dt)
-        w4a16_packed_matmul(x, qk, zeros, scales, gs, bias, out=out, config=config)
-        y = w4a16_packed_matmul(x, qk, zeros, scales, gs, bias, config=config)
+        w4a16_packed_matmul(x, qk, meta, gs, bias, out=out, config=config)
+        y = w4a16_packed_matmul(x, qk, meta, gs, bias, config=config)
         ref = x.double() @ dequantize_awq(qweight, qzeros, scales, gs, dtype=torch.float64)
         if bias is not None:
             ref = ref + bias.double()
@@ -210,11 +220,11 @@ def _compiled_ops():
     g = torch.Generator().manual_seed(11)
     k, n, gs = 256, 24, 128
     qweight, qzeros, scales = quantize_awq(torch.randn(n, k, generator=g) * 0.05, gs, scale_dtype=torch.float16)
-    qk, zeros = pack_w4a16(qweight, qzeros, scales, gs)
+    qk, meta = pack_w4a16(qweight, qzeros, scales, gs)
     bias = torch.randn(n, generator=g).half()
 
     def f(x):
-        return w4a16_packed_mm(x, qk, zeros, scales, gs, bias) - w4a16_awq_mm(x, qweight, qzeros, scales, gs, None)
+        return w4a16_packed_mm(x, qk, meta, gs, bias) - w4a16_awq_mm(x, qweight, qzeros, scales, gs, None)
 
     torch._dynamo.reset()
     frames = []
@@ -222,7 +232,7 @@ def _compiled_ops():
     diffs = {}
     for m in (1, 2, 5, 20):  # GEMV one row, GEMV two rows, exact tensor-core, scale-in-A tensor-core
         x = torch.randn(m, k, generator=g).half()
-        expect = (w4a16_packed_matmul(x, qk, zeros, scales, gs, bias) - w4a16_matmul(
+        expect = (w4a16_packed_matmul(x, qk, meta, gs, bias) - w4a16_matmul(
             x, qweight, qzeros, scales, gs)).float()
         diffs[m] = float((compiled(x).float() - expect).abs().max())
     ops = sorted({str(node.target) for gm in frames for node in gm.graph.nodes if node.op == "call_function"})
@@ -249,9 +259,10 @@ def _plugin_layer():
     y_cpu = method.apply(layer, x)
     repack_layer(layer, gs)
     y = method.apply(layer, x)
-    return dict(cpu_keeps_awq=cpu_keeps_awq, awq_freed=not hasattr(layer, "qweight") and not hasattr(layer, "qzeros"),
-                packed_bytes=layer.qk.numel() * 4, awq_bytes=qweight.numel() * 4, zeros_shape=list(layer.zeros.shape),
-                zeros_dtype=str(layer.zeros.dtype), shape=list(y.shape),
+    return dict(cpu_keeps_awq=cpu_keeps_awq,
+                awq_freed=not any(hasattr(layer, name) for name in ("qweight", "qzeros", "scales")),
+                packed_bytes=layer.qk.numel() * 4, awq_bytes=qweight.numel() * 4, meta_shape=list(layer.meta.shape),
+                meta_dtype=str(layer.meta.dtype), shape=list(y.shape),
                 err_cpu=float((y_cpu.double() - ref).norm() / ref.norm()),
                 err_packed=float((y.double() - ref).norm() / ref.norm()))
 
@@ -270,7 +281,7 @@ def test_plugin_repacks_layer_and_matches_reference(interpreted):
     r = interpreted["plugin"]
     assert r["cpu_keeps_awq"]  # CPU tensors stay in the AWQ layout (the torch reference path)
     assert r["awq_freed"] and r["packed_bytes"] == r["awq_bytes"]  # same bytes, AWQ copy gone
-    assert r["zeros_shape"] == [256 // 64, 48] and r["zeros_dtype"] == "torch.uint8"
+    assert r["meta_shape"] == [256 // 64, 2 * 48] and r["meta_dtype"] == "torch.bfloat16"
     assert r["shape"] == [2, 3, 48]
     assert r["err_cpu"] < 5e-3 and r["err_packed"] < TOLERANCE[("exact", "bfloat16")]
 
