@@ -51,8 +51,15 @@ def baseline_calls(base, layer):
     return calls
 
 
-def candidates(m):
-    """Configs of this tree to time beside its default (M > 2; the GEMV configs are unchanged)."""
+def candidates(m, which="sweep"):
+    """Configs of this tree to time beside its default: "sweep" (M > 2, the GEMV configs unchanged) or
+    "exact" (the exact-mode tensor-core kernel for M <= 16, the scales a step ahead or not)."""
+    if which == "exact":
+        if m <= 16:
+            for tiles, ns, pf in ((1, 4, True), (1, 3, True), (1, 6, True), (1, 4, False), (2, 3, False)):
+                yield PackedConfig(block_m=16, block_n=64, tiles=tiles, num_warps=4, num_stages=ns, waves=4.0,
+                                   exact=True, prefetch=pf)
+        return
     if m <= 2:
         return
     if m <= 16:
@@ -78,6 +85,10 @@ def candidates(m):
         yield PackedDequantConfig()
 
 
+def _rel_err(out, ref):
+    return float((out.float() - ref).norm() / ref.norm())
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--baseline", type=Path, required=True)
@@ -85,6 +96,7 @@ def main():
     ap.add_argument("--shapes", nargs="+", default=[f"{m}:{s}" for m in ("7B", "20B")
                                                       for s in ("wqkv", "wo", "w13", "w2")])
     ap.add_argument("--check", action="store_true")
+    ap.add_argument("--set", default="sweep", choices=["sweep", "exact"], help="candidate configs (candidates)")
     ap.add_argument("--json")
     ap.add_argument("--budget", type=float, default=480.0, help="stop after this many seconds")
     args = ap.parse_args()
@@ -109,15 +121,19 @@ def main():
                 print("budget spent, stopping", flush=True)
                 break
             x = torch.randn(m, k, device="cuda", generator=gen).to(torch.bfloat16)
-            ref = base.w4a16_packed_matmul(x, *base_copies[0], GROUP).float()
-            new = K_.w4a16_packed_matmul(x, *layer.packed_copies[0], GROUP).float()
-            agree = float((new - ref).norm() / ref.norm())  # same math up to bf16 rounding
+            ref = x.float() @ layer.dense_nk.float().t()
+            err_base = _rel_err(base.w4a16_packed_matmul(x, *base_copies[0], GROUP), ref)
+            err_new = _rel_err(K_.w4a16_packed_matmul(x, *layer.packed_copies[0], GROUP), ref)
             bf16 = layer.time_bf16(x)
             base_us = graph_us([lambda t=t: base.w4a16_packed_matmul(x, *t, GROUP) for t in base_copies])
             new_us = layer.time_packed(x)
             res = []
-            for cfg in candidates(m):
+            for cfg in candidates(m, args.set):
                 try:
+                    err = _rel_err(K_.w4a16_packed_matmul(x, *layer.packed_copies[0], GROUP, config=cfg), ref)
+                    if not err < 1.2e-2:
+                        print(f"  FAIL {cfg}: rel err {err:.2e}", flush=True)
+                        fails += 1
                     res.append((layer.time_packed(x, cfg), cfg))
                 except Exception as e:  # resources and the like
                     print(f"  skip {cfg}: {type(e).__name__}: {str(e)[:120]}", flush=True)
@@ -125,11 +141,12 @@ def main():
             floor = layer.floor_bytes(m) / bw * 1e6
             print(f"{model:>3} {name:4} M={m:3d} bf16 {bf16:6.1f} base {base_us:6.1f} new {new_us:6.1f} "
                   f"(x{bf16 / new_us:.2f} bf16, new/base {new_us / base_us:.2f}) floor {floor:5.1f} "
-                  f"agree {agree:.1e}  {time.time() - t0:.0f}s", flush=True)
+                  f"err base {err_base:.1e} new {err_new:.1e}  {time.time() - t0:.0f}s", flush=True)
+            fails += sum(not e < 1.2e-2 for e in (err_base, err_new))
             for t, c in res[:3]:
                 print(f"        {t:6.1f} (x{bf16 / t:.2f}) {c}", flush=True)
             rows.append(dict(model=model, shape=name, K=k, N=n, M=m, bf16_us=bf16, base_us=base_us, new_us=new_us,
-                             floor_us=floor, agree=agree, top=[dict(us=t, config=repr(c)) for t, c in res[:6]]))
+                             floor_us=floor, err_base=err_base, err_new=err_new, top=[dict(us=t, config=repr(c)) for t, c in res[:6]]))
         del layer, base_copies
         torch.cuda.empty_cache()
     if args.json:

@@ -116,8 +116,8 @@ class PackedConfig:
     # instructions a weight, more an output: for few tokens). False: (q - z) * s is formed in x.dtype
     # and the dots accumulate over all of K (for many tokens).
     exact: bool = False
-    # Load the next step's scales and zero points a step ahead (used with one group a step: tiles=1
-    # and group size 128; see _pk_kernel).
+    # Exact mode, one group a step (tiles=1, group size 128; inert otherwise): load the next step's
+    # scales a step ahead (see _pk_kernel).
     prefetch: bool = False
 
 
@@ -151,19 +151,20 @@ class PackedDequantConfig:
     num_warps: int = 4
 
 
-# Tuned on one H100 80GB HBM3 (benchmarks/pk_explore.py, Triton 3.6, bf16, group 128, the InternLM2-7B
-# and -20B linears; results/pk-explore-h100.json, pk-explore-gemv-h100.json, pk-explore2-h100.json):
-# the config that was best or within a few percent of the best on most of the eight shapes for each M.
-# The GEMV (8 columns and all of K a one-warp program, no split-K) won on all eight shapes at M = 1
-# and 2 (results/pk-gemv-h100.json, pk-gemv2-h100.json): one row a program for M = 1, two for M = 2.
+# The GEMV (8 columns and all of K a one-warp program, no split-K) won on all eight InternLM2-7B/20B
+# linears at M = 1 and 2 on the H100 (results/pk-gemv-h100.json, pk-gemv2-h100.json): one row a program
+# for M = 1, two for M = 2.
 PACKED_GEMV_MAX_M = 2
 PACKED_GEMV_CONFIGS = {
     1: PackedGemvConfig(block_n=8, num_warps=1, rows=1, tiles=8, stages=3, waves=2.0),
     2: PackedGemvConfig(block_n=8, num_warps=1, rows=2, tiles=8, stages=3, waves=2.0),
 }
-# (largest M, config), first match wins.
+# The tensor-core kernel, (largest M, config), first match wins; chosen on an H200 after the scales
+# and zero points moved into the software pipeline (benchmarks/pk_ab.py, results/pk-ab-h200.json):
+# the config best or within a few percent of the best on most of the eight linears for each M.
 PACKED_CONFIGS = [
-    (16, PackedConfig(block_m=16, block_n=64, tiles=2, num_warps=4, num_stages=3, waves=4.0, exact=True)),
+    (16, PackedConfig(block_m=16, block_n=64, tiles=1, num_warps=4, num_stages=4, waves=4.0, exact=True,
+                      prefetch=True)),
     (32, PackedConfig(block_m=32, block_n=64, num_warps=4, num_stages=4, waves=4.0)),
     # Split K (into 2-9 ways) only while the grid has fewer programs than multiprocessors: at 64
     # tokens the fp32 partials of a 28672-wide weight cost more than they gain (7B w13 61.4 us split
@@ -171,19 +172,24 @@ PACKED_CONFIGS = [
     (64, PackedConfig(block_m=64, block_n=128, num_warps=8, num_stages=3, waves=2.0, split_full_grids=False)),
     (128, PackedConfig(block_m=128, block_n=64, num_warps=4, num_stages=3, waves=1.0)),
 ]
-# More than 128 tokens: the fused kernel on wide weights, else dequantize + cuBLAS. Both lose to
-# cuBLAS bf16 here; the fused kernel's share of the GPU grows with N (blocks of 256 columns), the
-# dequantizer's cost is fixed per weight. Measured crossovers (H100, results/pk-explore2-h100.json):
-# fused won at 256 tokens for N >= 8192 or K >= 8192 (7B w13 119.9 us, dequantized above 190; 7B w2
-# 102.6 against 116.8) and lost on the rest (7B wo 38.8 against 33.0); at 512 tokens it won for
-# N >= 8192 only (7B w13 243.7 against 280.9; 7B w2: the best fused 161.3 against 133.7).
-# It splits K only for grids of fewer programs than half the multiprocessors (waves=0.5): at 256
-# tokens that beat aiming for one wave on four of six weights (20B wqkv 59.6 us against 82.5, 20B w2
-# 136.5 against 177.6, InternLM2-1.8B w13 33.8 against 59.3; results/pk-wide-split-h100.json), tied
+# 65-128 tokens through a weight with N or K >= PACKED_BIG_MIN: blocks of 128 columns (7B w13 74.5 us
+# against 78.1, 20B w2 72.2 against 85.8, 20B w13 111.4 against 121.9; on 20B wqkv 43.1 against 37.1).
+PACKED_BIG_MIN = 16384
+PACKED_BIG_128_CONFIG = PackedConfig(block_m=128, block_n=128, num_warps=8, num_stages=4, waves=2.0,
+                                     split_full_grids=False)
+# 129-256 tokens: the fused kernel beat dequantize + cuBLAS on all eight linears, 256 columns a block
+# where N >= 6144 (7B w13 115.5 us, 20B w2 119.1 against 132.0 dequantized), 128 below (7B w2 59.6
+# against 74.7 with 256, 7B wo 23.1 against 29.0). 257-512 tokens: 256 columns where N >= 8192 (7B w13
+# 235.4, 20B wqkv 86.9 against 100.6 dequantized), dequantize + cuBLAS elsewhere (7B wqkv 52.2 against
+# 58.9; 7B w2 the exception: 109.4 fused against 118.5). Above 512: dequantize + cuBLAS (its fixed cost
+# shrinks against the product's). All of these lose to cuBLAS bf16 (0.5-0.85x).
+# The wide blocks split K only for grids of fewer programs than half the multiprocessors (waves=0.5):
+# at 256 tokens that beat aiming for one wave on four of six weights (20B wqkv 59.6 us against 82.5, 20B
+# w2 136.5 against 177.6, InternLM2-1.8B w13 33.8 against 59.3; results/pk-wide-split-h100.json), tied
 # where neither splits (7B and 20B w13) and lost on the smallest grid (1.8B w2, 16 programs: 34 or
 # more against 28.3).
-PACKED_WIDE_CONFIG = PackedConfig(block_m=128, block_n=256, num_warps=8, num_stages=3, waves=0.5, prefetch=True)
-PACKED_WIDE_MIN = 8192
+PACKED_WIDE_CONFIG = PackedConfig(block_m=128, block_n=256, num_warps=8, num_stages=3, waves=0.5)
+PACKED_SQUARE_CONFIG = PackedConfig(block_m=128, block_n=128, num_warps=8, num_stages=4, waves=0.5)
 PACKED_DEQUANT_CONFIG = PackedDequantConfig()
 
 
@@ -191,10 +197,14 @@ def pick_packed_config(m: int, n: int, k: int):
     """The default config for m tokens through a [K, N] weight."""
     if m <= PACKED_GEMV_MAX_M:
         return PACKED_GEMV_CONFIGS[max(m, 1)]
+    if 64 < m <= 128 and max(n, k) >= PACKED_BIG_MIN:
+        return PACKED_BIG_128_CONFIG
     for bound, cfg in PACKED_CONFIGS:
         if m <= bound:
             return cfg
-    if (m <= 256 and max(n, k) >= PACKED_WIDE_MIN) or (m <= 512 and n >= PACKED_WIDE_MIN):
+    if m <= 256:
+        return PACKED_WIDE_CONFIG if n >= 6144 else PACKED_SQUARE_CONFIG
+    if m <= 512 and n >= 8192:
         return PACKED_WIDE_CONFIG
     return PACKED_DEQUANT_CONFIG
 
@@ -561,19 +571,17 @@ if triton is not None:
         acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
         t_lo = pid_k * t_per_split
         t_hi = tl.minimum(t_lo + t_per_split, T)
-        # PREFETCH, with one group a step (TILES = 1, group size 128; inert otherwise): the step's
-        # scales and zero points are loaded one step ahead, into registers (the pipeliner does not
-        # take these narrow 1- and 2-byte loads). The carried copies cost a layout conversion through
-        # shared memory a step except with 256-wide blocks; on the H100 it lost with the M <= 128
-        # defaults and won only in PACKED_WIDE_CONFIG (benchmarks/README.md).
-        AHEAD: tl.constexpr = PREFETCH and TILES * NP == 1
+        # Exact mode scales a group's dot by s in the accumulator's layout, and Triton re-issues the meta
+        # load there outside the software pipeline: a synchronous load a group. PREFETCH (exact mode,
+        # one group a step: TILES = 1 and group size 128; inert otherwise) issues it a step ahead.
+        AHEAD: tl.constexpr = EXACT and PREFETCH and TILES * NP == 1
         if AHEAD:
-            s_next, z_next = _pk_group(meta_ptr, offs_n, mask_n, stride_meta, t_lo, BF16)
+            s_next, _ = _pk_group(meta_ptr, offs_n, mask_n, stride_meta, t_lo, BF16)
         for t0 in range(t_lo, t_hi, TILES):
             if AHEAD:
-                s_cur, z_cur = s_next, z_next
+                s_cur = s_next
                 # (the last step reloads its own group: no load past the split's end)
-                s_next, z_next = _pk_group(meta_ptr, offs_n, mask_n, stride_meta, tl.minimum(t0 + 1, t_hi - 1), BF16)
+                s_next, _ = _pk_group(meta_ptr, offs_n, mask_n, stride_meta, tl.minimum(t0 + 1, t_hi - 1), BF16)
             for u in tl.static_range(TILES):
                 t = t0 + u
                 if EVEN_N:
@@ -583,10 +591,9 @@ if triton is not None:
                 if EXACT:
                     # One dot per group on the exact q - z, scaled in fp32.
                     for p in tl.static_range(NP):
+                        s, z = _pk_group(meta_ptr, offs_n, mask_n, stride_meta, t * NP + p, BF16)
                         if AHEAD:
-                            s, z = s_cur, z_cur
-                        else:
-                            s, z = _pk_group(meta_ptr, offs_n, mask_n, stride_meta, t * NP + p, BF16)
+                            s = s_cur
                         if EVEN_M:
                             xp = tl.load(x_part + t * 128 + p * W)
                         else:
@@ -598,11 +605,8 @@ if triton is not None:
                         xt = tl.load(x_cols + t * 128)
                     else:
                         xt = tl.load(x_cols + t * 128, mask=mask_m[None, :], other=0.0)
-                    if AHEAD:
-                        a = _pk_part(w, s_cur, z_cur, 0, 1, MAGIC, DTYPE, USE_ASM, DOT_FP32, True)
-                    else:
-                        a = _pk_scaled_tile(w, meta_ptr, offs_n, mask_n, stride_meta, t, NP, MAGIC, DTYPE, USE_ASM,
-                                            DOT_FP32)
+                    a = _pk_scaled_tile(w, meta_ptr, offs_n, mask_n, stride_meta, t, NP, MAGIC, DTYPE, USE_ASM,
+                                        DOT_FP32)
                     acc = _tc_dot(a, xt, acc, DOT_FP32)
 
         out_ptrs = out_ptr + offs_m[None, :].to(tl.int64) * stride_om + offs_n[:, None]

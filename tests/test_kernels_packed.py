@@ -78,16 +78,25 @@ def test_fit_tiles_takes_the_largest_dividing_power_of_two():
 
 
 def test_default_configs_follow_tokens_and_weight_shape():
-    from internvl_kernels.w4a16_packed import (PACKED_CONFIGS, PACKED_DEQUANT_CONFIG, PACKED_WIDE_CONFIG,
-                                               PackedGemvConfig, pick_packed_config)
+    from internvl_kernels.w4a16_packed import (PACKED_BIG_128_CONFIG, PACKED_CONFIGS, PACKED_DEQUANT_CONFIG,
+                                               PACKED_SQUARE_CONFIG, PACKED_WIDE_CONFIG, PackedGemvConfig,
+                                               pick_packed_config)
 
     assert pick_packed_config(1, 4096, 4096).rows == 1 and pick_packed_config(2, 4096, 4096).rows == 2
     assert isinstance(pick_packed_config(2, 4096, 4096), PackedGemvConfig)
-    assert pick_packed_config(3, 4096, 4096) is PACKED_CONFIGS[0][1] and pick_packed_config(16, 64, 64).exact
-    assert pick_packed_config(128, 28672, 4096) is PACKED_CONFIGS[-1][1]
-    # Above 128 tokens: wide weights (N, or K up to 256 tokens, at least 8192) take the fused kernel.
-    assert pick_packed_config(129, 4096, 4096) is PACKED_DEQUANT_CONFIG
-    assert pick_packed_config(256, 4096, 14336) is PACKED_WIDE_CONFIG  # 7B w2
+    small = pick_packed_config(3, 4096, 4096)
+    assert small is PACKED_CONFIGS[0][1] and pick_packed_config(16, 64, 64) is small
+    assert small.exact and small.prefetch and small.tiles == 1  # the scales a step ahead need one group a step
+    assert pick_packed_config(128, 4096, 6144) is PACKED_CONFIGS[-1][1]
+    # 65-128 tokens: 128-column blocks once N or K reaches 16384.
+    assert pick_packed_config(65, 28672, 4096) is PACKED_BIG_128_CONFIG  # 7B w13
+    assert pick_packed_config(128, 6144, 16384) is PACKED_BIG_128_CONFIG  # 20B w2
+    assert pick_packed_config(64, 28672, 4096) is PACKED_CONFIGS[2][1]
+    # 129-256 tokens: always fused, 256-column blocks from N = 6144.
+    assert pick_packed_config(129, 4096, 4096) is PACKED_SQUARE_CONFIG
+    assert pick_packed_config(256, 4096, 14336) is PACKED_SQUARE_CONFIG  # 7B w2
+    assert pick_packed_config(256, 6144, 16384) is PACKED_WIDE_CONFIG  # 20B w2
+    # 257-512 tokens: fused where N >= 8192, else dequantize + cuBLAS; always that above 512.
     assert pick_packed_config(257, 4096, 14336) is PACKED_DEQUANT_CONFIG
     assert pick_packed_config(512, 28672, 4096) is PACKED_WIDE_CONFIG  # 7B w13
     assert pick_packed_config(513, 28672, 4096) is PACKED_DEQUANT_CONFIG
