@@ -28,7 +28,7 @@ from _shim import INTERNLM2_SHAPES, import_kernels
 from bench_w4a16 import GROUP, Layer, copy_bandwidth, graph_us
 
 K_ = import_kernels()
-from internvl_kernels.w4a16_packed import PACKED_WIDE_CONFIG, PackedConfig, PackedDequantConfig  # noqa: E402
+from internvl_kernels.w4a16_packed import PackedConfig, PackedDequantConfig  # noqa: E402
 
 
 def load_baseline(path: Path):
@@ -52,13 +52,13 @@ def baseline_calls(base, layer):
 
 
 def candidates(m, which="sweep"):
-    """Configs of this tree to time beside its default: "sweep" (M > 2, the GEMV configs unchanged) or
-    "exact" (the exact-mode tensor-core kernel for M <= 16, the scales a step ahead or not)."""
+    """Configs of this tree to time beside its default: "sweep" (M > 2) or "exact" (the exact-mode
+    tensor-core kernel against the GEMV for M <= 16, one or two K tiles a step)."""
     if which == "exact":
         if m <= 16:
-            for tiles, ns, pf in ((1, 4, True), (1, 3, True), (1, 6, True), (1, 4, False), (2, 3, False)):
+            for tiles, ns in ((1, 4), (1, 3), (1, 6), (2, 3)):
                 yield PackedConfig(block_m=16, block_n=64, tiles=tiles, num_warps=4, num_stages=ns, waves=4.0,
-                                   exact=True, prefetch=pf)
+                                   exact=True)
         return
     if m <= 2:
         return
@@ -78,10 +78,8 @@ def candidates(m, which="sweep"):
             yield PackedConfig(block_m=bm, block_n=bn, num_warps=nw, num_stages=ns, waves=waves,
                                split_full_grids=False)
     else:
-        yield PACKED_WIDE_CONFIG
-        yield PackedConfig(block_m=128, block_n=256, num_warps=8, num_stages=3, waves=0.5)  # no prefetch
-        yield PackedConfig(block_m=128, block_n=256, num_warps=8, num_stages=4, waves=0.5)
-        yield PackedConfig(block_m=128, block_n=128, num_warps=8, num_stages=4, waves=0.5)
+        for bn, nw, ns in ((256, 8, 3), (256, 8, 4), (128, 8, 4)):
+            yield PackedConfig(block_m=128, block_n=bn, num_warps=nw, num_stages=ns, waves=0.5)
         yield PackedDequantConfig()
 
 

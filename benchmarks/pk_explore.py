@@ -7,7 +7,6 @@ and the AWQ-layout default path, after a correctness check. One device call:
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import sys
 import time
@@ -26,7 +25,9 @@ def check(gen, quick=False):
     """Fresh random inputs over shapes, dtypes, group sizes, token counts and configs (the default
     and check_configs): relative error against an fp64 reference of the AWQ tensors."""
     shapes = ((128, 64), (384, 200), (1024, 4096 + 512)) if not quick else ((384, 200), (1024, 4096 + 512))
-    ms = (1, 2, 3, 16, 33, 64, 100, 300) if not quick else (1, 2, 6, 40, 200)
+    # Token counts that fill the tensor-core kernels' blocks exactly (16, 64, 128, 256: their EVEN_M
+    # variants) and that do not.
+    ms = (1, 2, 3, 16, 33, 64, 100, 128, 256, 300) if not quick else (1, 2, 6, 16, 40, 64, 128, 200, 256)
 
     def run(qw, qz, sc, g):
         qk, meta = K_.pack_w4a16(qw, qz, sc, g)
@@ -40,8 +41,7 @@ def check_configs():
     yield PackedGemvConfig(block_n=16, num_warps=2, tiles=4, stages=4, rows=2)
     yield PackedConfig(block_m=16, block_n=64, num_warps=4, split_k=3, exact=True)
     yield PackedConfig(block_m=64, block_n=128, num_warps=8, num_stages=3)
-    yield PackedConfig(block_m=16, block_n=64, num_warps=4, num_stages=4, exact=True, prefetch=True)
-    yield PackedConfig(block_m=64, block_n=128, num_warps=8, num_stages=3, split_k=2, prefetch=True)
+    yield PackedConfig(block_m=64, block_n=128, num_warps=8, num_stages=3, split_k=2)
     yield PACKED_WIDE_CONFIG
 
 
@@ -54,32 +54,20 @@ def candidates(m):
         for rows in range(1, m + 1):
             for bn, nw, tiles, stages in gemv[rows]:
                 yield PackedGemvConfig(block_n=bn, num_warps=nw, tiles=tiles, stages=stages, rows=rows, waves=2.0)
-        return
-    if m <= 4:  # the GEMV, two rows a program, against the tensor-core kernel on few tokens
-        for bn, stages in ((8, 3), (8, 4), (16, 3)):
-            yield PackedGemvConfig(block_n=bn, num_warps=1, tiles=8, stages=stages, rows=2, waves=2.0)
-    if m <= 32:  # one tile a step with the scales loaded a step ahead; split-K against none
-        yield PackedConfig(block_m=bm, block_n=64, num_warps=4, tiles=2, num_stages=3, waves=4.0, exact=True)
-        for bn, nw, ns, waves, split, pf in ((64, 4, 4, 4.0, 0, False), (64, 4, 4, 4.0, 0, True),
-                                             (64, 4, 3, 4.0, 0, True), (64, 4, 4, 8.0, 0, True),
-                                             (64, 4, 4, 0.0, 1, True), (64, 4, 4, 0.0, 2, True),
-                                             (128, 8, 4, 4.0, 0, True)):
-            yield PackedConfig(block_m=bm, block_n=bn, num_warps=nw, num_stages=ns, waves=waves, split_k=split,
-                               exact=True, prefetch=pf)
-    elif m <= 128:  # the same, and wider blocks (x is read once per block of columns)
-        for bm_, bn, nw, ns in ((128, 64, 4, 3), (128, 128, 8, 3), (64, 128, 8, 3), (128, 256, 8, 2)):
+    if m <= 32:  # exact mode, one or two tiles a step, against scale-in-A
+        for tiles, ns, exact in ((1, 4, True), (2, 3, True), (1, 4, False), (2, 3, False)):
+            yield PackedConfig(block_m=max(bm, 16), block_n=64, num_warps=4, tiles=tiles, num_stages=ns, waves=4.0,
+                               exact=exact)
+    elif m <= 128:  # wider blocks (x is read once per block of columns)
+        for bm_, bn, nw, ns in ((128, 64, 4, 3), (128, 128, 8, 4), (64, 128, 8, 3), (128, 256, 8, 3)):
             for split in (0, 1):
-                for pf in (False, True):
-                    yield PackedConfig(block_m=min(bm_, bm), block_n=bn, num_warps=nw, num_stages=ns, waves=1.0,
-                                       split_k=split, prefetch=pf)
+                yield PackedConfig(block_m=min(bm_, bm), block_n=bn, num_warps=nw, num_stages=ns, waves=1.0,
+                                   split_k=split)
     else:  # the fused kernel against dequantize + cuBLAS
         for bm_, bn, nw, ns in ((256, 128, 8, 3), (128, 256, 8, 3), (128, 128, 8, 4)):
-            for pf in (False, True):
-                yield PackedConfig(block_m=bm_, block_n=bn, num_warps=nw, num_stages=ns, waves=1.0, prefetch=pf)
+            yield PackedConfig(block_m=bm_, block_n=bn, num_warps=nw, num_stages=ns, waves=0.5)
         for bn, tiles, nw in ((32, 1, 4), (64, 1, 4), (32, 2, 4), (64, 2, 8)):
             yield PackedDequantConfig(block_n=bn, tiles=tiles, num_warps=nw)
-        for waves in (0.5, 0.25):  # the wide config splitting K less (it splits grids under one wave)
-            yield dataclasses.replace(PACKED_WIDE_CONFIG, waves=waves)
 
 
 def main():

@@ -8,7 +8,7 @@ shared memory and the instruction mix of the main loop can be read here, at no d
     python3 benchmarks/sass_count.py dq 64,32,8                # the AWQ-layout dequantizer: BLOCK_K,BLOCK_W,warps
     python3 benchmarks/sass_count.py gemv 8,2                  # the AWQ-layout GEMV: BLOCK_K,warps
     python3 benchmarks/sass_count.py pkgemv 8,1[,8,3,1,128]     # packed GEMV: BLOCK_N,warps[,TILES,STAGES,ROWS,group]
-    python3 benchmarks/sass_count.py pk 128,128,1,8,3[,exact,group,prefetch]  # packed: BLOCK_M,BLOCK_N,TILES,warps,stages
+    python3 benchmarks/sass_count.py pk 128,128,1,8,3[,exact,group]  # packed: BLOCK_M,BLOCK_N,TILES,warps,stages
     python3 benchmarks/sass_count.py pkdq 32,4,1                # packed dequantizer: BLOCK_N,warps,TILES
 
 Use the Triton version of the device machine (3.6) for numbers that match it: scripts/setup.sh makes
@@ -69,9 +69,48 @@ def resources(kernel):
     return int(m.group(1)), int(m.group(2)), ins
 
 
+def _reg(tok: str):
+    m = re.match(r"R(\d+)", tok)
+    return int(m.group(1)) if m else None
+
+
+def wgmma_a_hazards(ins) -> list[str]:
+    """Instructions that write a register still read by a wgmma in flight across the main loop's back
+    edge (register A operand of HGMMA), before a WARPGROUP.DEPBAR.LE gsb0, 0x0 retires them: the
+    wgmma reads its A registers while it runs, so such a write races with it. Empty for a safe loop."""
+    loops = [(int(b.group(1), 16), a) for a, t in ins
+             if (b := re.search(r"BRA .*0x([0-9a-f]+)", t)) and int(b.group(1), 16) < a]
+    hits = []
+    for lo, hi in loops:
+        body = [(a, t) for a, t in ins if lo <= a <= hi]
+        hg = [t for _, t in body if "HGMMA" in t]
+        waits = [int(t.split("gsb0,")[1].strip().rstrip(";"), 16) for _, t in body if "WARPGROUP.DEPBAR" in t]
+        if not hg or not waits or not waits[-1]:
+            continue
+        busy = set()
+        for t in hg[len(hg) - waits[-1]:]:  # the wgmma the back edge leaves running
+            a_op = t.split()[2].rstrip(",")
+            if _reg(a_op) is not None:
+                busy |= set(range(_reg(a_op), _reg(a_op) + 4))
+        for _, t in body:
+            if "HGMMA" in t or "WARPGROUP.DEPBAR.LE gsb0, 0x0" in t:
+                break
+            toks = t.split()
+            if toks[0].startswith("@"):
+                toks = toks[1:]
+            d = _reg(toks[1].rstrip(",")) if len(toks) > 1 else None
+            width = 4 if ".128" in toks[0] else 2 if ".64" in toks[0] else 1
+            if d is not None and busy & set(range(d, d + width)):
+                hits.append(t)
+    return hits
+
+
 def report(kernel):
     regs, stack, ins = resources(kernel)
     print(f"registers {regs}, stack {stack} B, shared {kernel.metadata.shared} B, {len(ins)} instructions")
+    hazards = wgmma_a_hazards(ins)
+    if hazards:
+        print(f"  {len(hazards)} writes to A registers of wgmma in flight, e.g. {hazards[0]}")
     for addr, txt in ins:
         b = re.search(r"BRA .*0x([0-9a-f]+)", txt)
         if b and int(b.group(1), 16) < addr:  # a backward branch closes a loop
@@ -106,10 +145,9 @@ def compile_case(which: str, spec: list[int], dtype: str = "bf16", flags: dict |
         consts.update(flags or {})
         return compile_sm90(w4a16_packed._pk_dequant_kernel, consts, nw, 1, dtype=dtype)
     if which == "pk":
-        bm, bn, tiles, nw, ns, exact, group, prefetch = spec + [0, 128, 0][len(spec) - 5:]
+        bm, bn, tiles, nw, ns, exact, group = spec + [0, 128][len(spec) - 5:]
         consts = dict(GROUP_SIZE=group, BLOCK_M=bm, BLOCK_N=bn, TILES=tiles, HAS_BIAS=False, WRITE_PARTIAL=False,
-                      USE_ASM=True, DOT_FP32=False, EVEN_N=True, EVEN_M=True, EXACT=bool(exact),
-                      PREFETCH=bool(prefetch))
+                      USE_ASM=True, DOT_FP32=False, EVEN_N=True, EVEN_M=True, EXACT=bool(exact))
         consts.update(flags or {})
         return compile_sm90(w4a16_packed._pk_kernel, consts, nw, ns, dtype=dtype)
     if which == "dq":  # the AWQ-layout dequantizer
@@ -134,6 +172,7 @@ def batch(cases):
         try:
             row["registers"], row["stack"], ins = resources(compile_case(which, spec, dtype, row["flags"]))
             row["instructions"] = len(ins)
+            row["wgmma_a_hazards"] = wgmma_a_hazards(ins)[:3]
         except Exception as e:  # reported per case
             msg = [ln for ln in str(e).splitlines() if "error" in ln.lower()] or [repr(e)]
             row["error"] = f"{type(e).__name__}: {msg[0][:300]}"

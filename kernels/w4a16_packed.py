@@ -116,9 +116,6 @@ class PackedConfig:
     # instructions a weight, more an output: for few tokens). False: (q - z) * s is formed in x.dtype
     # and the dots accumulate over all of K (for many tokens).
     exact: bool = False
-    # Exact mode, one group a step (tiles=1, group size 128; inert otherwise): load the next step's
-    # scales a step ahead (see _pk_kernel).
-    prefetch: bool = False
 
 
 @dataclass(frozen=True)
@@ -130,7 +127,8 @@ class PackedGemvConfig:
     block_n: int = 8
     num_warps: int = 1
     # Rows of x a program, 1 or 2 (each weight load serves both). Four were instruction-bound and lost
-    # to the tensor-core kernel at M = 4 and 8 on the H100 (results/pk-gemv2-h100.json).
+    # to the tensor-core kernel at M = 4 and 8 on the H100 (results/pk-gemv2-h100.json), two lost to it
+    # at M = 2 on the H200 once its loads were pipelined (results/pk-ab2-h200.json).
     rows: int = 1
     tiles: int = 8  # K tiles (16 words of each column) a step; fewer where they do not divide K/128
     stages: int = 3  # steps in flight (software pipeline through shared memory)
@@ -151,20 +149,23 @@ class PackedDequantConfig:
     num_warps: int = 4
 
 
-# The GEMV (8 columns and all of K a one-warp program, no split-K) won on all eight InternLM2-7B/20B
-# linears at M = 1 and 2 on the H100 (results/pk-gemv-h100.json, pk-gemv2-h100.json): one row a program
-# for M = 1, two for M = 2.
-PACKED_GEMV_MAX_M = 2
-PACKED_GEMV_CONFIGS = {
-    1: PackedGemvConfig(block_n=8, num_warps=1, rows=1, tiles=8, stages=3, waves=2.0),
-    2: PackedGemvConfig(block_n=8, num_warps=1, rows=2, tiles=8, stages=3, waves=2.0),
-}
-# The tensor-core kernel, (largest M, config), first match wins; chosen on an H200 after the scales
-# and zero points moved into the software pipeline (benchmarks/pk_ab.py, results/pk-ab-h200.json):
-# the config best or within a few percent of the best on most of the eight linears for each M.
+# One token: the GEMV (8 columns and all of K a one-warp program, no split-K); it won on all eight
+# InternLM2-7B/20B linears on the H100 (results/pk-gemv-h100.json, pk-gemv2-h100.json) and, against the
+# tensor-core kernel with its loads pipelined, on the H200 (7B w13 22.5 us against 25.8;
+# results/pk-ab2-h200.json). Two rows a program (rows=2) lost to the tensor-core kernel there at M = 2
+# on all eight (7B w13 33.2 against 26.1), so M = 2 takes the tensor-core kernel.
+PACKED_GEMV_CONFIG = PackedGemvConfig(block_n=8, num_warps=1, rows=1, tiles=8, stages=3, waves=2.0)
+# The tensor-core kernel, chosen on an H200 after the scales and zero points moved into the software
+# pipeline (benchmarks/pk_ab.py: results/pk-ab-h200.json, pk-ab2-h200.json): the config best or within
+# a few percent of the best on most of the eight linears for each M. 2-16 tokens: exact mode, two K
+# tiles a step on weights of 2**26 or more (7B w13 M=4 26.5 us against 29.5 with one, 20B w13 40.7
+# against 47.1), one below (7B wqkv 9.7 against 10.1, 20B wo 12.6 against 12.9).
+PACKED_SMALL_BIG = 1 << 26
+PACKED_SMALL_BIG_CONFIG = PackedConfig(block_m=16, block_n=64, tiles=2, num_warps=4, num_stages=3, waves=4.0,
+                                       exact=True)
+# (largest M, config), first match wins.
 PACKED_CONFIGS = [
-    (16, PackedConfig(block_m=16, block_n=64, tiles=1, num_warps=4, num_stages=4, waves=4.0, exact=True,
-                      prefetch=True)),
+    (16, PackedConfig(block_m=16, block_n=64, tiles=1, num_warps=4, num_stages=4, waves=4.0, exact=True)),
     (32, PackedConfig(block_m=32, block_n=64, num_warps=4, num_stages=4, waves=4.0)),
     # Split K (into 2-9 ways) only while the grid has fewer programs than multiprocessors: at 64
     # tokens the fp32 partials of a 28672-wide weight cost more than they gain (7B w13 61.4 us split
@@ -195,8 +196,10 @@ PACKED_DEQUANT_CONFIG = PackedDequantConfig()
 
 def pick_packed_config(m: int, n: int, k: int):
     """The default config for m tokens through a [K, N] weight."""
-    if m <= PACKED_GEMV_MAX_M:
-        return PACKED_GEMV_CONFIGS[max(m, 1)]
+    if m <= 1:
+        return PACKED_GEMV_CONFIG
+    if m <= 16 and n * k >= PACKED_SMALL_BIG:
+        return PACKED_SMALL_BIG_CONFIG
     if 64 < m <= 128 and max(n, k) >= PACKED_BIG_MIN:
         return PACKED_BIG_128_CONFIG
     for bound, cfg in PACKED_CONFIGS:
@@ -312,7 +315,7 @@ def _launch_packed(x, qk, meta, group_size, bias, out, cfg: PackedConfig | Packe
         # tl.dot wrong in Triton 3.9 (the operands are widened to fp32 there, exactly).
         USE_ASM=not interp, DOT_FP32=interp and x.dtype == torch.bfloat16,
         EVEN_N=n % cfg.block_n == 0, EVEN_M=m % cfg.block_m == 0, EXACT=cfg.exact,
-        PREFETCH=cfg.prefetch, MAGIC=_magic(x.dtype),
+        MAGIC=_magic(x.dtype),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         **({"maxnreg": cfg.maxnreg} if cfg.maxnreg and not interp else {}),
     )
@@ -337,6 +340,16 @@ if triton is not None:
         if DOT_FP32:
             return (v.to(tl.float32) - zm.to(tl.float32)[:, None]).to(v.dtype)
         return v - zm[:, None]
+
+    @triton.jit
+    def _wgmma_drain(v):
+        """Wait for every wgmma in flight (PTX wgmma.wait_group 0), v any small tensor (the asm runs once per
+        element a thread holds). The dot's A operand lives in registers, and Triton 3.6 lets up to seven
+        wgmma run on over a loop's back edge while the next step writes its A operand into the same
+        registers: wrong sums once the loop runs without stalls (seen on the H200 with 64 x 128 blocks,
+        8 warps, split K; benchmarks/README.md). Waiting here, before the step's dequantization, keeps them."""
+        return tl.inline_asm_elementwise("mov.b32 $0, $1; wgmma.wait_group.sync.aligned 0;", "=r,r", [v],
+                                         dtype=tl.int32, is_pure=False, pack=1)
 
     @triton.jit
     def _pk_meta(m, BF16: tl.constexpr):
@@ -546,7 +559,7 @@ if triton is not None:
         M, N, stride_xm, stride_qk, stride_meta, stride_om, stride_split, t_per_split, T,
         GROUP_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TILES: tl.constexpr,
         HAS_BIAS: tl.constexpr, WRITE_PARTIAL: tl.constexpr, USE_ASM: tl.constexpr, DOT_FP32: tl.constexpr,
-        EVEN_N: tl.constexpr, EVEN_M: tl.constexpr, EXACT: tl.constexpr, PREFETCH: tl.constexpr,
+        EVEN_N: tl.constexpr, EVEN_M: tl.constexpr, EXACT: tl.constexpr,
         MAGIC: tl.constexpr,
     ):
         """Program (tile, split): out[m, n] for block_m tokens x block_n columns over K tiles
@@ -571,17 +584,7 @@ if triton is not None:
         acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
         t_lo = pid_k * t_per_split
         t_hi = tl.minimum(t_lo + t_per_split, T)
-        # Exact mode scales a group's dot by s in the accumulator's layout, and Triton re-issues the meta
-        # load there outside the software pipeline: a synchronous load a group. PREFETCH (exact mode,
-        # one group a step: TILES = 1 and group size 128; inert otherwise) issues it a step ahead.
-        AHEAD: tl.constexpr = EXACT and PREFETCH and TILES * NP == 1
-        if AHEAD:
-            s_next, _ = _pk_group(meta_ptr, offs_n, mask_n, stride_meta, t_lo, BF16)
         for t0 in range(t_lo, t_hi, TILES):
-            if AHEAD:
-                s_cur = s_next
-                # (the last step reloads its own group: no load past the split's end)
-                s_next, _ = _pk_group(meta_ptr, offs_n, mask_n, stride_meta, tl.minimum(t0 + 1, t_hi - 1), BF16)
             for u in tl.static_range(TILES):
                 t = t0 + u
                 if EVEN_N:
@@ -591,9 +594,10 @@ if triton is not None:
                 if EXACT:
                     # One dot per group on the exact q - z, scaled in fp32.
                     for p in tl.static_range(NP):
+                        # (Triton re-issues this load for s, whose use is in the accumulator's layout,
+                        # outside the pipeline; its latency overlaps the dot, and loading it a step ahead
+                        # gained nothing on the H200: results/pk-ab2-h200.json)
                         s, z = _pk_group(meta_ptr, offs_n, mask_n, stride_meta, t * NP + p, BF16)
-                        if AHEAD:
-                            s = s_cur
                         if EVEN_M:
                             xp = tl.load(x_part + t * 128 + p * W)
                         else:
@@ -605,6 +609,8 @@ if triton is not None:
                         xt = tl.load(x_cols + t * 128)
                     else:
                         xt = tl.load(x_cols + t * 128, mask=mask_m[None, :], other=0.0)
+                    if USE_ASM:
+                        _wgmma_drain(offs_n)
                     a = _pk_scaled_tile(w, meta_ptr, offs_n, mask_n, stride_meta, t, NP, MAGIC, DTYPE, USE_ASM,
                                         DOT_FP32)
                     acc = _tc_dot(a, xt, acc, DOT_FP32)

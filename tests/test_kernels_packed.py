@@ -79,14 +79,17 @@ def test_fit_tiles_takes_the_largest_dividing_power_of_two():
 
 def test_default_configs_follow_tokens_and_weight_shape():
     from internvl_kernels.w4a16_packed import (PACKED_BIG_128_CONFIG, PACKED_CONFIGS, PACKED_DEQUANT_CONFIG,
-                                               PACKED_SQUARE_CONFIG, PACKED_WIDE_CONFIG, PackedGemvConfig,
-                                               pick_packed_config)
+                                               PACKED_GEMV_CONFIG, PACKED_SMALL_BIG_CONFIG, PACKED_SQUARE_CONFIG,
+                                               PACKED_WIDE_CONFIG, pick_packed_config)
 
-    assert pick_packed_config(1, 4096, 4096).rows == 1 and pick_packed_config(2, 4096, 4096).rows == 2
-    assert isinstance(pick_packed_config(2, 4096, 4096), PackedGemvConfig)
-    small = pick_packed_config(3, 4096, 4096)
-    assert small is PACKED_CONFIGS[0][1] and pick_packed_config(16, 64, 64) is small
-    assert small.exact and small.prefetch and small.tiles == 1  # the scales a step ahead need one group a step
+    assert pick_packed_config(1, 4096, 4096) is PACKED_GEMV_CONFIG and PACKED_GEMV_CONFIG.rows == 1
+    # 2-16 tokens: exact mode, two K tiles a step on weights of 2**26 or more (7B and 20B w13, 20B w2).
+    small = pick_packed_config(2, 4096, 4096)
+    assert small is PACKED_CONFIGS[0][1] and pick_packed_config(16, 4096, 14336) is small  # 7B w2
+    assert small.exact and small.tiles == 1
+    big = pick_packed_config(2, 28672, 4096)
+    assert big is PACKED_SMALL_BIG_CONFIG and big.exact and big.tiles == 2
+    assert pick_packed_config(16, 6144, 16384) is big and pick_packed_config(17, 28672, 4096) is PACKED_CONFIGS[1][1]
     assert pick_packed_config(128, 4096, 6144) is PACKED_CONFIGS[-1][1]
     # 65-128 tokens: 128-column blocks once N or K reaches 16384.
     assert pick_packed_config(65, 28672, 4096) is PACKED_BIG_128_CONFIG  # 7B w13
@@ -163,20 +166,19 @@ def _cases():
             # Dequantize + cuBLAS: a masked N block, and tiles=2 falling back to 1 (K/128 = 3).
             cases.append(("dequant", dict(block_n=16, num_warps=1), dtype, (5,), 256, 40, gs, True))
             cases.append(("dequant", dict(block_n=16, num_warps=1, tiles=2), dtype, (2, 2), 384, 32, gs, False))
-            # Tensor-core kernel, both modes: masked M and N tiles, split-K, two tiles per step.
+            # Tensor-core kernel, both modes: masked M and N tiles, split-K, two tiles per step; M filling
+            # the blocks exactly (EVEN_M), whole and split, one step a program.
             for exact in (True, False):
                 cases.append(("tc", dict(block_m=16, block_n=32, num_warps=1, split_k=1, exact=exact),
                               dtype, (3,), 256, 72, gs, True))
                 cases.append(("tc", dict(block_m=16, block_n=16, num_warps=1, split_k=2, tiles=2, exact=exact),
                               dtype, (2, 9), 512, 40, gs, False))
-                # Scales loaded a step ahead (one group a step: group 128; elsewhere the flag is inert):
-                # several steps a program (the last one's look-ahead reloads its own group); one step a program.
-                cases.append(("tc", dict(block_m=16, block_n=32, num_warps=1, split_k=1, exact=exact, prefetch=True),
-                              dtype, (5,), 384, 72, gs, True))
-                cases.append(("tc", dict(block_m=16, block_n=16, num_warps=1, split_k=4, exact=exact, prefetch=True),
-                              dtype, (17,), 512, 40, gs, False))
-        # The wide-block config of more than 128 tokens (masked N, prefetch inert at groups 32/64).
-        cases.append(("tc", dict(block_m=128, block_n=256, num_warps=8, prefetch=True), dtype, (130,), 256, 40, 128,
+                cases.append(("tc", dict(block_m=16, block_n=32, num_warps=1, split_k=1, exact=exact),
+                              dtype, (16,), 384, 72, gs, True))
+                cases.append(("tc", dict(block_m=16, block_n=16, num_warps=1, split_k=4, exact=exact),
+                              dtype, (32,), 512, 40, gs, False))
+        # The wide-block config of more than 128 tokens (masked N).
+        cases.append(("tc", dict(block_m=128, block_n=256, num_warps=8), dtype, (130,), 256, 40, 128,
                       dtype == "float16"))
     for dtype in ("float16", "bfloat16"):  # the launcher's own choice
         cases.append(("auto", None, dtype, (1,), 256, 64, 128, False))
@@ -239,7 +241,7 @@ def _compiled_ops():
     frames = []
     compiled = torch.compile(f, fullgraph=True, dynamic=True, backend=lambda gm, ex: frames.append(gm) or gm)
     diffs = {}
-    for m in (1, 2, 5, 20):  # GEMV one row, GEMV two rows, exact tensor-core, scale-in-A tensor-core
+    for m in (1, 2, 5, 20):  # GEMV, exact tensor-core (one step a program, then several), scale-in-A
         x = torch.randn(m, k, generator=g).half()
         expect = (w4a16_packed_matmul(x, qk, meta, gs, bias) - w4a16_matmul(
             x, qweight, qzeros, scales, gs)).float()
