@@ -149,18 +149,23 @@ class PackedDequantConfig:
     num_warps: int = 4
 
 
+# Weight sizes (K x N) the rules below split on: "big" from 2**26 (InternLM2-7B and -20B w13, 20B w2),
+# "small" under 2**24 (InternLM2-1.8B wqkv and wo).
+PACKED_BIG = 1 << 26
+PACKED_SMALL = 1 << 24
 # One token: the GEMV (8 columns and all of K a one-warp program, no split-K); it won on all eight
 # InternLM2-7B/20B linears on the H100 (results/pk-gemv-h100.json, pk-gemv2-h100.json) and, against the
 # tensor-core kernel with its loads pipelined, on the H200 (7B w13 22.5 us against 25.8;
-# results/pk-ab2-h200.json). Two rows a program (rows=2) lost to the tensor-core kernel there at M = 2
-# on all eight (7B w13 33.2 against 26.1), so M = 2 takes the tensor-core kernel.
+# results/pk-ab2-h200.json). Two rows a program lost to the tensor-core kernel there at M = 2 on all
+# eight (7B w13 33.2 against 26.1) and won only on small weights (1.8B wo 4.8 against 5.2,
+# results/pk-ab-1p8b-h200.json).
 PACKED_GEMV_CONFIG = PackedGemvConfig(block_n=8, num_warps=1, rows=1, tiles=8, stages=3, waves=2.0)
+PACKED_GEMV2_CONFIG = PackedGemvConfig(block_n=8, num_warps=1, rows=2, tiles=8, stages=3, waves=2.0)
 # The tensor-core kernel, chosen on an H200 after the scales and zero points moved into the software
 # pipeline (benchmarks/pk_ab.py: results/pk-ab-h200.json, pk-ab2-h200.json): the config best or within
 # a few percent of the best on most of the eight linears for each M. 2-16 tokens: exact mode, two K
-# tiles a step on weights of 2**26 or more (7B w13 M=4 26.5 us against 29.5 with one, 20B w13 40.7
-# against 47.1), one below (7B wqkv 9.7 against 10.1, 20B wo 12.6 against 12.9).
-PACKED_SMALL_BIG = 1 << 26
+# tiles a step on big weights (7B w13 M=4 26.5 us against 29.5 with one, 20B w13 40.7 against 47.1),
+# one otherwise (7B wqkv 9.7 against 10.1, 20B wo 12.6 against 12.9).
 PACKED_SMALL_BIG_CONFIG = PackedConfig(block_m=16, block_n=64, tiles=2, num_warps=4, num_stages=3, waves=4.0,
                                        exact=True)
 # (largest M, config), first match wins.
@@ -173,14 +178,15 @@ PACKED_CONFIGS = [
     (64, PackedConfig(block_m=64, block_n=128, num_warps=8, num_stages=3, waves=2.0, split_full_grids=False)),
     (128, PackedConfig(block_m=128, block_n=64, num_warps=4, num_stages=3, waves=1.0)),
 ]
-# 65-128 tokens through a weight with N or K >= PACKED_BIG_MIN: blocks of 128 columns (7B w13 74.5 us
-# against 78.1, 20B w2 72.2 against 85.8, 20B w13 111.4 against 121.9; on 20B wqkv 43.1 against 37.1).
-PACKED_BIG_MIN = 16384
+# 65-128 tokens through a big weight: blocks of 128 columns (7B w13 74.5 us against 78.1, 20B w2 72.2
+# against 85.8, 20B w13 111.4 against 121.9; on 20B wqkv 43.1 against 37.1, on 1.8B w13 34.8 against
+# 23.2: results/pk-ab-h200.json, pk-ab-1p8b-h200.json).
 PACKED_BIG_128_CONFIG = PackedConfig(block_m=128, block_n=128, num_warps=8, num_stages=4, waves=2.0,
                                      split_full_grids=False)
 # 129-256 tokens: the fused kernel beat dequantize + cuBLAS on all eight linears, 256 columns a block
 # where N >= 6144 (7B w13 115.5 us, 20B w2 119.1 against 132.0 dequantized), 128 below (7B w2 59.6
-# against 74.7 with 256, 7B wo 23.1 against 29.0). 257-512 tokens: 256 columns where N >= 8192 (7B w13
+# against 74.7 with 256, 7B wo 23.1 against 29.0), but not on small weights (1.8B wo 12.8 against 10.3
+# dequantized, 1.8B wqkv 16.1 against 14.7), which are dequantized. 257-512 tokens: 256 columns where N >= 8192 (7B w13
 # 235.4, 20B wqkv 86.9 against 100.6 dequantized), dequantize + cuBLAS elsewhere (7B wqkv 52.2 against
 # 58.9; 7B w2 the exception: 109.4 fused against 118.5). Above 512: dequantize + cuBLAS (its fixed cost
 # shrinks against the product's). All of these lose to cuBLAS bf16 (0.5-0.85x).
@@ -196,17 +202,22 @@ PACKED_DEQUANT_CONFIG = PackedDequantConfig()
 
 def pick_packed_config(m: int, n: int, k: int):
     """The default config for m tokens through a [K, N] weight."""
+    size = n * k
     if m <= 1:
         return PACKED_GEMV_CONFIG
-    if m <= 16 and n * k >= PACKED_SMALL_BIG:
+    if m == 2 and size < PACKED_SMALL:
+        return PACKED_GEMV2_CONFIG
+    if m <= 16 and size >= PACKED_BIG:
         return PACKED_SMALL_BIG_CONFIG
-    if 64 < m <= 128 and max(n, k) >= PACKED_BIG_MIN:
+    if 64 < m <= 128 and size >= PACKED_BIG:
         return PACKED_BIG_128_CONFIG
     for bound, cfg in PACKED_CONFIGS:
         if m <= bound:
             return cfg
     if m <= 256:
-        return PACKED_WIDE_CONFIG if n >= 6144 else PACKED_SQUARE_CONFIG
+        if n >= 6144:
+            return PACKED_WIDE_CONFIG
+        return PACKED_SQUARE_CONFIG if size >= PACKED_SMALL else PACKED_DEQUANT_CONFIG
     if m <= 512 and n >= 8192:
         return PACKED_WIDE_CONFIG
     return PACKED_DEQUANT_CONFIG

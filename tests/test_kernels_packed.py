@@ -79,10 +79,13 @@ def test_fit_tiles_takes_the_largest_dividing_power_of_two():
 
 def test_default_configs_follow_tokens_and_weight_shape():
     from internvl_kernels.w4a16_packed import (PACKED_BIG_128_CONFIG, PACKED_CONFIGS, PACKED_DEQUANT_CONFIG,
-                                               PACKED_GEMV_CONFIG, PACKED_SMALL_BIG_CONFIG, PACKED_SQUARE_CONFIG,
-                                               PACKED_WIDE_CONFIG, pick_packed_config)
+                                               PACKED_GEMV2_CONFIG, PACKED_GEMV_CONFIG, PACKED_SMALL_BIG_CONFIG,
+                                               PACKED_SQUARE_CONFIG, PACKED_WIDE_CONFIG, pick_packed_config)
 
     assert pick_packed_config(1, 4096, 4096) is PACKED_GEMV_CONFIG and PACKED_GEMV_CONFIG.rows == 1
+    # Two tokens through weights under 2**24 (1.8B wqkv, wo): the GEMV, two rows a program.
+    assert pick_packed_config(2, 4096, 2048) is PACKED_GEMV2_CONFIG and PACKED_GEMV2_CONFIG.rows == 2
+    assert pick_packed_config(3, 4096, 2048) is PACKED_CONFIGS[0][1]
     # 2-16 tokens: exact mode, two K tiles a step on weights of 2**26 or more (7B and 20B w13, 20B w2).
     small = pick_packed_config(2, 4096, 4096)
     assert small is PACKED_CONFIGS[0][1] and pick_packed_config(16, 4096, 14336) is small  # 7B w2
@@ -91,12 +94,14 @@ def test_default_configs_follow_tokens_and_weight_shape():
     assert big is PACKED_SMALL_BIG_CONFIG and big.exact and big.tiles == 2
     assert pick_packed_config(16, 6144, 16384) is big and pick_packed_config(17, 28672, 4096) is PACKED_CONFIGS[1][1]
     assert pick_packed_config(128, 4096, 6144) is PACKED_CONFIGS[-1][1]
-    # 65-128 tokens: 128-column blocks once N or K reaches 16384.
+    # 65-128 tokens: 128-column blocks on weights of 2**26 or more.
     assert pick_packed_config(65, 28672, 4096) is PACKED_BIG_128_CONFIG  # 7B w13
     assert pick_packed_config(128, 6144, 16384) is PACKED_BIG_128_CONFIG  # 20B w2
+    assert pick_packed_config(128, 16384, 2048) is PACKED_CONFIGS[-1][1]  # 1.8B w13
     assert pick_packed_config(64, 28672, 4096) is PACKED_CONFIGS[2][1]
-    # 129-256 tokens: always fused, 256-column blocks from N = 6144.
+    # 129-256 tokens: fused (256-column blocks from N = 6144) except on weights under 2**24.
     assert pick_packed_config(129, 4096, 4096) is PACKED_SQUARE_CONFIG
+    assert pick_packed_config(256, 2048, 2048) is PACKED_DEQUANT_CONFIG  # 1.8B wo
     assert pick_packed_config(256, 4096, 14336) is PACKED_SQUARE_CONFIG  # 7B w2
     assert pick_packed_config(256, 6144, 16384) is PACKED_WIDE_CONFIG  # 20B w2
     # 257-512 tokens: fused where N >= 8192, else dequantize + cuBLAS; always that above 512.

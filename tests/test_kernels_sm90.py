@@ -52,7 +52,7 @@ def _spec(cfg, group=128):
 
 
 def _cases():
-    cfgs = [w4a16_packed.PACKED_GEMV_CONFIG, w4a16_packed.PACKED_SMALL_BIG_CONFIG]
+    cfgs = [w4a16_packed.PACKED_GEMV_CONFIG, w4a16_packed.PACKED_GEMV2_CONFIG, w4a16_packed.PACKED_SMALL_BIG_CONFIG]
     cfgs += [c for _, c in w4a16_packed.PACKED_CONFIGS] + [w4a16_packed.PACKED_BIG_128_CONFIG, w4a16_packed.PACKED_WIDE_CONFIG, w4a16_packed.PACKED_SQUARE_CONFIG,
              w4a16_packed.PACKED_DEQUANT_CONFIG]
     cfgs += list(w4a16.GEMV_CONFIGS.values()) + [c for _, _, c in w4a16.TC_CONFIGS] + [c for _, c in w4a16.GEMM_CONFIGS]
@@ -66,7 +66,7 @@ def _cases():
               [*_spec(w4a16_packed.PACKED_CONFIGS[0][1], 32), "bf16"]]
     # The launchers' other branches, on the packed defaults: ragged N (and M), bias, split-K partials.
     ragged = dict(EVEN_N=False, HAS_BIAS=True)
-    cases += [[*_spec(w4a16_packed.PACKED_GEMV_CONFIG), "fp16", ragged],
+    cases += [[*_spec(w4a16_packed.PACKED_GEMV2_CONFIG), "fp16", ragged],
               [*_spec(w4a16_packed.PACKED_GEMV_CONFIG), "bf16", dict(WRITE_PARTIAL=True)],
               [*_spec(w4a16_packed.PACKED_CONFIGS[0][1]), "bf16", dict(ragged, EVEN_M=False)],
               [*_spec(w4a16_packed.PACKED_CONFIGS[2][1]), "fp16", dict(ragged, EVEN_M=False)],
