@@ -5,8 +5,9 @@
   ``qweight K·N/2 + qzeros ⌈K/g⌉·N/2 + scales ⌈K/g⌉·N·2`` bytes (≈ 4.16 bits per weight at g = 128).
   Embeddings, LM head, norms, the vision tower, the projector and XComposer2's Partial-LoRA stay fp16.
   These are the checkpoint's bytes. On CUDA the plugin repacks the layers whose K is a multiple of 128
-  (internvl_kernels.pack_w4a16) with the zero points unpacked to one byte: ⌈K/g⌉·N/2 more bytes a linear,
-  about 0.03 bits per weight at g = 128 (some 70 MB for InternVL2-26B's language model).
+  (internvl_kernels.pack_w4a16): a group's zero point and 16-bit scale share one 32-bit word, so the
+  scales and zero points take ⌈K/g⌉·N·3/2 more bytes a linear, 0.09 bits per weight at g = 128 (about
+  220 MB for InternVL2-26B's language model: 146M groups x 1.5 bytes).
 * KV cache per token = 2 (K and V) × layers × kv_heads × bytes per head, where bytes per head is
   ``D·2`` (quant_policy 0, fp16), ``D + 4`` (quant_policy 8: int8 data + fp16 scale and zero) or
   ``D/2 + 4`` (quant_policy 4: packed int4 + fp16 scale and zero; vLLM's int4_per_token_head has the same

@@ -27,13 +27,14 @@ byte's two nibbles as MAGIC + q with w4a16._byte_pair (inline PTX) and joins the
 into one [block_n, 128] register operand (tl.join/permute/reshape; the compiled code keeps it in
 registers). Either (scale-in-A) it forms (q - z) * s in x.dtype (the subtraction exact, the product
 rounded once, as a dense 16-bit copy of the weight would be) and accumulates one dot over all of K,
-or (exact) it runs one dot per group on the exact q - z ((MAGIC + q) - (MAGIC + z)) and scales it in
-fp32 (Triton re-issues the meta load for the scale in the accumulator's layout, outside the software
-pipeline: a synchronous load a step, which is why the defaults scale in A). One or two tokens go to
-_pk_gemv_kernel (CUDA cores, PackedGemvConfig); more than 128 to
-the tensor-core kernel with wide blocks where the weight is wide, else to _pk_dequant_kernel +
-cuBLAS (PackedDequantConfig; pick_packed_config). Small grids split K (fp32 partial sums reduced
-by w4a16._splitk_reduce_kernel). The reference is awq_format.w4a16_matmul_ref on the AWQ tensors;
+or (exact, for 2-16 tokens) it runs one dot per group on the exact q - z ((MAGIC + q) - (MAGIC + z))
+and scales it in fp32 (Triton re-issues the meta load for that scale outside the software pipeline,
+in the accumulator's layout; its latency overlaps the dot). Before a scale-in-A step writes its A
+operand the kernel waits for the wgmma still in flight (_wgmma_drain): they read those registers.
+One token goes to _pk_gemv_kernel (CUDA cores, PackedGemvConfig; two through small weights), more
+than 256 to dequantization (_pk_dequant_kernel) + cuBLAS (PackedDequantConfig) unless the weight is
+wide; pick_packed_config has the rules. Small grids split K (fp32 partial sums reduced by
+w4a16._splitk_reduce_kernel). The reference is awq_format.w4a16_matmul_ref on the AWQ tensors;
 unpack_w4a16 inverts the packing.
 """
 
