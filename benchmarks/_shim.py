@@ -38,3 +38,10 @@ INTERNLM2_SHAPES = {
     # InternLM2-20B: hidden 6144, 48 heads, 8 kv heads, head_dim 128, FFN 16384
     "20B": [("wqkv", 6144, 8192), ("wo", 6144, 6144), ("w13", 6144, 2 * 16384), ("w2", 16384, 6144)],
 }
+
+
+def linear_shape(spec: str) -> tuple[str, str, int, int]:
+    """A "--shapes" entry such as "7B:w13" -> (model, linear, K, N)."""
+    model, name = spec.split(":")
+    k, n = next((k, n) for nm, k, n in INTERNLM2_SHAPES[model] if nm == name)
+    return model, name, k, n

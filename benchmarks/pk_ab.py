@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from _shim import INTERNLM2_SHAPES, import_kernels
+from _shim import import_kernels, linear_shape
 from bench_w4a16 import GROUP, Layer, copy_bandwidth, graph_us
 
 K_ = import_kernels()
@@ -110,8 +110,7 @@ def main():
     print(f"device {torch.cuda.get_device_name()}  copy bandwidth {bw / 1e12:.2f} TB/s  ({time.time() - t0:.0f}s)")
     rows = []
     for spec in args.shapes:
-        model, name = spec.split(":")
-        k, n = next((k, n) for nm, k, n in INTERNLM2_SHAPES[model] if nm == name)
+        model, name, k, n = linear_shape(spec)
         layer = Layer(k, n, gen, packed=True)
         base_copies = baseline_calls(base, layer)
         for m in args.ms:

@@ -13,7 +13,7 @@ import time
 
 import torch
 
-from _shim import INTERNLM2_SHAPES, import_kernels
+from _shim import import_kernels, linear_shape
 from bench_w4a16 import Layer, check_random, copy_bandwidth
 
 K_ = import_kernels()
@@ -88,8 +88,7 @@ def main():
     print(f"copy bandwidth {bw / 1e12:.2f} TB/s  ({time.time() - t_start:.0f}s)")
     rows = []
     for spec in args.shapes:
-        model, name = spec.split(":")
-        k, n = next((k, n) for nm, k, n in INTERNLM2_SHAPES[model] if nm == name)
+        model, name, k, n = linear_shape(spec)
         layer = Layer(k, n, gen, packed=True)
         for m in args.ms:
             if time.time() - t_start > args.budget:

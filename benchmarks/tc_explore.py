@@ -12,7 +12,7 @@ import sys
 
 import torch
 
-from _shim import INTERNLM2_SHAPES, import_kernels
+from _shim import import_kernels, linear_shape
 from bench_w4a16 import Layer, check_random, copy_bandwidth
 
 K_ = import_kernels()
@@ -83,8 +83,7 @@ def main():
     print(f"copy bandwidth {bw / 1e12:.2f} TB/s")
     rows = []
     for spec in args.shapes:
-        model, name = spec.split(":")
-        k, n = next((k, n) for nm, k, n in INTERNLM2_SHAPES[model] if nm == name)
+        model, name, k, n = linear_shape(spec)
         layer = Layer(k, n, gen)
         for m in args.ms:
             x = torch.randn(m, k, device="cuda", generator=gen).to(torch.bfloat16)
