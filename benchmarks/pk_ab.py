@@ -143,7 +143,8 @@ def main():
             for t, c in res[:3]:
                 print(f"        {t:6.1f} (x{bf16 / t:.2f}) {c}", flush=True)
             rows.append(dict(model=model, shape=name, K=k, N=n, M=m, bf16_us=bf16, base_us=base_us, new_us=new_us,
-                             floor_us=floor, err_base=err_base, err_new=err_new, top=[dict(us=t, config=repr(c)) for t, c in res[:6]]))
+                             floor_us=floor, err_base=err_base, err_new=err_new,
+                             top=[dict(us=t, config=repr(c)) for t, c in res[:6]]))
         del layer, base_copies
         torch.cuda.empty_cache()
     if args.json:

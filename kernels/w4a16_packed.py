@@ -167,8 +167,8 @@ PACKED_GEMV2_CONFIG = PackedGemvConfig(block_n=8, num_warps=1, rows=2, tiles=8, 
 # a few percent of the best on most of the eight linears for each M. 2-16 tokens: exact mode, two K
 # tiles a step on big weights (7B w13 M=4 26.5 us against 29.5 with one, 20B w13 40.7 against 47.1),
 # one otherwise (7B wqkv 9.7 against 10.1, 20B wo 12.6 against 12.9).
-PACKED_SMALL_BIG_CONFIG = PackedConfig(block_m=16, block_n=64, tiles=2, num_warps=4, num_stages=3, waves=4.0,
-                                       exact=True)
+PACKED_FEW_BIG_CONFIG = PackedConfig(block_m=16, block_n=64, tiles=2, num_warps=4, num_stages=3, waves=4.0,
+                                     exact=True)
 # (largest M, config), first match wins.
 PACKED_CONFIGS = [
     (16, PackedConfig(block_m=16, block_n=64, tiles=1, num_warps=4, num_stages=4, waves=4.0, exact=True)),
@@ -186,11 +186,11 @@ PACKED_BIG_128_CONFIG = PackedConfig(block_m=128, block_n=128, num_warps=8, num_
                                      split_full_grids=False)
 # 129-256 tokens: the fused kernel beat dequantize + cuBLAS on all eight linears, 256 columns a block
 # where N >= 6144 (7B w13 115.5 us, 20B w2 119.1 against 132.0 dequantized), 128 below (7B w2 59.6
-# against 74.7 with 256, 7B wo 23.1 against 29.0), but not on small weights (1.8B wo 12.8 against 10.3
-# dequantized, 1.8B wqkv 16.1 against 14.7), which are dequantized. 257-512 tokens: 256 columns where N >= 8192 (7B w13
-# 235.4, 20B wqkv 86.9 against 100.6 dequantized), dequantize + cuBLAS elsewhere (7B wqkv 52.2 against
-# 58.9; 7B w2 the exception: 109.4 fused against 118.5). Above 512: dequantize + cuBLAS (its fixed cost
-# shrinks against the product's). All of these lose to cuBLAS bf16 (0.5-0.85x).
+# against 74.7 with 256, 7B wo 23.1 against 29.0), but not on small weights, which are dequantized
+# (1.8B wo 12.8 fused against 10.3, 1.8B wqkv 16.1 against 14.7). 257-512 tokens: 256 columns where
+# N >= 8192 (7B w13 235.4, 20B wqkv 86.9 against 100.6 dequantized), dequantize + cuBLAS elsewhere (7B
+# wqkv 52.2 against 58.9; 7B w2 the exception: 109.4 fused against 118.5). Above 512: dequantize +
+# cuBLAS (its fixed cost shrinks against the product's). All of these lose to cuBLAS bf16 (0.5-0.85x).
 # The wide blocks split K only for grids of fewer programs than half the multiprocessors (waves=0.5):
 # at 256 tokens that beat aiming for one wave on four of six weights (20B wqkv 59.6 us against 82.5, 20B
 # w2 136.5 against 177.6, InternLM2-1.8B w13 33.8 against 59.3; results/pk-wide-split-h100.json), tied
@@ -209,7 +209,7 @@ def pick_packed_config(m: int, n: int, k: int):
     if m == 2 and size < PACKED_SMALL:
         return PACKED_GEMV2_CONFIG
     if m <= 16 and size >= PACKED_BIG:
-        return PACKED_SMALL_BIG_CONFIG
+        return PACKED_FEW_BIG_CONFIG
     if 64 < m <= 128 and size >= PACKED_BIG:
         return PACKED_BIG_128_CONFIG
     for bound, cfg in PACKED_CONFIGS:
@@ -355,11 +355,12 @@ if triton is not None:
 
     @triton.jit
     def _wgmma_drain(v):
-        """Wait for every wgmma in flight (PTX wgmma.wait_group 0), v any small tensor (the asm runs once per
-        element a thread holds). The dot's A operand lives in registers, and Triton 3.6 lets up to seven
-        wgmma run on over a loop's back edge while the next step writes its A operand into the same
-        registers: wrong sums once the loop runs without stalls (seen on the H200 with 64 x 128 blocks,
-        8 warps, split K; benchmarks/README.md). Waiting here, before the step's dequantization, keeps them."""
+        """Wait for every wgmma in flight (PTX wgmma.wait_group 0); v is any small tensor (the asm runs
+        once per element a thread holds). The dot's A operand lives in registers, and Triton 3.6 lets up
+        to seven wgmma run on over a loop's back edge while the next step writes its A operand into the
+        same registers: wrong sums once the loop runs without stalls (seen on the H200 with 64 x 128
+        blocks, 8 warps, split K; benchmarks/README.md). Waiting before the step's dequantization
+        keeps those registers until the wgmma are done."""
         return tl.inline_asm_elementwise("mov.b32 $0, $1; wgmma.wait_group.sync.aligned 0;", "=r,r", [v],
                                          dtype=tl.int32, is_pure=False, pack=1)
 

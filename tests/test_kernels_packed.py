@@ -79,7 +79,7 @@ def test_fit_tiles_takes_the_largest_dividing_power_of_two():
 
 def test_default_configs_follow_tokens_and_weight_shape():
     from internvl_kernels.w4a16_packed import (PACKED_BIG_128_CONFIG, PACKED_CONFIGS, PACKED_DEQUANT_CONFIG,
-                                               PACKED_GEMV2_CONFIG, PACKED_GEMV_CONFIG, PACKED_SMALL_BIG_CONFIG,
+                                               PACKED_GEMV2_CONFIG, PACKED_GEMV_CONFIG, PACKED_FEW_BIG_CONFIG,
                                                PACKED_SQUARE_CONFIG, PACKED_WIDE_CONFIG, pick_packed_config)
 
     assert pick_packed_config(1, 4096, 4096) is PACKED_GEMV_CONFIG and PACKED_GEMV_CONFIG.rows == 1
@@ -91,7 +91,7 @@ def test_default_configs_follow_tokens_and_weight_shape():
     assert small is PACKED_CONFIGS[0][1] and pick_packed_config(16, 4096, 14336) is small  # 7B w2
     assert small.exact and small.tiles == 1
     big = pick_packed_config(2, 28672, 4096)
-    assert big is PACKED_SMALL_BIG_CONFIG and big.exact and big.tiles == 2
+    assert big is PACKED_FEW_BIG_CONFIG and big.exact and big.tiles == 2
     assert pick_packed_config(16, 6144, 16384) is big and pick_packed_config(17, 28672, 4096) is PACKED_CONFIGS[1][1]
     assert pick_packed_config(128, 4096, 6144) is PACKED_CONFIGS[-1][1]
     # 65-128 tokens: 128-column blocks on weights of 2**26 or more.

@@ -52,9 +52,9 @@ def _spec(cfg, group=128):
 
 
 def _cases():
-    cfgs = [w4a16_packed.PACKED_GEMV_CONFIG, w4a16_packed.PACKED_GEMV2_CONFIG, w4a16_packed.PACKED_SMALL_BIG_CONFIG]
-    cfgs += [c for _, c in w4a16_packed.PACKED_CONFIGS] + [w4a16_packed.PACKED_BIG_128_CONFIG, w4a16_packed.PACKED_WIDE_CONFIG, w4a16_packed.PACKED_SQUARE_CONFIG,
-             w4a16_packed.PACKED_DEQUANT_CONFIG]
+    pk = w4a16_packed
+    cfgs = [pk.PACKED_GEMV_CONFIG, pk.PACKED_GEMV2_CONFIG, pk.PACKED_FEW_BIG_CONFIG] + [c for _, c in pk.PACKED_CONFIGS]
+    cfgs += [pk.PACKED_BIG_128_CONFIG, pk.PACKED_WIDE_CONFIG, pk.PACKED_SQUARE_CONFIG, pk.PACKED_DEQUANT_CONFIG]
     cfgs += list(w4a16.GEMV_CONFIGS.values()) + [c for _, _, c in w4a16.TC_CONFIGS] + [c for _, c in w4a16.GEMM_CONFIGS]
     specs = []
     for cfg in cfgs:
