@@ -43,9 +43,9 @@ DIV16 = set(PTRS) | {"N", "K", "stride_xm", "stride_qw", "stride_qz", "stride_s"
                      "k_per_split", "stride_qk", "stride_meta"}
 
 
-def compile_sm90(fn, consts, num_warps, num_stages, unspecialized=(), dtype="bf16"):
-    """Compile `fn` for sm_90 with x (and the dense weight) in `dtype`, the runtime's multiple-of-16
-    specializations on pointers and strides except `unspecialized`."""
+def compile_sm90(fn, consts, num_warps, num_stages, unspecialized=(), dtype="bf16", arch=90):
+    """Compile `fn` for sm_90 (or sm_`arch`) with x (and the dense weight) in `dtype`, the runtime's
+    multiple-of-16 specializations on pointers and strides except `unspecialized`."""
     names = list(fn.arg_names)
     ptrs = dict(PTRS, x_ptr=f"*{dtype}", w_ptr=f"*{dtype}")
     if "MAGIC" in fn.arg_names:  # as the launchers pass it (w4a16._magic)
@@ -54,7 +54,8 @@ def compile_sm90(fn, consts, num_warps, num_stages, unspecialized=(), dtype="bf1
     sig.update({k: "constexpr" for k in consts})
     attrs = {(names.index(a),): [["tt.divisibility", 16]] for a in names if a in DIV16 and a not in unspecialized}
     src = ASTSource(fn, signature=sig, constexprs=consts, attrs=attrs)
-    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=num_warps, num_stages=num_stages))
+    return triton.compile(src, target=GPUTarget("cuda", arch, 32),
+                          options=dict(num_warps=num_warps, num_stages=num_stages))
 
 
 def resources(kernel):
@@ -119,9 +120,9 @@ def report(kernel):
             print(f"  loop {lo:#x}-{addr:#x}: {sum(c.values())} instructions", dict(c.most_common(16)))
 
 
-def compile_case(which: str, spec: list[int], dtype: str = "bf16", flags: dict | None = None):
-    """Compile one kernel for sm_90; `which` and `spec` as on the command line (module docstring);
-    `flags` overrides constexpr arguments (e.g. {"EVEN_N": False, "HAS_BIAS": True})."""
+def compile_case(which: str, spec: list[int], dtype: str = "bf16", flags: dict | None = None, arch: int = 90):
+    """Compile one kernel for sm_90 (or sm_`arch`, the packed kernels only); `which` and `spec` as on the
+    command line (module docstring); `flags` overrides constexpr arguments (e.g. {"EVEN_N": False})."""
     if which == "tc":
         bm, bw, bk, nw, nbytes, ns, sia = spec
         consts = dict(GROUP_SIZE=128, BLOCK_M=bm, BLOCK_W=bw, BLOCK_K=bk, BYTES=nbytes, HAS_BIAS=False,
@@ -138,18 +139,19 @@ def compile_case(which: str, spec: list[int], dtype: str = "bf16", flags: dict |
         consts = dict(GROUP_SIZE=group, BLOCK_N=bn, ROWS=rows, TILES=tiles, STAGES=stages, HAS_BIAS=False,
                       WRITE_PARTIAL=False, EVEN_N=True)
         consts.update(flags or {})
-        return compile_sm90(w4a16_packed._pk_gemv_kernel, consts, nw, stages, dtype=dtype)
+        return compile_sm90(w4a16_packed._pk_gemv_kernel, consts, nw, stages, dtype=dtype, arch=arch)
     if which == "pkdq":
         bn, nw, tiles = spec
         consts = dict(GROUP_SIZE=128, BLOCK_N=bn, TILES=tiles, USE_ASM=True, DOT_FP32=False, EVEN_N=True)
         consts.update(flags or {})
-        return compile_sm90(w4a16_packed._pk_dequant_kernel, consts, nw, 1, dtype=dtype)
+        return compile_sm90(w4a16_packed._pk_dequant_kernel, consts, nw, 1, dtype=dtype, arch=arch)
     if which == "pk":
         bm, bn, tiles, nw, ns, exact, group = spec + [0, 128][len(spec) - 5:]
         consts = dict(GROUP_SIZE=group, BLOCK_M=bm, BLOCK_N=bn, TILES=tiles, HAS_BIAS=False, WRITE_PARTIAL=False,
-                      USE_ASM=True, DOT_FP32=False, EVEN_N=True, EVEN_M=True, EXACT=bool(exact))
+                      USE_ASM=True, DOT_FP32=False, EVEN_N=True, EVEN_M=True, EXACT=bool(exact),
+                      DRAIN=arch == 90)  # as the launcher sets it (w4a16_packed._is_hopper)
         consts.update(flags or {})
-        return compile_sm90(w4a16_packed._pk_kernel, consts, nw, ns, dtype=dtype)
+        return compile_sm90(w4a16_packed._pk_kernel, consts, nw, ns, dtype=dtype, arch=arch)
     if which == "dq":  # the AWQ-layout dequantizer
         bk, bw, nw = spec
         consts = dict(GROUP_SIZE=128, BLOCK_K=bk, BLOCK_W=bw)
@@ -165,12 +167,13 @@ def compile_case(which: str, spec: list[int], dtype: str = "bf16", flags: dict |
 
 
 def batch(cases):
-    """[(kernel, spec, dtype[, flags])] -> one dict each: registers and stack, or the compiler's error."""
+    """[(kernel, spec, dtype[, flags[, arch]])] -> one dict each: registers and stack, or the compiler's error."""
     out = []
-    for which, spec, dtype, *flags in cases:
-        row = dict(kernel=which, spec=spec, dtype=dtype, flags=flags[0] if flags else {}, triton=triton.__version__)
+    for which, spec, dtype, *rest in cases:
+        flags, arch = (list(rest) + [{}, 90][len(rest):])[:2]
+        row = dict(kernel=which, spec=spec, dtype=dtype, flags=flags, arch=arch, triton=triton.__version__)
         try:
-            row["registers"], row["stack"], ins = resources(compile_case(which, spec, dtype, row["flags"]))
+            row["registers"], row["stack"], ins = resources(compile_case(which, spec, dtype, flags, arch))
             row["instructions"] = len(ins)
             row["wgmma_a_hazards"] = wgmma_a_hazards(ins)[:3]
         except Exception as e:  # reported per case

@@ -297,6 +297,18 @@ def _launch_packed_dequant(x, qk, meta, group_size, bias, out, cfg: PackedDequan
     _dense_matmul(x, w.t(), bias, out)
 
 
+_HOPPER: dict[int, bool] = {}
+
+
+def _is_hopper(device) -> bool:
+    """sm_90: the dot compiles to wgmma (asynchronous, A in registers), and PTX wgmma.wait_group exists.
+    Other GPUs (Ampere, Ada: sm_80-89) get mma.sync, which has neither."""
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    if idx not in _HOPPER:
+        _HOPPER[idx] = torch.cuda.get_device_capability(idx)[0] == 9
+    return _HOPPER[idx]
+
+
 def _packed_split(cfg: PackedConfig, programs: int, steps: int, device) -> int:
     """Ways to split K for a grid of `programs` tiles of `steps` K steps each (w4a16._waves_split,
     unless the config keeps full grids whole)."""
@@ -327,7 +339,7 @@ def _launch_packed(x, qk, meta, group_size, bias, out, cfg: PackedConfig | Packe
         # tl.dot wrong in Triton 3.9 (the operands are widened to fp32 there, exactly).
         USE_ASM=not interp, DOT_FP32=interp and x.dtype == torch.bfloat16,
         EVEN_N=n % cfg.block_n == 0, EVEN_M=m % cfg.block_m == 0, EXACT=cfg.exact,
-        MAGIC=_magic(x.dtype),
+        DRAIN=not interp and _is_hopper(x.device), MAGIC=_magic(x.dtype),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         **({"maxnreg": cfg.maxnreg} if cfg.maxnreg and not interp else {}),
     )
@@ -572,7 +584,7 @@ if triton is not None:
         M, N, stride_xm, stride_qk, stride_meta, stride_om, stride_split, t_per_split, T,
         GROUP_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TILES: tl.constexpr,
         HAS_BIAS: tl.constexpr, WRITE_PARTIAL: tl.constexpr, USE_ASM: tl.constexpr, DOT_FP32: tl.constexpr,
-        EVEN_N: tl.constexpr, EVEN_M: tl.constexpr, EXACT: tl.constexpr,
+        EVEN_N: tl.constexpr, EVEN_M: tl.constexpr, EXACT: tl.constexpr, DRAIN: tl.constexpr,
         MAGIC: tl.constexpr,
     ):
         """Program (tile, split): out[m, n] for block_m tokens x block_n columns over K tiles
@@ -622,7 +634,7 @@ if triton is not None:
                         xt = tl.load(x_cols + t * 128)
                     else:
                         xt = tl.load(x_cols + t * 128, mask=mask_m[None, :], other=0.0)
-                    if USE_ASM:
+                    if DRAIN:  # sm_90 only (_is_hopper)
                         _wgmma_drain(offs_n)
                     a = _pk_scaled_tile(w, meta_ptr, offs_n, mask_n, stride_meta, t, NP, MAGIC, DTYPE, USE_ASM,
                                         DOT_FP32)
