@@ -77,6 +77,20 @@ def graph_us(calls, min_calls=24, replays=15) -> float:
     return times[len(times) // 2]
 
 
+def time_configs(time_fn, configs, check=None):
+    """[(us, config)] fastest first: time_fn(config) for each config, check(config) first when given.
+    A config that fails to compile or launch (resources and the like) is reported and left out."""
+    res = []
+    for cfg in configs:
+        try:
+            if check is not None:
+                check(cfg)
+            res.append((time_fn(cfg), cfg))
+        except Exception as e:  # resources and the like
+            print(f"  skip {cfg}: {type(e).__name__}: {str(e)[:120]}", flush=True)
+    return sorted(res, key=lambda t: t[0])
+
+
 def median_us(fn, rep=200) -> float:
     return do_bench(fn, warmup=25, rep=rep, return_mode="median") * 1e3
 

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from _shim import import_kernels, linear_shape
-from bench_w4a16 import GROUP, Layer, copy_bandwidth, graph_us
+from bench_w4a16 import GROUP, Layer, copy_bandwidth, graph_us, time_configs
 
 K_ = import_kernels()
 from internvl_kernels.w4a16_packed import PackedConfig, PackedDequantConfig  # noqa: E402
@@ -40,15 +40,17 @@ def load_baseline(path: Path):
     return module
 
 
+def baseline_pack(base, qweight, qzeros, scales, group_size=GROUP):
+    """The baseline's packed tensors, as its w4a16_packed_matmul takes them after x (either API)."""
+    packed = base.pack_w4a16(qweight, qzeros, scales, group_size)
+    if packed[1].dtype == torch.uint8:  # (qk, zeros) + scales: the API before the meta words
+        packed = (*packed, scales)
+    return packed
+
+
 def baseline_calls(base, layer):
-    """One call a weight copy of the baseline's packed path (either API)."""
-    calls = []
-    for qweight, qzeros, scales in layer.awq_copies:
-        packed = base.pack_w4a16(qweight, qzeros, scales, GROUP)
-        if packed[1].dtype == torch.uint8:  # (qk, zeros) + scales: the API before the meta words
-            packed = (*packed, scales)
-        calls.append(packed)
-    return calls
+    """The baseline's packed tensors for each weight copy of the layer."""
+    return [baseline_pack(base, *awq) for awq in layer.awq_copies]
 
 
 def candidates(m, which="sweep"):
@@ -124,17 +126,16 @@ def main():
             bf16 = layer.time_bf16(x)
             base_us = graph_us([lambda t=t: base.w4a16_packed_matmul(x, *t, GROUP) for t in base_copies])
             new_us = layer.time_packed(x)
-            res = []
-            for cfg in candidates(m, args.set):
-                try:
-                    err = _rel_err(K_.w4a16_packed_matmul(x, *layer.packed_copies[0], GROUP, config=cfg), ref)
-                    if not err < 1.2e-2:
-                        print(f"  FAIL {cfg}: rel err {err:.2e}", flush=True)
-                        fails += 1
-                    res.append((layer.time_packed(x, cfg), cfg))
-                except Exception as e:  # resources and the like
-                    print(f"  skip {cfg}: {type(e).__name__}: {str(e)[:120]}", flush=True)
-            res.sort(key=lambda t: t[0])
+            bad = []
+
+            def verify(cfg):
+                err = _rel_err(K_.w4a16_packed_matmul(x, *layer.packed_copies[0], GROUP, config=cfg), ref)
+                if not err < 1.2e-2:
+                    print(f"  FAIL {cfg}: rel err {err:.2e}", flush=True)
+                    bad.append(cfg)
+
+            res = time_configs(lambda cfg: layer.time_packed(x, cfg), candidates(m, args.set), verify)
+            fails += len(bad)
             floor = layer.floor_bytes(m) / bw * 1e6
             print(f"{model:>3} {name:4} M={m:3d} bf16 {bf16:6.1f} base {base_us:6.1f} new {new_us:6.1f} "
                   f"(x{bf16 / new_us:.2f} bf16, new/base {new_us / base_us:.2f}) floor {floor:5.1f} "

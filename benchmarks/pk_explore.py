@@ -14,7 +14,7 @@ import time
 import torch
 
 from _shim import import_kernels, linear_shape
-from bench_w4a16 import Layer, check_random, copy_bandwidth
+from bench_w4a16 import Layer, check_random, copy_bandwidth, time_configs
 
 K_ = import_kernels()
 from internvl_kernels.w4a16_packed import (PACKED_WIDE_CONFIG, PackedConfig, PackedDequantConfig,  # noqa: E402
@@ -98,13 +98,7 @@ def main():
             bf16 = layer.time_bf16(x)
             default = layer.time_awq(x)
             packed_default = layer.time_packed(x)
-            res = []
-            for cfg in ([] if args.defaults_only else candidates(m)):
-                try:
-                    res.append((layer.time_packed(x, cfg), cfg))
-                except Exception as e:  # resources and the like
-                    print(f"  skip {cfg}: {type(e).__name__}: {str(e)[:120]}", flush=True)
-            res.sort(key=lambda t: t[0])
+            res = time_configs(lambda cfg: layer.time_packed(x, cfg), [] if args.defaults_only else candidates(m))
             if not res:
                 res = [(packed_default, "default")]
             floor = layer.floor_bytes(m) / bw * 1e6

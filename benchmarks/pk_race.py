@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from _shim import import_kernels
-from pk_ab import load_baseline
+from pk_ab import baseline_pack, load_baseline
 
 K_ = import_kernels()
 from internvl_kernels.w4a16_packed import PackedConfig  # noqa: E402
@@ -39,9 +39,7 @@ def main():
         qw, qz, sc = K_.quantize_awq(w, 128, scale_dtype=torch.bfloat16)
         dense = K_.dequantize_awq(qw, qz, sc, 128, dtype=torch.float32)
         qk, meta = K_.pack_w4a16(qw, qz, sc, 128)
-        base_packed = base.pack_w4a16(qw, qz, sc, 128)
-        if base_packed[1].dtype == torch.uint8:  # the API before the meta words
-            base_packed = (*base_packed, sc)
+        base_packed = baseline_pack(base, qw, qz, sc, 128)
         for m in (64, 63, 32, 128):
             x = torch.randn(m, k, device="cuda", generator=gen).to(torch.bfloat16)
             ref = x.float() @ dense

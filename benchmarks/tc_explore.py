@@ -13,7 +13,7 @@ import sys
 import torch
 
 from _shim import import_kernels, linear_shape
-from bench_w4a16 import Layer, check_random, copy_bandwidth
+from bench_w4a16 import Layer, check_random, copy_bandwidth, time_configs
 
 K_ = import_kernels()
 from internvl_kernels.w4a16 import TcConfig  # noqa: E402
@@ -89,13 +89,7 @@ def main():
             x = torch.randn(m, k, device="cuda", generator=gen).to(torch.bfloat16)
             bf16 = layer.time_bf16(x)
             default = layer.time_awq(x)
-            res = []
-            for cfg in candidates(m, fine=args.fine):
-                try:
-                    res.append((layer.time_awq(x, cfg), cfg))
-                except Exception as e:  # resources and the like
-                    print(f"  skip {cfg}: {type(e).__name__}: {str(e)[:120]}", flush=True)
-            res.sort(key=lambda t: t[0])
+            res = time_configs(lambda cfg: layer.time_awq(x, cfg), candidates(m, fine=args.fine))
             floor = layer.floor_bytes(m) / bw * 1e6
             print(f"{model} {name} M={m:3d} bf16 {bf16:7.1f} default {default:7.1f} floor {floor:6.1f} "
                   f"best {res[0][0]:7.1f} (x{bf16 / res[0][0]:.2f} vs bf16)", flush=True)
