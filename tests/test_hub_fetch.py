@@ -19,11 +19,11 @@ from pathlib import Path
 import pytest
 import requests
 from click.testing import CliRunner
+from conftest import NETGUARD_SITECUSTOMIZE
+from fakehub import FakeHub
 
 from hub_cli.cli import main
 from hub_cli.errors import UnsafePathError
-from conftest import NETGUARD_SITECUSTOMIZE
-from hub_cli.fakehub import FakeHub
 from hub_cli.fetch import fetch, safe_target, select_paths
 
 TOKEN = "hf_SeCrEt_tok3n_0123456789"
@@ -500,9 +500,10 @@ def test_fakehub_slow_and_stall(hub, repos):
     assert r.content == data[:-1]
 
 
-def test_fakehub_module_entry_point(repos):
-    proc = subprocess.Popen([sys.executable, "-m", "hub_cli.fakehub", str(repos)], stdout=subprocess.PIPE,
-                            text=True)
+def test_fakehub_script_entry_point(repos):
+    """``python tests/fakehub.py ROOT``: the manual use the README's offline-testing note shows."""
+    script = Path(__file__).with_name("fakehub.py")
+    proc = subprocess.Popen([sys.executable, str(script), str(repos)], stdout=subprocess.PIPE, text=True)
     try:
         line = proc.stdout.readline()
         url = line.strip().rsplit(" ", 1)[-1]

@@ -23,10 +23,10 @@ from click.testing import CliRunner
 from PIL import Image
 
 from conftest import NETGUARD_SITECUSTOMIZE, cli_server
+from fakehub import FakeHub
 
 from hub_cli.cli import main
 from hub_cli.errors import NotFoundError, UsageError
-from hub_cli.fakehub import FakeHub
 from hub_cli.memory import GiB
 from hub_cli.serve import (ACTIVATION_ALLOWANCE, COMPLETE_MARKER, MemoryInfo, build_vllm_args, plan_server,
                            resolve_model)

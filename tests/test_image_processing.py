@@ -8,10 +8,10 @@ import logging
 import pytest
 import torch
 from PIL import Image
+from reference import ref_dynamic_preprocess, ref_load_image, ref_num_image_tokens
 
 from internvl_plugin.configs import InternVLChatConfig
 from internvl_plugin.internvl_image import MAX_TILES_LIMIT, Tiling, choose_grid, image_to_pixel_values, num_tiles
-from internvl_plugin.reference import ref_dynamic_preprocess, ref_load_image, ref_num_image_tokens
 
 # (width, height) -> {max_num: image tokens}, derived by hand from the rule in spec A3.1 (aspect
 # closest, tie -> larger grid only past half its pixels, thumbnail only with >1 tile, 256 per tile)

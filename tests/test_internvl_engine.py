@@ -10,10 +10,8 @@ from __future__ import annotations
 import pytest
 import torch
 from PIL import Image
-
-from internvl_plugin.reference import (IMG_CONTEXT_TOKEN, load_reference, ref_build_prompt, ref_load_image,
-                                       ref_num_image_tokens)
-from internvl_plugin.reference_vision import ref_num_image_token_per_tile
+from reference import (IMG_CONTEXT_TOKEN, load_reference, ref_build_prompt, ref_load_image,
+                       ref_num_image_token_per_tile, ref_num_image_tokens)
 
 LOGPROB_ATOL = 1e-4  # float32 on both sides; measured max 1.4e-5 (vLLM CPU kernels sum in another order)
 MAX_TOKENS = 8

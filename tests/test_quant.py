@@ -17,11 +17,11 @@ import torch
 from conftest import make_llm, release_llm
 from PIL import Image
 from quant_helpers import dequantized_copy, edited_copy, quantize_tiny_checkpoint
+from reference import (IMG_CONTEXT_TOKEN, load_reference, ref_load_image, ref_num_image_token_per_tile,
+                       ref_num_image_tokens)
 
 from internvl_kernels import dequantize_awq
 from internvl_plugin.quant import KV_CACHE_HINT, METHOD_NAME, AWQW4A16Config, check_kv_cache_dtype
-from internvl_plugin.reference import IMG_CONTEXT_TOKEN, load_reference, ref_load_image, ref_num_image_tokens
-from internvl_plugin.reference_vision import ref_num_image_token_per_tile
 
 LOGPROB_ATOL = 1e-4  # float32; measured at most 1.24e-5 over the four layouts
 MAX_TOKENS = 8

@@ -59,7 +59,7 @@ def _expected_prompt_tokens(model_dir, images, text):
     from transformers import AutoTokenizer
 
     from internvl_plugin import register
-    from internvl_plugin.reference import ref_build_prompt, ref_num_tiles
+    from reference import ref_build_prompt, ref_num_tiles
 
     register()
     tok = AutoTokenizer.from_pretrained(str(model_dir))

@@ -4,7 +4,7 @@ Ground truth for tests, written from the behaviour of OpenGVLab's HF remote code
 (``modeling_intern_vit.py``, ``modeling_internvl_chat.py``, ``train/dataset.py``) as described in
 specs/internvl-and-quant.md A2.1, A3.1-A3.3. It imports only torch, numpy and PIL: never vllm, never
 torchvision, never the plugin code it is meant to check. Public names are re-exported by
-``internvl_plugin.reference``.
+the ``reference`` package.
 """
 
 from __future__ import annotations

@@ -4,8 +4,8 @@ that tests hold the vLLM plugin against.
 Written from the behaviour of OpenGVLab's HF remote code (``modeling_internvl_chat.py``,
 ``modeling_intern_vit.py``, ``modeling_internlm2.py``, ``conversation.py``) and stock Qwen2, as
 pinned down in specs/internvl-and-quant.md PART A. It is deliberately independent of the plugin:
-it imports torch, numpy, PIL and safetensors only (never vllm, never torchvision, never another
-``internvl_plugin`` module except its own ``reference_*`` neighbours).
+it imports torch, numpy, PIL and safetensors only (never vllm, never torchvision, never the plugin
+code it checks), and it lives under tests/ so that it never ships in the wheel.
 
     ref = load_reference("tiny-internvl/")                      # config.json + *.safetensors
     pixel_values = ref_load_image(image, None, ref.config)      # [T, 3, S, S]
@@ -29,8 +29,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from internvl_plugin.reference_llm import build_language_model, split_internlm2_wqkv
-from internvl_plugin.reference_vision import (
+from .llm import build_language_model, split_internlm2_wqkv
+from .vision import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     InternViTRef,

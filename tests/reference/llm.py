@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from internvl_plugin.reference_vision import RMSNormRef, cfg_get
+from .vision import RMSNormRef, cfg_get
 
 __all__ = ["InternLM2ForCausalLMRef", "Qwen2ForCausalLMRef", "build_language_model", "split_internlm2_wqkv"]
 

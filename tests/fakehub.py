@@ -26,7 +26,8 @@ Usage in tests::
         fetch("owner/name", source="hf", endpoint=hub.hf_endpoint, ...)
         assert not hub.requests(kind="file", method="GET")
 
-Manual use: ``python -m hub_cli.fakehub ROOT [--port N]``.
+Manual use, from the repository root: ``python tests/fakehub.py ROOT [--port N]``; it prints the
+endpoint variables to export. It imports only the standard library, so any Python runs it.
 """
 
 from __future__ import annotations
@@ -988,7 +989,7 @@ def _iso(ts: float) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m hub_cli.fakehub",
+    parser = argparse.ArgumentParser(prog="python tests/fakehub.py",
                                      description="Serve a folder of repos as a fake HF / ModelScope / OpenXLab hub.")
     parser.add_argument("root", type=Path, help="folder laid out as <owner>/<name>/<revision>/<files>")
     parser.add_argument("--port", type=int, default=0, help="port on 127.0.0.1 (default: any free port)")
