@@ -1,2 +1,6 @@
-"""awq_tools: AWQ W4A16 quantization of a VLM's language model (vision stays 16-bit), evaluation,
-memory estimates. The command-line entry point is ``awq_tools`` (``awq_tools.cli:main``)."""
+"""awq_tools: AWQ W4A16 tools for the language model of a VLM (the vision tower stays 16-bit).
+
+Today: ``awq_tools estimate`` (``cli.py``), the memory a checkpoint needs in fp16 and in W4A16. The
+arithmetic lives in ``internvl_plugin.memory`` and the checkpoint format in
+``internvl_plugin.awq_checkpoint``, shared with ``hub_cli``.
+"""

@@ -1,5 +1,8 @@
-"""awq_tools: quantize the language model of InternVL / XComposer2 checkpoints to AWQ W4A16, and
-estimate memory. ``estimate`` is here; ``quantize`` and ``eval`` follow in their own issue."""
+"""The ``awq_tools`` command: ``estimate``, the weight and KV-cache memory of a checkpoint in fp16 and W4A16.
+
+Quantizing is not a command here yet: make AWQ checkpoints with LMDeploy's ``lmdeploy lite auto_awq`` or
+with AutoAWQ; the plugin loads both (internvl_plugin.awq_checkpoint).
+"""
 
 from __future__ import annotations
 
@@ -29,15 +32,19 @@ def _load_config(model: Path) -> dict:
 
 @main.command()
 @click.argument("model", type=click.Path(path_type=Path))
-@click.option("--w-group-size", type=click.IntRange(8, 4096), default=128, show_default=True,
-              help="AWQ group size of the W4A16 estimate.")
+@click.option("--w-group-size", type=click.IntRange(8, 4096), default=None,
+              show_default="an AWQ checkpoint's own, else 128", help="AWQ group size of the W4A16 estimate.")
 @click.option("--tokens", type=click.IntRange(0), default=0, help="Also show the KV cache for this many tokens.")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-def estimate(model: Path, w_group_size: int, tokens: int, as_json: bool) -> None:
+def estimate(model: Path, w_group_size: int | None, tokens: int, as_json: bool) -> None:
     """Weights (fp16 vs W4A16) and KV cache per token (quant policy 0/8/4) of MODEL (folder or config.json)."""
-    from hub_cli.memory import estimate_from_config
+    from internvl_plugin.awq_checkpoint import find_quantization_config, group_size_or_default
+    from internvl_plugin.memory import estimate_from_config
 
     config = _load_config(model)
+    if w_group_size is None:
+        found = find_quantization_config(config, model if model.is_dir() else model.parent)
+        w_group_size = group_size_or_default(found.config if found is not None and found.is_awq else None)
     try:
         fp16 = estimate_from_config(config, weight_format="fp16", group_size=w_group_size)
         w4 = estimate_from_config(config, weight_format="w4a16", group_size=w_group_size)

@@ -12,9 +12,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from hub_cli.memory import (QUANT_POLICIES, LLMShape, VisionShape, WeightEstimate, estimate_weights,
-                            internvl_projector_params, kv_bytes_per_token, plora_params,
-                            xcomposer_projector_params)
+from internvl_plugin.memory import (QUANT_POLICIES, LLMShape, VisionShape, WeightEstimate, estimate_weights,
+                                    internvl_projector_params, kv_bytes_per_token, plora_params,
+                                    xcomposer_projector_params)
 
 __all__ = ["ModelEntry", "CATALOGUE", "find", "rows"]
 

@@ -23,9 +23,7 @@ from typing import IO, Any
 
 import click
 
-from hub_cli.serve import engine_options, hub_options
-
-__all__ = ["ChatSession", "ImageError", "image_part", "api_base_url", "pick_model", "run_chat", "chat"]
+__all__ = ["ChatSession", "ImageError", "image_part", "api_base_url", "pick_model", "run_chat", "local_server"]
 
 PROMPT = "user> "
 ANSWER = "assistant> "
@@ -207,7 +205,7 @@ def _free_port() -> int:
 
 
 @contextlib.contextmanager
-def _local_server(model_or_repo: str, options: dict[str, Any], vllm_args: tuple[str, ...]) -> Iterator[tuple[str, str]]:
+def local_server(model_or_repo: str, options: dict[str, Any], vllm_args: tuple[str, ...]) -> Iterator[tuple[str, str]]:
     """Start a server for a local model / repo id on a free loopback port; yield (base URL, served name)."""
     from hub_cli.launch import running_server
     from hub_cli.serve import prepare_server
@@ -236,73 +234,3 @@ def _local_server(model_or_repo: str, options: dict[str, Any], vllm_args: tuple[
     if ok:
         with contextlib.suppress(OSError):
             os.unlink(log_name)
-
-
-def _read_line(prompt: str) -> str:
-    return input(prompt)
-
-
-@click.command("chat", context_settings={"help_option_names": ["-h", "--help"]})
-@click.argument("model_or_url")
-@click.argument("vllm_args", nargs=-1, type=click.UNPROCESSED, metavar="[-- VLLM_ARGS...]")
-@click.option("--image", "images", multiple=True, metavar="PATH_OR_URL",
-              help="Attach an image to the first message (repeatable).")
-@click.option("--system", help="System prompt.")
-@click.option("--max-tokens", type=click.IntRange(1), default=512, show_default=True, help="Longest answer.")
-@click.option("--temperature", type=click.FloatRange(0), default=0.7, show_default=True)
-@click.option("--api-key", envvar="OPENAI_API_KEY", default="EMPTY", show_default=False,
-              help="Key for a server started with --api-key (default: OPENAI_API_KEY). Never printed.")
-@engine_options
-@hub_options
-def chat(model_or_url: str, vllm_args: tuple[str, ...], images: tuple[str, ...], system: str | None,
-         max_tokens: int, temperature: float, api_key: str, model_name: str | None, **options: Any) -> None:
-    """Chat in the terminal with MODEL_OR_URL: a running server's URL, or a model folder / repo id to serve.
-
-    With a URL, --model-name picks one of the server's models (default: the first it lists) and the engine
-    options are ignored; with a model, a server is started on a free 127.0.0.1 port and stopped on exit.
-    """
-    import openai
-
-    remote = model_or_url.startswith(("http://", "https://"))
-    if remote and vllm_args:
-        raise click.UsageError("arguments after '--' go to a server that chat starts; a URL is already running")
-    with contextlib.ExitStack() as stack:
-        if remote:
-            base = model_or_url
-        else:
-            from hub_cli.errors import HubCliError
-
-            try:
-                base, model_name = stack.enter_context(_local_server(model_or_url, dict(options, model_name=model_name),
-                                                                     vllm_args))
-            except HubCliError as exc:
-                click.echo(f"hub_cli chat: error: {exc.message}", err=True)
-                sys.exit(exc.exit_code)
-        client = openai.OpenAI(base_url=api_base_url(base), api_key=api_key, max_retries=0, timeout=600)
-        try:
-            model = pick_model(client, model_name)
-        except openai.APIConnectionError:
-            click.echo(f"hub_cli chat: error: cannot reach an OpenAI-compatible server at {api_base_url(base)}",
-                       err=True)
-            sys.exit(6)
-        except openai.APIStatusError as exc:
-            click.echo(f"hub_cli chat: error: {api_base_url(base)}/models answered HTTP {exc.status_code}", err=True)
-            sys.exit(1)
-        interactive = sys.stdin.isatty()   # piped input: answers only, no prompts
-        session = ChatSession(client, model, system=system, max_tokens=max_tokens, temperature=temperature,
-                              answer_prefix=ANSWER if interactive else "")
-
-        def err(message: str) -> None:
-            click.echo(f"[{message}]", err=True)
-
-        for item in images:
-            try:
-                session.attach(item)
-            except ImageError as exc:
-                err(f"error: {exc}")
-        if interactive:
-            with contextlib.suppress(ImportError):
-                import readline  # noqa: F401  (line editing and history for input())
-        click.echo(f"hub_cli chat: talking to '{model}' at {api_base_url(base)}. {HELP}", err=True)
-        code = run_chat(session, _read_line, err, prompt=PROMPT if interactive else "")
-    sys.exit(code)

@@ -1,12 +1,23 @@
-"""hub_cli: fetch models from Hugging Face / ModelScope / OpenXLab, serve them with vLLM, chat."""
+"""The ``hub_cli`` command: every subcommand and its flags, each a thin shell over a library module beside it.
+
+``fetch`` -> fetch.py, ``models`` -> catalogue.py, ``serve`` -> serve.py and launch.py, ``chat`` -> chat.py,
+``demo`` -> demo.py. Those modules are imported inside the commands (serve.py, whose top level imports only
+the standard library, also here for its default host and port), so ``hub_cli --help`` loads no vLLM, torch,
+openai or hub client. Failures are :class:`hub_cli.errors.HubCliError`: one line, and the exit code errors.py
+lists.
+"""
 
 from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import click
+
+from hub_cli.serve import DEFAULT_HOST, DEFAULT_PORT
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -92,16 +103,175 @@ def models(as_json: bool, family: str | None, group_size: int, tokens: int) -> N
         click.echo(format_table(entries, group_size=group_size, tokens=tokens))
 
 
-def _add_lazy_commands() -> None:
-    # These modules import only click and the standard library at the top; vLLM, torch, openai and the hub
-    # clients are imported inside the commands.
-    from hub_cli.chat import chat
-    from hub_cli.demo import demo
-    from hub_cli.serve import serve
+# ---------------------------------------------------------------------------------------------------------
+# serve and chat: both start a server for MODEL_OR_REPO, with the same flags
+# ---------------------------------------------------------------------------------------------------------
+def hub_options(fn: Callable) -> Callable:
+    """Where a repo id is fetched from."""
+    for decorator in reversed([
+        click.option("--source", type=click.Choice(["hf", "modelscope", "openxlab"], case_sensitive=False),
+                     default="hf", show_default=True, help="Hub to fetch a repo id from."),
+        click.option("--revision", help="Branch, tag or commit of a repo id (default: the hub's default)."),
+        click.option("--download-dir", type=click.Path(file_okay=False, path_type=Path),
+                     help="Where a repo id is fetched to (default ~/.cache/vllm-internvl/models/OWNER/NAME)."),
+    ]):
+        fn = decorator(fn)
+    return fn
 
-    main.add_command(serve)
-    main.add_command(chat)
-    main.add_command(demo)
+
+def engine_options(fn: Callable) -> Callable:
+    """LMDeploy's engine flags."""
+    for decorator in reversed([
+        click.option("--tp", type=click.IntRange(1), default=1, show_default=True,
+                     help="Tensor parallelism (vLLM --tensor-parallel-size)."),
+        click.option("--cache-max-entry-count", type=click.FloatRange(0, 1, min_open=True), default=None,
+                     help="Share of the memory left free after the weights that the KV cache takes (LMDeploy "
+                          "semantics; mapped to vLLM's budget). Default: vLLM's default on GPU, one full session "
+                          "on CPU."),
+        click.option("--quant-policy", type=click.Choice(["0", "4", "8"]), default="0", show_default=True,
+                     help="KV cache: 0 = 16-bit, 8 = int8, 4 = int4 per token and head (not yet on CPU)."),
+        click.option("--model-format", type=click.Choice(["hf", "awq"], case_sensitive=False), default=None,
+                     help="Expected checkpoint format; awq checks that it is an AWQ checkpoint (vLLM reads its "
+                          "quantization_config either way)."),
+        click.option("--model-name", help="Name served at /v1/models (default: MODEL_OR_REPO as typed)."),
+        click.option("--session-len", type=click.IntRange(1), default=None,
+                     help="Longest prompt + answer in tokens (vLLM --max-model-len)."),
+        click.option("--max-batch-size", type=click.IntRange(1), default=None,
+                     help="Most sequences decoded together (vLLM --max-num-seqs)."),
+        click.option("--trust-request-mm-kwargs", is_flag=True,
+                     help="Let requests carry mm_processor_kwargs such as max_dynamic_patch (clamped to 40 "
+                          "tiles). Off by default: trust your clients first."),
+    ]):
+        fn = decorator(fn)
+    return fn
 
 
-_add_lazy_commands()
+@main.command()
+@click.argument("model_or_repo")
+@click.argument("vllm_args", nargs=-1, type=click.UNPROCESSED, metavar="[-- VLLM_ARGS...]")
+@click.option("--server-name", default=DEFAULT_HOST, show_default=True,
+              help="Address to bind (0.0.0.0 for every interface; there is no authentication unless "
+                   "-- --api-key KEY).")
+@click.option("--server-port", type=click.IntRange(1, 65535), default=DEFAULT_PORT, show_default=True)
+@engine_options
+@hub_options
+@click.option("--dry-run", is_flag=True, help="Print the vLLM command and start nothing.")
+def serve(model_or_repo: str, vllm_args: tuple[str, ...], server_name: str, server_port: int, dry_run: bool,
+          **options: Any) -> None:
+    """Serve MODEL_OR_REPO (a folder, or a repo id fetched first) with vLLM's OpenAI-compatible server.
+
+    LMDeploy's flags are mapped onto vLLM's; anything after '--' goes to vLLM unchanged, e.g.
+    `hub_cli serve ./InternVL2-2B --tp 2 -- --limit-mm-per-prompt '{"image": 4}'`.
+    """
+    from hub_cli.errors import HubCliError
+    from hub_cli.launch import connect_host, run_server
+    from hub_cli.serve import prepare_server, printable_command, ready_message
+
+    try:
+        resolved, served, argv, env, notes = prepare_server(model_or_repo, host=server_name, port=server_port,
+                                                            vllm_args=vllm_args, **options)
+    except HubCliError as exc:
+        click.echo(f"hub_cli serve: error: {exc.message}", err=True)
+        sys.exit(exc.exit_code)
+    except KeyboardInterrupt:
+        click.echo("hub_cli serve: interrupted", err=True)
+        sys.exit(130)
+    for note in notes:
+        click.echo(f"hub_cli serve: {note}", err=True)
+    changes = {k: env.get(k) for k in ("VLLM_CPU_KVCACHE_SPACE",) if env.get(k) != os.environ.get(k)}
+    command = printable_command(argv, changes)
+    if dry_run:
+        click.echo(command)
+        return
+    click.echo(f"hub_cli serve: starting vLLM for {resolved.path}:\n  {command}", err=True)
+    base = f"http://{connect_host(server_name)}:{server_port}"
+    sys.exit(run_server(argv, env, base, on_ready=lambda: click.echo(ready_message(base, served))))
+
+
+@main.command()
+@click.argument("model_or_url")
+@click.argument("vllm_args", nargs=-1, type=click.UNPROCESSED, metavar="[-- VLLM_ARGS...]")
+@click.option("--image", "images", multiple=True, metavar="PATH_OR_URL",
+              help="Attach an image to the first message (repeatable).")
+@click.option("--system", help="System prompt.")
+@click.option("--max-tokens", type=click.IntRange(1), default=512, show_default=True, help="Longest answer.")
+@click.option("--temperature", type=click.FloatRange(0), default=0.7, show_default=True)
+@click.option("--api-key", envvar="OPENAI_API_KEY", default="EMPTY", show_default=False,
+              help="Key for a server started with --api-key (default: OPENAI_API_KEY). Never printed.")
+@engine_options
+@hub_options
+def chat(model_or_url: str, vllm_args: tuple[str, ...], images: tuple[str, ...], system: str | None,
+         max_tokens: int, temperature: float, api_key: str, model_name: str | None, **options: Any) -> None:
+    """Chat in the terminal with MODEL_OR_URL: a running server's URL, or a model folder / repo id to serve.
+
+    With a URL, --model-name picks one of the server's models (default: the first it lists) and the engine
+    options are ignored; with a model, a server is started on a free 127.0.0.1 port and stopped on exit.
+    """
+    import contextlib
+
+    import openai
+
+    from hub_cli.chat import (ANSWER, HELP, PROMPT, ChatSession, ImageError, api_base_url, local_server, pick_model,
+                              run_chat)
+    from hub_cli.errors import HubCliError
+
+    remote = model_or_url.startswith(("http://", "https://"))
+    if remote and vllm_args:
+        raise click.UsageError("arguments after '--' go to a server that chat starts; a URL is already running")
+    with contextlib.ExitStack() as stack:
+        if remote:
+            base = model_or_url
+        else:
+            try:
+                base, model_name = stack.enter_context(local_server(model_or_url, dict(options, model_name=model_name),
+                                                                    vllm_args))
+            except HubCliError as exc:
+                click.echo(f"hub_cli chat: error: {exc.message}", err=True)
+                sys.exit(exc.exit_code)
+        client = openai.OpenAI(base_url=api_base_url(base), api_key=api_key, max_retries=0, timeout=600)
+        try:
+            model = pick_model(client, model_name)
+        except openai.APIConnectionError:
+            click.echo(f"hub_cli chat: error: cannot reach an OpenAI-compatible server at {api_base_url(base)}",
+                       err=True)
+            sys.exit(6)
+        except openai.APIStatusError as exc:
+            click.echo(f"hub_cli chat: error: {api_base_url(base)}/models answered HTTP {exc.status_code}", err=True)
+            sys.exit(1)
+        interactive = sys.stdin.isatty()   # piped input: answers only, no prompts
+        session = ChatSession(client, model, system=system, max_tokens=max_tokens, temperature=temperature,
+                              answer_prefix=ANSWER if interactive else "")
+
+        def err(message: str) -> None:
+            click.echo(f"[{message}]", err=True)
+
+        for item in images:
+            try:
+                session.attach(item)
+            except ImageError as exc:
+                err(f"error: {exc}")
+        if interactive:
+            with contextlib.suppress(ImportError):
+                import readline  # noqa: F401  (line editing and history for input())
+        click.echo(f"hub_cli chat: talking to '{model}' at {api_base_url(base)}. {HELP}", err=True)
+        code = run_chat(session, input, err, prompt=PROMPT if interactive else "")
+    sys.exit(code)
+
+
+@main.command()
+@click.option("--host", default=DEFAULT_HOST, show_default=True, help="Address to bind.")
+@click.option("--port", "--server-port", type=click.IntRange(1, 65535), default=DEFAULT_PORT, show_default=True)
+@click.option("--layout", type=click.Choice(["internvl2-2b", "internvl2-1b", "internvl-chat-v1-5", "internvl2_5-2b"]),
+              default="internvl2-2b", show_default=True, help="Which real model's layout the tiny model copies.")
+@click.option("--cache-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Where the tiny checkpoint is built (default ~/.cache/vllm-internvl/demo).")
+def demo(host: str, port: int, layout: str, cache_dir: Path | None) -> None:
+    """Build a tiny InternVL (random weights) and serve it with vLLM's OpenAI-compatible server."""
+    from hub_cli.demo import default_cache_dir, demo_server_argv, ready_message
+    from hub_cli.launch import connect_host, run_server, server_env
+    from internvl_plugin.tiny import build_tiny_model
+
+    path = build_tiny_model(layout, (cache_dir or default_cache_dir()) / layout)
+    click.echo(f"vllm-internvl demo: tiny {layout} checkpoint at {path}; starting vLLM (about 30 s on CPU)...")
+    sys.exit(run_server(demo_server_argv(path, host, port), server_env(), f"http://{connect_host(host)}:{port}",
+                        on_ready=lambda: click.echo(ready_message(host, port))))

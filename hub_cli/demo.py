@@ -1,13 +1,11 @@
-"""``hub_cli demo``: a tiny random-weight InternVL served offline, to try the plugin end to end."""
+"""What ``hub_cli demo`` serves: a tiny random-weight InternVL, offline, to try the plugin end to end."""
 
 from __future__ import annotations
 
-import sys
+import os
 from pathlib import Path
 
-import click
-
-from hub_cli.launch import connect_host, curl_example, run_server, server_argv, server_env
+from hub_cli.launch import connect_host, curl_example, server_argv
 
 SERVED_NAME = "tiny-internvl"
 
@@ -23,21 +21,8 @@ def ready_message(host: str, port: int) -> str:
             f"{curl_example(base, SERVED_NAME)}\n\nCtrl-C stops the server.\n")
 
 
-@click.command("demo")
-@click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind.")
-@click.option("--port", "--server-port", type=click.IntRange(1, 65535), default=23333, show_default=True)
-@click.option("--layout", type=click.Choice(["internvl2-2b", "internvl2-1b", "internvl-chat-v1-5", "internvl2_5-2b"]),
-              default="internvl2-2b", show_default=True, help="Which real model's layout the tiny model copies.")
-@click.option("--cache-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
-              help="Where the tiny checkpoint is built (default ~/.cache/vllm-internvl/demo).")
-def demo(host: str, port: int, layout: str, cache_dir: Path | None) -> None:
-    """Build a tiny InternVL (random weights) and serve it with vLLM's OpenAI-compatible server."""
-    from internvl_plugin.tiny import build_tiny_model
-
-    path = build_tiny_model(layout, (cache_dir or default_cache_dir()) / layout)
-    click.echo(f"vllm-internvl demo: tiny {layout} checkpoint at {path}; starting vLLM (about 30 s on CPU)...")
-    argv = server_argv(str(path), host=host, port=port, extra=[
+def demo_server_argv(model_dir: str | os.PathLike[str], host: str, port: int) -> list[str]:
+    """The server command for the tiny model: small limits, no compilation, so that it starts in about 30 s on CPU."""
+    return server_argv(str(model_dir), host=host, port=port, extra=[
         "--served-model-name", SERVED_NAME, "--dtype", "bfloat16", "--max-model-len", "4096",
         "--enforce-eager", "--max-num-seqs", "4", "--limit-mm-per-prompt", '{"image": 2}'])
-    sys.exit(run_server(argv, server_env(), f"http://{connect_host(host)}:{port}",
-                        on_ready=lambda: click.echo(ready_message(host, port))))

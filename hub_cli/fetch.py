@@ -45,7 +45,7 @@ from typing import Any
 from hub_cli.errors import (AuthError, HubCliError, IntegrityError, NetworkError, NotFoundError,
                             UnsafePathError, UsageError, redact)
 
-__all__ = ["SOURCES", "DEFAULT_ENDPOINTS", "ENDPOINT_ENV", "MANIFEST_PATH", "RemoteFile", "fetch",
+__all__ = ["SOURCES", "DEFAULT_ENDPOINTS", "ENDPOINT_ENV", "MANIFEST_PATH", "RemoteFile", "fetch", "is_repo_id",
            "select_paths", "safe_target"]
 
 SOURCES = ("hf", "modelscope", "openxlab")
@@ -115,6 +115,11 @@ def fetch(
         raise type(exc)(clean) from None
 
 
+def is_repo_id(text: str) -> bool:
+    """Whether ``text`` is a repository id OWNER/NAME (serve uses it to tell a repo id from a missing folder)."""
+    return bool(_REPO_ID.fullmatch(text)) and ".." not in text.split("/")
+
+
 def select_paths(paths: Iterable[str], include: Sequence[str] = (), exclude: Sequence[str] = ()) -> list[str]:
     """Filter repo paths: keep those matching any include pattern (all if none), drop any excluded."""
     inc, exc = _patterns(include), _patterns(exclude)
@@ -148,7 +153,7 @@ def _fetch(repo: str, *, source: str, revision: str | None, include: Sequence[st
            local_dir: str | os.PathLike[str] | None, token: str | None, max_workers: int, endpoint: str | None,
            quiet: bool, retries: int, backoff: float, via: str, no_xet: bool) -> Path:
     source = _normalize_source(source)
-    if not _REPO_ID.fullmatch(repo) or ".." in repo.split("/"):
+    if not is_repo_id(repo):
         raise UsageError(f"invalid repository id {repo!r}: expected OWNER/NAME")
     if max_workers < 1:
         raise UsageError("--max-workers must be at least 1")

@@ -19,7 +19,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import re
 import shlex
 import subprocess
 import sys
@@ -28,13 +27,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import click
-
-from hub_cli.errors import HubCliError, NotFoundError, UsageError
+from hub_cli.errors import NotFoundError, UsageError
+from hub_cli.fetch import is_repo_id
+from internvl_plugin.awq_checkpoint import (METHOD_NAME, FoundQuantizationConfig, find_quantization_config,
+                                           group_size_or_default)
 
 __all__ = ["DEFAULT_HOST", "DEFAULT_PORT", "KV_DTYPE_FOR_QUANT_POLICY", "ResolvedModel", "MemoryInfo",
            "ServerPlan", "default_download_dir", "resolve_model", "probe_memory", "plan_server", "build_vllm_args",
-           "apply_env", "serve", "engine_options", "hub_options"]
+           "apply_env", "prepare_server", "printable_command", "ready_message"]
 
 DEFAULT_HOST = "127.0.0.1"           # loopback unless the user asks: the server has no authentication
 DEFAULT_PORT = 23333                 # LMDeploy's api_server default
@@ -48,16 +48,8 @@ CPU_QUANT_POLICIES = (0,)
 # same --gpu-memory-utilization budget as weights and KV; LMDeploy does not reserve them. An allowance keeps
 # the KV cache close to what LMDeploy's ratio would give.
 ACTIVATION_ALLOWANCE = 3 * GiB // 2
-# quant_method values of AWQ W4A16 checkpoints: "awq" (awq_tools, LMDeploy and AutoAWQ all write it) and the
-# plugin's own method name (internvl_plugin.quant.METHOD_NAME, spelled out here because importing that module
-# imports vLLM). No --quantization flag is passed: the plugin's method claims "awq" checkpoints of the InternVL
-# family by itself (its override_quantization_method), and an explicit --quantization awq would select vLLM's
-# own AWQ instead.
-PLUGIN_AWQ_METHOD = "awq_w4a16"
-AWQ_METHODS = ("awq", PLUGIN_AWQ_METHOD)
 COMPLETE_MARKER = Path(".hub_cli") / "serve-complete.json"
 
-_REPO_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*")
 # vLLM flags that our own options set; given after "--" too, they would contradict each other.
 _OWN_FLAGS = {
     "--model": "MODEL_OR_REPO", "--host": "--server-name", "--port": "--server-port",
@@ -90,10 +82,6 @@ def default_download_dir(repo: str) -> Path:
     return Path.home() / ".cache" / "vllm-internvl" / "models" / owner / name
 
 
-def looks_like_repo_id(text: str) -> bool:
-    return bool(_REPO_ID.fullmatch(text)) and ".." not in text.split("/")
-
-
 def resolve_model(model_or_repo: str, *, source: str = "hf", revision: str | None = None,
                   download_dir: str | os.PathLike[str] | None = None, token: str | None = None,
                   endpoint: str | None = None, quiet: bool = False,
@@ -110,7 +98,7 @@ def resolve_model(model_or_repo: str, *, source: str = "hf", revision: str | Non
         if revision:
             raise UsageError(f"--revision applies to repo ids, and {model_or_repo} is a local folder")
         return ResolvedModel(path=local.resolve(), repo=None, served_name=model_or_repo)
-    if not looks_like_repo_id(model_or_repo):
+    if not is_repo_id(model_or_repo):
         raise NotFoundError(f"no such model folder: {model_or_repo} (and it is not a repo id OWNER/NAME)")
 
     target = Path(download_dir).expanduser() if download_dir else default_download_dir(model_or_repo)
@@ -192,8 +180,14 @@ def plan_server(model_dir: str | os.PathLike[str], *, server_name: str = DEFAULT
     if max_batch_size:
         args += ["--max-num-seqs", str(max_batch_size)]
 
-    quant_cfg = _quantization_config(config)
+    quant_cfg = find_quantization_config(config, model_dir)
     _check_model_format(model_format, quant_cfg, model_dir, notes)
+    if (quant_cfg is not None and quant_cfg.is_awq and not quant_cfg.in_config_json
+            and (model_format or "").lower() != "hf" and "--quantization" not in given):
+        # vLLM looks for a side file only when the method is named (ModelConfig finds no quantization_config)
+        args += ["--quantization", METHOD_NAME]
+        notes.append(f"{quant_cfg.file} holds the AWQ quantization_config (config.json has none): "
+                     f"passing --quantization {METHOD_NAME} so that vLLM reads it")
 
     if quant_policy not in KV_DTYPE_FOR_QUANT_POLICY:
         raise UsageError(f"--quant-policy must be 0, 4 or 8, not {quant_policy}")
@@ -315,46 +309,38 @@ def _check_extra(given: set[str], options: Mapping[str, Any]) -> None:
             raise UsageError(f"{ours} and {clash[0]} (after '--') both set the same thing; give only one")
 
 
-def _quantization_config(config: Mapping[str, Any]) -> dict[str, Any] | None:
-    """The checkpoint's quantization_config: top level, or nested in llm_config / text_config (vLLM reads both)."""
-    for holder in (config, config.get("llm_config") or {}, config.get("text_config") or {}):
-        qc = holder.get("quantization_config") if isinstance(holder, Mapping) else None
-        if isinstance(qc, Mapping):
-            return dict(qc)
-    return None
-
-
-def _check_model_format(model_format: str | None, quant_cfg: dict[str, Any] | None, model_dir: Path,
+def _check_model_format(model_format: str | None, quant_cfg: FoundQuantizationConfig | None, model_dir: Path,
                         notes: list[str]) -> None:
-    method = str((quant_cfg or {}).get("quant_method", "")).lower()
     if model_format is None:
         return
     fmt = model_format.lower()
     if fmt == "awq":
         if quant_cfg is None:
             raise UsageError(f"--model-format awq, but {model_dir / 'config.json'} has no quantization_config: "
-                             "this is not an AWQ checkpoint (make one with awq_tools quantize)")
-        if method not in AWQ_METHODS:
-            raise UsageError(f"--model-format awq, but {model_dir / 'config.json'} says quant_method "
-                             f"{method or '(none)'!r}, not AWQ")
-        # no --quantization flag: vLLM picks the method from the checkpoint's quantization_config
+                             "this is not an AWQ checkpoint (quantize it with LMDeploy's lmdeploy lite auto_awq "
+                             "or with AutoAWQ, then serve the result)")
+        if not quant_cfg.is_awq:
+            raise UsageError(f"--model-format awq, but {model_dir / quant_cfg.file} says quant_method "
+                             f"{quant_cfg.quant_method or '(none)'!r}, not AWQ")
+        # no --quantization flag for config.json: vLLM picks the method from the checkpoint's quantization_config
         return
     if fmt == "hf":
         if quant_cfg is not None:
-            notes.append(f"--model-format hf, but the checkpoint is quantized ({method or 'unknown method'}); "
-                         "vLLM loads it as its quantization_config says")
+            method = quant_cfg.quant_method or "unknown method"
+            notes.append(f"--model-format hf, but the checkpoint is quantized ({method}); vLLM loads it as its "
+                         "quantization_config says")
         return
     raise UsageError(f"--model-format must be hf or awq, not {model_format!r}")
 
 
-def _weight_bytes(config: Mapping[str, Any], model_dir: Path, quant_cfg: dict[str, Any] | None) -> tuple[int, str]:
+def _weight_bytes(config: Mapping[str, Any], model_dir: Path,
+                  quant_cfg: FoundQuantizationConfig | None) -> tuple[int, str]:
     """Bytes the weights take in memory (16-bit, or W4A16 for AWQ), and how that was found out."""
-    from hub_cli.memory import estimate_from_config
+    from internvl_plugin.memory import estimate_from_config
 
-    method = str((quant_cfg or {}).get("quant_method", "")).lower()
-    awq = quant_cfg is not None and method in AWQ_METHODS
-    group = int((quant_cfg or {}).get("group_size") or (quant_cfg or {}).get("q_group_size") or 128)
+    awq = quant_cfg is not None and quant_cfg.is_awq
     if quant_cfg is None or awq:
+        group = group_size_or_default(quant_cfg.config if awq else None)
         try:
             est = estimate_from_config(config, weight_format="w4a16" if awq else "fp16", group_size=group)
             return est.total_bytes, "estimated from config.json"
@@ -365,7 +351,7 @@ def _weight_bytes(config: Mapping[str, Any], model_dir: Path, quant_cfg: dict[st
 
 
 def _kv_bytes_per_token(config: Mapping[str, Any]) -> int | None:
-    from hub_cli.memory import LLMShape, kv_bytes_per_token
+    from internvl_plugin.memory import LLMShape, kv_bytes_per_token
 
     llm = config.get("llm_config") or config.get("text_config") or config
     try:
@@ -458,48 +444,8 @@ def _plan_cuda_memory(plan: ServerPlan, weights: tuple[int, str], ratio: float, 
 
 
 # ---------------------------------------------------------------------------------------------------------
-# 3. The command
+# 3. Starting it (the command and its flags: hub_cli.cli.serve)
 # ---------------------------------------------------------------------------------------------------------
-def hub_options(fn: Callable) -> Callable:
-    """Where a repo id is fetched from (shared by serve and chat)."""
-    for decorator in reversed([
-        click.option("--source", type=click.Choice(["hf", "modelscope", "openxlab"], case_sensitive=False),
-                     default="hf", show_default=True, help="Hub to fetch a repo id from."),
-        click.option("--revision", help="Branch, tag or commit of a repo id (default: the hub's default)."),
-        click.option("--download-dir", type=click.Path(file_okay=False, path_type=Path),
-                     help="Where a repo id is fetched to (default ~/.cache/vllm-internvl/models/OWNER/NAME)."),
-    ]):
-        fn = decorator(fn)
-    return fn
-
-
-def engine_options(fn: Callable) -> Callable:
-    """LMDeploy's engine flags (shared by serve and chat)."""
-    for decorator in reversed([
-        click.option("--tp", type=click.IntRange(1), default=1, show_default=True,
-                     help="Tensor parallelism (vLLM --tensor-parallel-size)."),
-        click.option("--cache-max-entry-count", type=click.FloatRange(0, 1, min_open=True), default=None,
-                     help="Share of the memory left free after the weights that the KV cache takes (LMDeploy "
-                          "semantics; mapped to vLLM's budget). Default: vLLM's default on GPU, one full session "
-                          "on CPU."),
-        click.option("--quant-policy", type=click.Choice(["0", "4", "8"]), default="0", show_default=True,
-                     help="KV cache: 0 = 16-bit, 8 = int8, 4 = int4 per token and head (not yet on CPU)."),
-        click.option("--model-format", type=click.Choice(["hf", "awq"], case_sensitive=False), default=None,
-                     help="Expected checkpoint format; awq checks that it is an AWQ checkpoint (vLLM reads its "
-                          "quantization_config either way)."),
-        click.option("--model-name", help="Name served at /v1/models (default: MODEL_OR_REPO as typed)."),
-        click.option("--session-len", type=click.IntRange(1), default=None,
-                     help="Longest prompt + answer in tokens (vLLM --max-model-len)."),
-        click.option("--max-batch-size", type=click.IntRange(1), default=None,
-                     help="Most sequences decoded together (vLLM --max-num-seqs)."),
-        click.option("--trust-request-mm-kwargs", is_flag=True,
-                     help="Let requests carry mm_processor_kwargs such as max_dynamic_patch (clamped to 40 "
-                          "tiles). Off by default: trust your clients first."),
-    ]):
-        fn = decorator(fn)
-    return fn
-
-
 def prepare_server(model_or_repo: str, *, host: str, port: int, source: str, revision: str | None,
                    download_dir: Path | None, tp: int, cache_max_entry_count: float | None, quant_policy: str,
                    model_format: str | None, model_name: str | None, session_len: int | None,
@@ -534,43 +480,3 @@ def ready_message(base_url: str, served_name: str) -> str:
     return (f"\nvllm-internvl: '{served_name}' ready at {base_url}/v1. Try:\n\n"
             f"{curl_example(base_url, served_name)}\n\n"
             f"or chat in this terminal: hub_cli chat {base_url}\n\nCtrl-C stops the server.\n")
-
-
-@click.command("serve", context_settings={"help_option_names": ["-h", "--help"]})
-@click.argument("model_or_repo")
-@click.argument("vllm_args", nargs=-1, type=click.UNPROCESSED, metavar="[-- VLLM_ARGS...]")
-@click.option("--server-name", default=DEFAULT_HOST, show_default=True,
-              help="Address to bind (0.0.0.0 for every interface; there is no authentication unless "
-                   "-- --api-key KEY).")
-@click.option("--server-port", type=click.IntRange(1, 65535), default=DEFAULT_PORT, show_default=True)
-@engine_options
-@hub_options
-@click.option("--dry-run", is_flag=True, help="Print the vLLM command and start nothing.")
-def serve(model_or_repo: str, vllm_args: tuple[str, ...], server_name: str, server_port: int, dry_run: bool,
-          **options: Any) -> None:
-    """Serve MODEL_OR_REPO (a folder, or a repo id fetched first) with vLLM's OpenAI-compatible server.
-
-    LMDeploy's flags are mapped onto vLLM's; anything after '--' goes to vLLM unchanged, e.g.
-    `hub_cli serve ./InternVL2-2B --tp 2 -- --limit-mm-per-prompt '{"image": 4}'`.
-    """
-    from hub_cli.launch import connect_host, run_server
-
-    try:
-        resolved, served, argv, env, notes = prepare_server(model_or_repo, host=server_name, port=server_port,
-                                                            vllm_args=vllm_args, **options)
-    except HubCliError as exc:
-        click.echo(f"hub_cli serve: error: {exc.message}", err=True)
-        sys.exit(exc.exit_code)
-    except KeyboardInterrupt:
-        click.echo("hub_cli serve: interrupted", err=True)
-        sys.exit(130)
-    for note in notes:
-        click.echo(f"hub_cli serve: {note}", err=True)
-    changes = {k: env.get(k) for k in ("VLLM_CPU_KVCACHE_SPACE",) if env.get(k) != os.environ.get(k)}
-    command = printable_command(argv, changes)
-    if dry_run:
-        click.echo(command)
-        return
-    click.echo(f"hub_cli serve: starting vLLM for {resolved.path}:\n  {command}", err=True)
-    base = f"http://{connect_host(server_name)}:{server_port}"
-    sys.exit(run_server(argv, env, base, on_ready=lambda: click.echo(ready_message(base, served))))

@@ -2,9 +2,8 @@
 
 Loads the standard AWQ gemm format (spec internvl-and-quant.md B2: ``qweight`` int32 [K, N/8],
 ``qzeros`` int32 [K/G, N/8], ``scales`` [K/G, N], nibble order 0 2 4 6 1 3 5 7) as written by
-our awq_tools, by ``lmdeploy lite auto_awq`` (``quantization_config`` only inside ``llm_config``,
-no ``modules_to_not_convert``) and by AutoAWQ (top-level ``quantization_config``, keys
-``bits``/``group_size`` or ``w_bit``/``q_group_size``). The matmul is
+our tools, by ``lmdeploy lite auto_awq`` and by AutoAWQ. Where each keeps its quantization_config,
+and the parsing of it, are in ``awq_checkpoint.py``; this module is the vLLM glue. The matmul is
 ``internvl_kernels.w4a16_linear``: Triton on CUDA, the float32 torch reference on CPU.
 
 How a checkpoint gets here (vLLM 0.32, ``ModelConfig._verify_quantization``): every registered
@@ -35,10 +34,11 @@ from vllm.model_executor.layers.quantization import register_quantization_config
 from vllm.model_executor.layers.quantization.base_config import QuantizationConfig, QuantizeMethodBase
 from vllm.model_executor.layers.quantization.utils.quant_utils import is_layer_skipped
 
+from internvl_plugin import awq_checkpoint
+from internvl_plugin.awq_checkpoint import METHOD_NAME, SIDE_FILES, WEIGHT_BITS, parse_quantization_config
+
 __all__ = ["METHOD_NAME", "KV_CACHE_HINT", "AWQW4A16Config"]
 
-METHOD_NAME = "awq_w4a16"
-PACK_FACTOR = 8  # 4-bit values per int32 word
 KV_CACHE_HINT = (f"{METHOD_NAME}: the KV cache stays 16-bit; for LMDeploy's 4-bit KV cache "
                  "(--quant-policy 4) pass --kv-cache-dtype int4_per_token_head")
 
@@ -57,7 +57,12 @@ CLAIMED_ARCHITECTURES = frozenset({
 _DECODER_LAYER = re.compile(r"^(?:language_model\.)?(?:model\.)?layers\.\d+\.")
 # XComposer2's Partial-LoRA adapters sit inside decoder linears and are never quantized.
 _ALWAYS_16BIT = ("Plora_A", "Plora_B")
-_SUPPORTED_VERSIONS = ("gemm",)
+
+
+def __getattr__(name: str) -> Any:
+    if name == "PACK_FACTOR":  # re-exported on first use: it comes from internvl_kernels, which imports triton
+        return awq_checkpoint.PACK_FACTOR
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 @register_quantization_config(METHOD_NAME)
@@ -66,7 +71,7 @@ class AWQW4A16Config(QuantizationConfig):
 
     def __init__(self, group_size: int, modules_to_not_convert: list[str] | None = None) -> None:
         super().__init__()
-        self.weight_bits = 4
+        self.weight_bits = WEIGHT_BITS
         self.group_size = group_size
         self.modules_to_not_convert = list(modules_to_not_convert or [])
 
@@ -92,40 +97,15 @@ class AWQW4A16Config(QuantizationConfig):
     @staticmethod
     def get_config_filenames() -> list[str]:
         # Read only when config.json has no quantization_config (old AutoAWQ folders).
-        return ["quant_config.json", "quantize_config.json"]
+        return list(SIDE_FILES)
 
     # ------------------------------------------------------------------ parsing
 
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> AWQW4A16Config:
         """Parse an AWQ quantization_config (LMDeploy, AutoAWQ or ours); one-line error if unusable."""
-        method = str(config.get("quant_method", "awq")).lower()
-        if method not in ("awq", METHOD_NAME):
-            raise ValueError(f"{METHOD_NAME}: quantization_config.quant_method={method!r} is not an AWQ checkpoint")
-        bits = cls.get_from_keys_or(config, ["bits", "w_bit"], None)
-        if bits != 4:
-            raise ValueError(f"{METHOD_NAME}: quantization_config.bits={bits!r} is not supported; "
-                             "only 4-bit AWQ weights are")
-        version = str(config.get("version", "gemm")).lower()
-        if version not in _SUPPORTED_VERSIONS:
-            raise ValueError(f"{METHOD_NAME}: quantization_config.version={config.get('version')!r} is not "
-                             "supported; only the AWQ 'gemm' tensor layout is (re-export the model as gemm)")
-        group_size = cls.get_from_keys_or(config, ["group_size", "q_group_size"], None)
-        if not isinstance(group_size, int) or isinstance(group_size, bool) or group_size <= 0:
-            raise ValueError(f"{METHOD_NAME}: quantization_config.group_size={group_size!r} is not supported; "
-                             "need a positive group size (e.g. 128)")
-        zero_point = config.get("zero_point", True)
-        if zero_point is not True:
-            raise ValueError(f"{METHOD_NAME}: quantization_config.zero_point={zero_point!r} is not supported; "
-                             "only asymmetric AWQ (zero_point true) is")
-        if config.get("lm_head", False):
-            raise ValueError(f"{METHOD_NAME}: quantization_config.lm_head=true is not supported; "
-                             "the LM head must stay 16-bit")
-        skip = config.get("modules_to_not_convert") or []
-        if not isinstance(skip, list) or not all(isinstance(s, str) for s in skip):
-            raise ValueError(f"{METHOD_NAME}: quantization_config.modules_to_not_convert={skip!r} "
-                             "must be a list of module names")
-        return cls(group_size, skip)
+        settings = parse_quantization_config(config)
+        return cls(settings.group_size, list(settings.modules_to_not_convert))
 
     @classmethod
     def override_quantization_method(cls, hf_quant_cfg: dict[str, Any], user_quant: str | None,

@@ -1,4 +1,5 @@
-"""awq_tools estimate: the fp16 figure equals the bytes of the tiny checkpoint's tensors."""
+"""awq_tools estimate: the fp16 figure equals the bytes of the tiny checkpoint's tensors; an AWQ checkpoint is
+estimated at its own group size."""
 
 from __future__ import annotations
 
@@ -39,3 +40,27 @@ def test_estimate_table_and_errors(tiny_model, tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "bert"}))
     other = CliRunner().invoke(main, ["estimate", str(tmp_path)])
     assert other.exit_code == 1 and "lacks" in other.output
+
+
+def test_estimate_uses_an_awq_checkpoints_group_size(tiny_model, tmp_path):
+    config = json.loads((tiny_model("internvl2-2b") / "config.json").read_text())
+    awq = {"quant_method": "awq", "version": "gemm", "bits": 4, "group_size": 64, "zero_point": True}
+    lmdeploy = tmp_path / "lmdeploy"
+    lmdeploy.mkdir()
+    (lmdeploy / "config.json").write_text(json.dumps({**config, "llm_config": {**config["llm_config"],
+                                                                                "quantization_config": awq}}))
+    side_file = tmp_path / "autoawq-old"
+    side_file.mkdir()
+    (side_file / "config.json").write_text(json.dumps(config))
+    (side_file / "quant_config.json").write_text(json.dumps({"zero_point": True, "q_group_size": 32, "w_bit": 4}))
+
+    def group_size(*args):
+        res = CliRunner().invoke(main, ["estimate", *args, "--json"])
+        assert res.exit_code == 0, res.output
+        return json.loads(res.output)["w4a16"]["group_size"]
+
+    assert group_size(str(lmdeploy)) == 64
+    assert group_size(str(lmdeploy / "config.json")) == 64
+    assert group_size(str(side_file)) == 32
+    assert group_size(str(lmdeploy), "--w-group-size", "128") == 128   # the flag wins
+    assert group_size(str(tiny_model("internvl2-2b"))) == 128          # not quantized: the default

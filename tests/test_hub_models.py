@@ -9,8 +9,8 @@ from click.testing import CliRunner
 
 from hub_cli.catalogue import CATALOGUE, find, rows
 from hub_cli.cli import main
-from hub_cli.memory import (GiB, LLMShape, VisionShape, awq_linear_bytes, estimate_from_config, estimate_weights,
-                            kv_bytes_per_token)
+from internvl_plugin.memory import (GiB, LLMShape, VisionShape, awq_linear_bytes, estimate_from_config,
+                                    estimate_weights, kv_bytes_per_token)
 
 KiB = 1024
 

@@ -27,7 +27,7 @@ from fakehub import FakeHub
 
 from hub_cli.cli import main
 from hub_cli.errors import NotFoundError, UsageError
-from hub_cli.memory import GiB
+from internvl_plugin.memory import GiB
 from hub_cli.serve import (ACTIVATION_ALLOWANCE, COMPLETE_MARKER, MemoryInfo, build_vllm_args, plan_server,
                            resolve_model)
 
@@ -83,7 +83,7 @@ def model_2b(tmp_path: Path) -> Path:
 
 
 def _weights_2b() -> int:
-    from hub_cli.memory import estimate_from_config
+    from internvl_plugin.memory import estimate_from_config
 
     return estimate_from_config(CONFIG_2B).total_bytes
 
@@ -205,6 +205,9 @@ def test_awq_model_format(tmp_path, model_2b):
     gptq = _model_dir(tmp_path / "gptq", dict(CONFIG_2B, quantization_config={"quant_method": "gptq"}))
     with pytest.raises(UsageError, match="'gptq', not AWQ"):
         build_vllm_args(gptq, on_cpu=False, model_format="awq")
+    with pytest.raises(UsageError) as info:
+        build_vllm_args(model_2b, on_cpu=False, model_format="awq")
+    assert "awq_tools" not in info.value.message and "lmdeploy lite auto_awq" in info.value.message
     # an AWQ checkpoint's KV budget is computed from its W4A16 size, not from 16-bit weights
     memory = MemoryInfo(free_bytes=20 * GiB, total_bytes=24 * GiB, device="cpu")
     kv_awq = int(_flags(build_vllm_args(top, on_cpu=True, cache_max_entry_count=0.5, memory=memory))[
@@ -212,6 +215,24 @@ def test_awq_model_format(tmp_path, model_2b):
     kv_fp16 = int(_flags(build_vllm_args(model_2b, on_cpu=True, cache_max_entry_count=0.5, memory=memory))[
         "--kv-cache-memory-bytes"])
     assert kv_awq > kv_fp16
+
+
+def test_awq_side_file_is_named_to_vllm(tmp_path, model_2b):
+    """An older AutoAWQ folder keeps its config only in quant_config.json, which vLLM reads only when the
+    method is named: serve names it (with or without --model-format awq), sized as W4A16 at its group size."""
+    side = _model_dir(tmp_path / "awq-side-file", CONFIG_2B)
+    (side / "quant_config.json").write_text(json.dumps({"zero_point": True, "q_group_size": 64, "w_bit": 4,
+                                                         "version": "GEMM"}))
+    for model_format in (None, "awq"):
+        plan = plan_server(side, on_cpu=False, model_format=model_format)
+        assert _flags(plan.args)["--quantization"] == "awq_w4a16"
+        assert any("quant_config.json holds the AWQ quantization_config" in n for n in plan.notes)
+    assert "--quantization" not in build_vllm_args(side, on_cpu=False, model_format="hf")
+    assert build_vllm_args(side, on_cpu=False, extra=["--quantization", "awq"]).count("--quantization") == 1
+    memory = MemoryInfo(free_bytes=20 * GiB, total_bytes=24 * GiB, device="cpu")
+    kv = {folder.name: int(_flags(build_vllm_args(folder, on_cpu=True, cache_max_entry_count=0.5, memory=memory))[
+        "--kv-cache-memory-bytes"]) for folder in (side, model_2b)}
+    assert kv["awq-side-file"] > kv[model_2b.name]
 
 
 @pytest.mark.parametrize("options, extra, fragment", [
@@ -231,12 +252,13 @@ def test_contradictions_are_usage_errors(model_2b, options, extra, fragment):
     assert fragment in info.value.message
 
 
-def test_plugin_method_name_matches():
-    from internvl_plugin.quant import METHOD_NAME
-
-    from hub_cli.serve import PLUGIN_AWQ_METHOD
-
-    assert PLUGIN_AWQ_METHOD == METHOD_NAME
+def test_cli_imports_neither_torch_nor_vllm():
+    """serve reads AWQ checkpoints through internvl_plugin.awq_checkpoint and sizes them with
+    internvl_plugin.memory; neither may pull torch or vLLM into the CLI (hub_cli --help stays instant)."""
+    code = ("import sys, hub_cli.cli, awq_tools.cli, internvl_plugin.awq_checkpoint, internvl_plugin.memory; "
+            "print(sorted(m for m in ('torch', 'vllm', 'triton', 'internvl_kernels') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
 
 
 def test_folder_without_config(tmp_path):

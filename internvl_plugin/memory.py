@@ -4,7 +4,7 @@
   linear layers inside the language model's decoder layers; each becomes
   ``qweight K·N/2 + qzeros ⌈K/g⌉·N/2 + scales ⌈K/g⌉·N·2`` bytes (≈ 4.16 bits per weight at g = 128).
   Embeddings, LM head, norms, the vision tower, the projector and XComposer2's Partial-LoRA stay fp16.
-  These are the checkpoint's bytes. On CUDA the plugin repacks the layers whose K is a multiple of 128
+  These are the checkpoint's bytes. On CUDA the plugin repacks the layers it runs on the K-packed kernels
   (internvl_kernels.pack_w4a16): a group's zero point and 16-bit scale share one 32-bit word, so the
   scales and zero points take ⌈K/g⌉·N·3/2 more bytes a linear, 0.09 bits per weight at g = 128 (about
   220 MB for InternVL2-26B's language model: 146M groups x 1.5 bytes).
@@ -15,7 +15,8 @@
 
 Public surface: :class:`LLMShape`, :class:`VisionShape`, :func:`awq_linear_bytes`,
 :func:`kv_bytes_per_token`, :func:`estimate_weights` and :func:`estimate_from_config` (reads a checkpoint's
-``config.json`` dict; the function awq_tools calls).
+``config.json`` dict). ``hub_cli`` (serve, models) and ``awq_tools estimate`` both use it, which is why it
+sits in the plugin package and imports only the standard library.
 """
 
 from __future__ import annotations
