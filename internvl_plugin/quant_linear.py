@@ -1,4 +1,5 @@
-"""The linear method of ``awq_w4a16`` (config and selection rules: ``quant.py``).
+"""The linear method of ``awq_w4a16``: how a layer holds its AWQ weight after loading, and its matmul
+(config and selection rules: ``quant.py``).
 
 Weights load in the checkpoint's AWQ gemm layout:
 
@@ -6,13 +7,20 @@ Weights load in the checkpoint's AWQ gemm layout:
     qzeros   int32 [K/G, N/8]   packed the same way
     scales   act dtype [K/G, N]
 
-On CUDA, when K is a multiple of 128 and G is 32, 64 or 128 (``can_pack``), they are repacked once
-after loading into the K-packed layout of ``internvl_kernels.w4a16_packed`` (``qk`` int32 [N, K/8],
-``meta`` [K/G, 2N] of (zero point, scale) pairs in the activations' dtype; the AWQ tensors are freed,
-so the weight words take the same memory and the scales and zero points 1.5 bytes more a group and
-column, +0.09 bits a weight at G = 128). benchmarks/README.md has the figures against the AWQ layout.
-Other shapes, and every CPU tensor, keep the AWQ layout (``w4a16_linear``: Triton on CUDA, the torch
-reference on CPU).
+After loading, ``weight_layout`` picks one of three forms for the layer (the AWQ tensors are freed
+in the first two):
+
+* ``packed`` (CUDA, fp16/bf16, ``can_pack``: G 32, 64 or a multiple of 128): repacked once into the
+  K-packed layout of ``internvl_kernels`` (``qk`` int32 [N, K'/8], ``meta`` [K'/G, 2N] of (zero point,
+  scale) pairs in the activations' dtype, K' = K rounded up to a multiple of 128 with zero weights).
+  The weight words take the bytes AWQ's do (plus K' - K zero rows), the scales and zero points 1.5
+  bytes more a group and column (+0.09 bits a weight at G = 128). Matmul: the Triton kernels, through
+  the torch operator ``w4a16_packed_mm``.
+* ``dense`` (any other CUDA layer: a group size the kernels do not take, such as 96, float32
+  activations, or no Triton): dequantized once into a dense ``weight`` [N, K] in the activations'
+  dtype, then ``F.linear`` (cuBLAS). It costs 16 (float32: 32) bits a weight instead of about 4.1.
+* ``awq`` (every other device, i.e. CPU): the AWQ tensors stay; each call runs the float32 reference
+  ``w4a16_matmul_ref``, which the CPU tests compare tokens against bit for bit.
 
 Fused layers (qkv, gate_up) load their shards through vLLM's parameter classes: a shard of N_i
 output columns lands at column offset sum(N_<i) of ``scales`` and at offset sum(N_<i)/8 of the
@@ -21,33 +29,57 @@ packed tensors, which is why every shard width must be a multiple of 8.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
+import torch.nn.functional as F
 from vllm.model_executor.layers.linear import LinearMethodBase, register_weight_loader_v2_supported_method
 from vllm.model_executor.layers.quantization.utils.layer_utils import replace_parameter
 from vllm.model_executor.parameter import GroupQuantScaleParameter, PackedvLLMParameter
 
-from internvl_kernels import can_pack, pack_w4a16, w4a16_linear, w4a16_packed_mm
-from internvl_kernels.w4a16 import triton
-from internvl_plugin.quant import METHOD_NAME, PACK_FACTOR, AWQW4A16Config
+from internvl_kernels import (PACK_FACTOR, can_pack, dequantize_awq, pack_w4a16, packed_available, w4a16_matmul_ref,
+                              w4a16_packed_mm)
+from internvl_plugin.quant import METHOD_NAME
 
-__all__ = ["AWQW4A16LinearMethod", "use_packed_layout", "repack_layer"]
+if TYPE_CHECKING:
+    from internvl_plugin.quant import AWQW4A16Config
 
-# Columns repacked at a time: bounds the temporary memory of pack_w4a16 (about 12 K bytes a column).
-REPACK_CHUNK = 1024
+__all__ = ["AWQW4A16LinearMethod", "weight_layout", "repack_layer", "dequantize_layer"]
+
+# Output columns converted at a time: bounds the temporary memory of the repacking and of the load-time
+# dequantization (about 12 K bytes a column for pack_w4a16, 20 K for dequantize_awq).
+CHUNK = 1024
 
 
-def use_packed_layout(qweight: torch.Tensor, scales: torch.Tensor, group_size: int) -> bool:
-    """Whether a layer's AWQ tensors go to the K-packed Triton kernels: CUDA, fp16/bf16, a packable shape."""
-    return (triton is not None and qweight.is_cuda and scales.dtype in (torch.float16, torch.bfloat16)
-            and can_pack(qweight.shape[0], group_size))
+def weight_layout(device, dtype: torch.dtype, k: int, group_size: int) -> str:
+    """How a layer of K inputs holds its weight after loading, on `device` with scales (the activations'
+    dtype) in `dtype`: "packed", "dense" or "awq" (module docstring)."""
+    if torch.device(device).type != "cuda":
+        return "awq"
+    if packed_available(device) and dtype in (torch.float16, torch.bfloat16) and can_pack(k, group_size):
+        return "packed"
+    return "dense"
 
 
 def repack_layer(layer: torch.nn.Module, group_size: int) -> None:
     """Replace the layer's qweight/qzeros/scales by the packed qk/meta."""
-    qk, meta = pack_w4a16(layer.qweight.data, layer.qzeros.data, layer.scales.data, group_size, chunk=REPACK_CHUNK)
+    qk, meta = pack_w4a16(layer.qweight.data, layer.qzeros.data, layer.scales.data, group_size, chunk=CHUNK)
     del layer.qweight, layer.qzeros, layer.scales
     layer.register_parameter("qk", torch.nn.Parameter(qk, requires_grad=False))
     layer.register_parameter("meta", torch.nn.Parameter(meta, requires_grad=False))
+
+
+def dequantize_layer(layer: torch.nn.Module, group_size: int) -> None:
+    """Replace the layer's qweight/qzeros/scales by the dense weight [N, K] in the scales' dtype."""
+    qweight, qzeros, scales = layer.qweight.data, layer.qzeros.data, layer.scales.data
+    k, n = qweight.shape[0], scales.shape[1]
+    weight = torch.empty((n, k), dtype=scales.dtype, device=scales.device)
+    for w0 in range(0, n // PACK_FACTOR, CHUNK // PACK_FACTOR):
+        w1 = min(n // PACK_FACTOR, w0 + CHUNK // PACK_FACTOR)
+        cols = slice(PACK_FACTOR * w0, PACK_FACTOR * w1)
+        weight[cols] = dequantize_awq(qweight[:, w0:w1], qzeros[:, w0:w1], scales[:, cols], group_size).t()
+    del layer.qweight, layer.qzeros, layer.scales
+    layer.register_parameter("weight", torch.nn.Parameter(weight, requires_grad=False))
 
 
 @register_weight_loader_v2_supported_method
@@ -87,10 +119,16 @@ class AWQW4A16LinearMethod(LinearMethodBase):
         # Plain Parameters from here on: the loaders' subclasses are not needed by the kernel.
         for name in ("qweight", "qzeros", "scales"):
             replace_parameter(layer, name, getattr(layer, name).data.contiguous())
-        if use_packed_layout(layer.qweight, layer.scales, self.quant_config.group_size):
-            repack_layer(layer, self.quant_config.group_size)
+        group_size = self.quant_config.group_size
+        layout = weight_layout(layer.qweight.device, layer.scales.dtype, layer.qweight.shape[0], group_size)
+        if layout == "packed":
+            repack_layer(layer, group_size)
+        elif layout == "dense":
+            dequantize_layer(layer, group_size)
 
     def apply(self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         if hasattr(layer, "qk"):  # w4a16_packed_matmul as a torch operator, opaque to torch.compile
             return w4a16_packed_mm(x, layer.qk, layer.meta, self.quant_config.group_size, bias)
-        return w4a16_linear(x, layer.qweight, layer.qzeros, layer.scales, self.quant_config.group_size, bias)
+        if hasattr(layer, "weight"):
+            return F.linear(x, layer.weight, bias)
+        return w4a16_matmul_ref(x, layer.qweight, layer.qzeros, layer.scales, self.quant_config.group_size, bias)
