@@ -1,10 +1,9 @@
-"""The AWQ W4A16 checkpoint format as this project reads it: method name, where each producer keeps its
-``quantization_config``, and the parsing of that config (spec internvl-and-quant.md B1.9, B2).
+"""AWQ W4A16 checkpoints: the method name, where each producer keeps quantization_config, and its parsing.
 
-Three producers write the same tensors (AWQ "gemm": ``qweight`` int32 [K, N/8], ``qzeros`` int32
-[K/G, N/8], ``scales`` [K/G, N]) and put the config in different places:
+Three producers write the same tensors (AWQ "gemm": ``qweight`` int32 [K, N/8], ``qzeros`` int32 [K/G, N/8],
+``scales`` [K/G, N]; spec internvl-and-quant.md B1.9, B2) and put the config in different places:
 
-    ours       config.json ``quantization_config``, with ``modules_to_not_convert``
+    ours       config.json ``quantization_config``, with ``modules_to_not_convert`` (the tests' tiny checkpoints)
     LMDeploy   ``lmdeploy lite auto_awq``: only config.json ``llm_config.quantization_config``
     AutoAWQ    config.json ``quantization_config`` (``bits``/``group_size``); older folders only a
                ``quant_config.json`` or ``quantize_config.json`` (``w_bit``/``q_group_size``, no quant_method)

@@ -2,9 +2,9 @@
 
 Loads the standard AWQ gemm format (spec internvl-and-quant.md B2: ``qweight`` int32 [K, N/8],
 ``qzeros`` int32 [K/G, N/8], ``scales`` [K/G, N], nibble order 0 2 4 6 1 3 5 7) as written by
-our tools, by ``lmdeploy lite auto_awq`` and by AutoAWQ. Where each keeps its quantization_config,
-and the parsing of it, are in ``awq_checkpoint.py``; this module is the vLLM glue. The matmul is
-``internvl_kernels.w4a16_linear``: Triton on CUDA, the float32 torch reference on CPU.
+``lmdeploy lite auto_awq`` and by AutoAWQ. Where each keeps its quantization_config, and the parsing
+of it, are in ``awq_checkpoint.py``; the weights and the matmul, in ``quant_linear.py``. This module is
+the vLLM glue: which layers are 4-bit, and the KV-cache check.
 
 How a checkpoint gets here (vLLM 0.32, ``ModelConfig._verify_quantization``): every registered
 method's ``override_quantization_method`` is asked in turn, custom ones before vLLM's AWQ, so a
