@@ -9,8 +9,8 @@ Three producers write the same tensors (AWQ "gemm": ``qweight`` int32 [K, N/8], 
                ``quant_config.json`` or ``quantize_config.json`` (``w_bit``/``q_group_size``, no quant_method)
 
 The vLLM method (``quant.py``), ``hub_cli serve`` and ``awq_tools`` all read checkpoints through this
-module. It imports only the standard library, so the command-line tools stay free of torch and vLLM;
-``PACK_FACTOR`` belongs to the kernels' tensor format and is imported from ``internvl_kernels`` on first use.
+module. It imports only the standard library, so the command-line tools stay free of torch and vLLM. The
+tensors themselves (packing, nibble order, ``PACK_FACTOR``) are ``internvl_kernels.awq_format``'s.
 """
 
 from __future__ import annotations
@@ -22,8 +22,8 @@ from pathlib import Path
 from typing import Any
 
 __all__ = ["METHOD_NAME", "AWQ_QUANT_METHODS", "WEIGHT_BITS", "DEFAULT_GROUP_SIZE", "CONFIG_HOLDERS", "SIDE_FILES",
-           "PACK_FACTOR", "AWQSettings", "FoundQuantizationConfig", "parse_quantization_config",
-           "find_quantization_config", "group_size_or_default"]
+           "AWQSettings", "FoundQuantizationConfig", "parse_quantization_config", "find_quantization_config",
+           "group_size_or_default"]
 
 METHOD_NAME = "awq_w4a16"                  # the plugin's vLLM quantization method
 AWQ_QUANT_METHODS = ("awq", METHOD_NAME)   # quant_method values of checkpoints the method loads
@@ -132,14 +132,6 @@ def group_size_or_default(config: Mapping[str, Any] | None) -> int:
     """The group size a quantization_config states, or DEFAULT_GROUP_SIZE; for estimates, never an error."""
     group_size = _first(config or {}, _GROUP_SIZE_KEYS)
     return group_size if _is_positive_int(group_size) else DEFAULT_GROUP_SIZE
-
-
-def __getattr__(name: str) -> Any:
-    if name == "PACK_FACTOR":  # 4-bit values per int32 word; on first use, as internvl_kernels imports torch
-        from internvl_kernels.awq_format import PACK_FACTOR
-
-        return PACK_FACTOR
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def _first(config: Mapping[str, Any], keys: tuple[str, ...]) -> Any:

@@ -34,7 +34,6 @@ from vllm.model_executor.layers.quantization import register_quantization_config
 from vllm.model_executor.layers.quantization.base_config import QuantizationConfig, QuantizeMethodBase
 from vllm.model_executor.layers.quantization.utils.quant_utils import is_layer_skipped
 
-from internvl_plugin import awq_checkpoint
 from internvl_plugin.awq_checkpoint import METHOD_NAME, SIDE_FILES, WEIGHT_BITS, parse_quantization_config
 
 __all__ = ["METHOD_NAME", "KV_CACHE_HINT", "AWQW4A16Config"]
@@ -57,12 +56,6 @@ CLAIMED_ARCHITECTURES = frozenset({
 _DECODER_LAYER = re.compile(r"^(?:language_model\.)?(?:model\.)?layers\.\d+\.")
 # XComposer2's Partial-LoRA adapters sit inside decoder linears and are never quantized.
 _ALWAYS_16BIT = ("Plora_A", "Plora_B")
-
-
-def __getattr__(name: str) -> Any:
-    if name == "PACK_FACTOR":  # re-exported on first use: it comes from internvl_kernels, which imports triton
-        return awq_checkpoint.PACK_FACTOR
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 @register_quantization_config(METHOD_NAME)
