@@ -16,8 +16,9 @@ out= with NaN (an element the kernel skips fails) and compares ||out - ref|| / |
 of tests/test_kernels_packed.py, ref = x @ dequant(W) (+ bias) in float64 from the AWQ tensors.
 Default cases also go through the torch operator the plugin calls, which must give the same bits.
 
-Triton's compilations take most of the time (a few seconds each on the GPU machine), so the cases
-run in --jobs processes, split by (config, dtype) so that each compilation happens in one of them.
+Triton's compilations take most of the time (about a second each on the GPU machine; about 100 for
+--quick, 600 for the whole check), so the cases run in --jobs processes, split by (config, dtype) so
+that each compilation happens in one of them.
 Prints one line per failure, then `N cases, F failures, worst fp16 X bf16 Y`; exits 1 on any failure.
 """
 
@@ -310,7 +311,7 @@ def check_case(kernels, packed, case: Case, weight: Weight, gen, device) -> dict
     ref = x.double() @ weight.dense + (bias.double() if bias is not None else 0)
     out = torch.full((case.m, case.n), float("nan"), device=device, dtype=case.dtype)
     y = kernels.w4a16_packed_matmul(x, weight.qk, weight.meta, case.group, bias, out=out, config=case.config)
-    row = _describe(packed, case)
+    row = _describe(packed, case, k_packed=weight.qk.shape[1] * 8)
     row["all_written"] = bool(torch.isfinite(out).all())
     row["out_is_result"] = y.data_ptr() == out.data_ptr()
     row["rel_err"] = float((out.double() - ref).norm() / ref.norm())
@@ -322,8 +323,10 @@ def check_case(kernels, packed, case: Case, weight: Weight, gen, device) -> dict
     return row
 
 
-def _describe(packed, case: Case) -> dict:
-    cfg = case.config or packed.pick_packed_config(case.m, case.n, case.k)
+def _describe(packed, case: Case, k_packed: int | None = None) -> dict:
+    """A case's row: what it ran, with the config the launcher picks (from the packed K, which the
+    packing may round up) for a default case."""
+    cfg = case.config or packed.pick_packed_config(case.m, case.n, k_packed or case.k)
     if isinstance(cfg, packed.PackedGemvConfig):
         kind = "gemv"
     elif isinstance(cfg, packed.PackedDequantConfig):
