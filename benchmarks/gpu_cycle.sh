@@ -11,6 +11,11 @@
 # decode-h200.json/.log. Exit status 1 if the check fails or a benchmark errs.
 set -uo pipefail
 MODE=${1:-full}
+case "$MODE" in
+    full | check) QUICK= ;;
+    quick | bench) QUICK=--quick ;;
+    *) echo "gpu_cycle.sh: unknown mode '$MODE' (full, check, quick or bench)" >&2; exit 2 ;;
+esac
 cd "$(dirname "$0")/.."
 OUT=${OUT:-benchmarks/results}
 mkdir -p "$OUT"
@@ -19,11 +24,7 @@ nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem,temperature.gpu,
 python3 -c 'import torch, triton; print("torch", torch.__version__, "triton", triton.__version__)'
 TAG=$(python3 -c 'import torch; print(torch.cuda.get_device_name().split()[1].lower())' 2>/dev/null || echo gpu)
 rc=0
-case "$MODE" in
-    full | check) NAME=check-$TAG QUICK= ;;
-    quick | bench) NAME=check-quick-$TAG QUICK=--quick ;;
-    *) echo "gpu_cycle.sh: unknown mode '$MODE' (full, check, quick or bench)" >&2; exit 2 ;;
-esac
+NAME=check${QUICK:+-quick}-$TAG
 # run LOG COMMAND...: the command's output to LOG; on failure rc=1 and LOG's tail shown
 run() {
     local log=$1
