@@ -1,7 +1,6 @@
-"""Plain-PyTorch reference implementation of InternVL (``InternVLChatModel``), the ground truth
-that tests hold the vLLM plugin against.
+"""Plain-PyTorch reference of InternVL (``InternVLChatModel``): loading, prompts, forward, greedy generation.
 
-Written from the behaviour of OpenGVLab's HF remote code (``modeling_internvl_chat.py``,
+The ground truth that tests hold the vLLM plugin against, written from the behaviour of OpenGVLab's HF remote code (``modeling_internvl_chat.py``,
 ``modeling_intern_vit.py``, ``modeling_internlm2.py``, ``conversation.py``) and stock Qwen2, as
 pinned down in specs/internvl-and-quant.md PART A. It is deliberately independent of the plugin:
 it imports torch, numpy, PIL and safetensors only (never vllm, never torchvision, never the plugin
