@@ -1,10 +1,11 @@
 """Plain-PyTorch reference of InternVL (``InternVLChatModel``): loading, prompts, forward, greedy generation.
 
-The ground truth that tests hold the vLLM plugin against, written from the behaviour of OpenGVLab's HF remote code (``modeling_internvl_chat.py``,
-``modeling_intern_vit.py``, ``modeling_internlm2.py``, ``conversation.py``) and stock Qwen2, as
-pinned down in specs/internvl-and-quant.md PART A. It is deliberately independent of the plugin:
-it imports torch, numpy, PIL and safetensors only (never vllm, never torchvision, never the plugin
-code it checks), and it lives under tests/ so that it never ships in the wheel.
+The ground truth that tests hold the vLLM plugin against, written from the behaviour of OpenGVLab's HF
+remote code (``modeling_internvl_chat.py``, ``modeling_intern_vit.py``, ``modeling_internlm2.py``,
+``conversation.py``) and stock Qwen2, as pinned down in specs/internvl-and-quant.md PART A. It is
+deliberately independent of the plugin: it imports torch, numpy, PIL and safetensors only (never vllm,
+never torchvision, never the plugin code it checks), and it lives under tests/ so that it never ships
+in the wheel.
 
     ref = load_reference("tiny-internvl/")                      # config.json + *.safetensors
     pixel_values = ref_load_image(image, None, ref.config)      # [T, 3, S, S]
