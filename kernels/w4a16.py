@@ -1,48 +1,52 @@
-"""W4A16 on a K-packed weight layout: one tensor-core kernel for every number of tokens.
+"""W4A16 matmul in Triton on the K-packed weight layout: packing from AWQ, the kernels, their launcher
+and the default configs.
 
-The AWQ "gemm" layout packs eight *output columns* into a word, so a kernel that keeps the dequantized
-weight in registers (the transposed product out^T = W^T x^T, weight as the dot's first operand) needs
-one accumulator per nibble position: eight [columns, tokens] fp32 tiles, which limits it to few tokens
-(w4a16._tc_kernel). Repacked once at load time so that a word holds eight *input* positions of one
-output column, the nibbles split K instead of N and every dot adds into the same accumulator.
+Packed layout (pack_w4a16), for group size G = 32, 64 or a multiple of 128 and K any multiple of G,
+with K' = K rounded up to a multiple of 128 (TILE_K):
 
-Packed layout (pack_w4a16), for K a multiple of 128 and group size G in {32, 64, 128}:
+    qk     int32 [N, K'/8]      word (n, 16 t + j), nibble i (bits 4i..4i+3) holds q[128 t + 16 i + j, n]
+    meta   fp16/bf16 [K'/G, 2N]  (zero point, scale) pairs: meta[g, 2n] = z[g, n] (0..15, exact),
+                                meta[g, 2n + 1] = scales[g, n]; in the scales' dtype, which must be x's
 
-    qk     int32 [N, K/8]      word (n, 16 t + j), nibble i (bits 4i..4i+3) holds q[128 t + 16 i + j, n]
-    meta   fp16/bf16 [K/G, 2N]  (zero point, scale) pairs: meta[g, 2n] = z[g, n] (0..15, exact),
-                               meta[g, 2n + 1] = scales[g, n]; in the scales' dtype, which must be x's
+Rows K..K'-1 (only where G is 32 or 64 and K is not a multiple of 128) hold q = 0 with zero point 0 and
+scale 0, so their weights are 0, and the launcher pads x with zeros to K' (x keeps its K features).
 
-So in each 128-deep K tile t, the 16 words j of a column give, for nibble i, the sixteen
-consecutive inputs 128 t + 16 i + j: the nibble-i slice of a [columns, 16] word tile is a dot
-operand of depth 16 whose partner is the contiguous slice x[:, 128 t + 16 i : +16]. Two nibbles of
-a byte (32 inputs) always share a group. The weight words take the same bytes as AWQ's; a group's
-scale and zero point of a column share one 32-bit word (4 bytes a group and column against AWQ's 2.5,
-+0.09 bits a weight at G = 128), because the kernels load that word through the software pipeline's
-asynchronous copies (cp.async), which move 4, 8 or 16 bytes a thread: a 2-byte scale and a 1-byte zero
-point were loaded synchronously, a memory latency or two a step (benchmarks/README.md).
+In each 128-deep K tile t the 16 words j of a column give, for nibble i, the sixteen consecutive
+inputs 128 t + 16 i + j: the nibble-i slice of a [columns, 16] word tile is a dot operand of depth 16
+whose partner is the contiguous slice x[:, 128 t + 16 i : +16]. A tile holds 128 / G groups (G <= 128)
+or lies inside group t // (G / 128); two nibbles of a byte (32 inputs) always share a group. Unlike
+AWQ's layout, which packs eight *output columns* into a word and so needs one accumulator per nibble
+position in a kernel that keeps the weight in registers, every dot adds into the same accumulator.
+The weight words take the same bytes as AWQ's; a group's scale and zero point of a column share one
+32-bit word (4 bytes a group and column against AWQ's 2.5, +0.09 bits a weight at G = 128), because
+the kernels load that word through the software pipeline's asynchronous copies (cp.async), which move
+4, 8 or 16 bytes a thread: a 2-byte scale and a 1-byte zero point would be loaded synchronously, a
+memory latency or two a step (benchmarks/README.md).
 
-The kernel (_pk_kernel, configured by PackedConfig) computes out^T = W^T x^T over programs of
-block_n columns x block_m tokens: per 128-deep tile it loads the [block_n, 16] words, extracts each
-byte's two nibbles as MAGIC + q with w4a16._byte_pair (inline PTX) and joins the eight nibble slices
-into one [block_n, 128] register operand (tl.join/permute/reshape; the compiled code keeps it in
-registers). Either (scale-in-A) it forms (q - z) * s in x.dtype (the subtraction exact, the product
-rounded once, as a dense 16-bit copy of the weight would be) and accumulates one dot over all of K,
-or (exact, for 2-16 tokens) it runs one dot per group on the exact q - z ((MAGIC + q) - (MAGIC + z))
-and scales it in fp32 (Triton re-issues the meta load for that scale outside the software pipeline,
-in the accumulator's layout; its latency overlaps the dot). Before a scale-in-A step writes its A
-operand the kernel waits for the wgmma still in flight (_wgmma_drain): they read those registers.
-One token goes to _pk_gemv_kernel (CUDA cores, PackedGemvConfig; two through small weights), more
-than 256 to dequantization (_pk_dequant_kernel) + cuBLAS (PackedDequantConfig) unless the weight is
-wide; pick_packed_config has the rules. Small grids split K (fp32 partial sums reduced by
-w4a16._splitk_reduce_kernel). The reference is awq_format.w4a16_matmul_ref on the AWQ tensors;
-unpack_w4a16 inverts the packing.
+The tensor-core kernel (_pk_kernel, configured by PackedConfig) computes out^T = W^T x^T over programs
+of block_n columns x block_m tokens: per 128-deep tile it loads the [block_n, 16] words, extracts each
+byte's two nibbles as MAGIC + q with _byte_pair (inline PTX) and joins the eight nibble slices into one
+[block_n, 128] register operand (tl.join/permute/reshape; the compiled code keeps it in registers).
+Either (scale-in-A) it forms (q - z) * s in x.dtype (the subtraction exact, the product rounded once,
+as a dense 16-bit copy of the weight would be) and accumulates one dot over all of K, or (exact, for
+2-16 tokens) it runs one dot per group and tile on the exact q - z ((MAGIC + q) - (MAGIC + z)) and
+scales it in fp32 (Triton re-issues the meta load for that scale outside the software pipeline, in
+the accumulator's layout; its latency overlaps the dot). Before a scale-in-A step writes its A operand
+the kernel waits for the wgmma still in flight (_wgmma_drain): they read those registers. One token
+goes to _pk_gemv_kernel (CUDA cores, PackedGemvConfig; two through small weights), many to
+dequantization (_pk_dequant_kernel) + cuBLAS (PackedDequantConfig) unless the weight is wide;
+PACKED_TABLE has the rules. Small grids split K (fp32 partial sums reduced by _splitk_reduce_kernel,
+_triton_common.py). The reference is awq_format.w4a16_matmul_ref on the AWQ tensors; unpack_w4a16
+inverts the packing.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from ._triton_common import (_dense_matmul, _interpreting, _magic, _prepare_io, _reduce_partials, _sm_count,
                              _split_dest, _waves_split, triton)
@@ -53,11 +57,17 @@ if triton is not None:
 
     from ._triton_common import _byte_pair, _magic_scaled, _store_out, _tc_dot
 
-__all__ = ["pack_w4a16", "unpack_w4a16", "can_pack", "packed_available", "w4a16_packed_matmul", "PackedConfig", "PackedGemvConfig",
-           "PackedDequantConfig", "pick_packed_config", "TILE_K"]
+__all__ = ["can_pack", "packed_available", "pack_w4a16", "unpack_w4a16", "w4a16_packed_matmul", "PackedConfig",
+           "PackedGemvConfig", "PackedDequantConfig", "PACKED_TABLE", "pick_packed_config", "TILE_K"]
 
 TILE_K = 128  # inputs per packed tile: 16 words x 8 nibbles
 _WORDS = TILE_K // 8
+
+
+def can_pack(k: int, group_size: int) -> bool:
+    """Whether a [K, N] AWQ weight with this group size has a packed form: G 32, 64 or a multiple of
+    128, and K a multiple of G (the packed form pads K to a multiple of 128)."""
+    return group_size > 0 and k > 0 and k % group_size == 0 and (group_size in (32, 64) or group_size % TILE_K == 0)
 
 
 def packed_available(device) -> bool:
@@ -66,42 +76,89 @@ def packed_available(device) -> bool:
     return triton is not None and torch.device(device).type == "cuda"
 
 
-def can_pack(k: int, group_size: int) -> bool:
-    """Whether a [K, N] AWQ weight with this group size has a packed form."""
-    return k % TILE_K == 0 and group_size in (32, 64, 128)
-
-
 def pack_w4a16(qweight, qzeros, scales, group_size: int, *, chunk: int = 4096):
-    """AWQ (qweight [K, N/8], qzeros [K/G, N/8], scales fp16/bf16 [K/G, N]) -> (qk int32 [N, K/8],
-    meta [K/G, 2N] in scales.dtype: (zero point, scale) pairs; module docstring).
+    """AWQ (qweight [K, N/8], qzeros [K/G, N/8], scales fp16/bf16 [K/G, N]) -> (qk int32 [N, K'/8],
+    meta [K'/G, 2N] in scales.dtype: (zero point, scale) pairs), K' = K rounded up to a multiple of 128
+    with zero weights (module docstring).
 
     Plain torch on the tensors' device, `chunk` output columns at a time (temporary memory about
     12 * K * chunk bytes). The scales are copied as they are: activations must have their dtype."""
     k, n = check_awq_shapes(qweight, qzeros, scales, group_size)
     if not can_pack(k, group_size):
-        raise ValueError(f"pack_w4a16: needs K a multiple of {TILE_K} and group size 32, 64 or 128; "
+        raise ValueError(f"pack_w4a16: needs group size 32, 64 or a multiple of {TILE_K}; "
                          f"got K={k}, group_size={group_size}")
     if scales.dtype not in (torch.float16, torch.bfloat16):
         raise ValueError(f"pack_w4a16: scales must be float16 or bfloat16, got {scales.dtype}")
-    qk = torch.empty((n, k // 8), dtype=torch.int32, device=qweight.device)
+    kp = _padded_k(k)
+    qk = torch.empty((n, kp // 8), dtype=torch.int32, device=qweight.device)
     shifts = torch.arange(0, 32, 4, dtype=torch.int64, device=qweight.device).view(1, 1, 8, 1)
     for c0 in range(0, n // 8, chunk // 8):
         c1 = min(n // 8, c0 + chunk // 8)
         q = unpack_awq_int4(qweight[:, c0:c1]).t().to(torch.int64)  # [cols, K]
-        q = q.reshape(q.shape[0], k // TILE_K, 8, _WORDS) << shifts  # [cols, tile, nibble, word]
+        if kp != k:
+            q = F.pad(q, (0, kp - k))
+        q = q.reshape(q.shape[0], kp // TILE_K, 8, _WORDS) << shifts  # [cols, tile, nibble, word]
         word = q.sum(dim=2)  # the nibbles do not overlap: the sum is the OR
         word = torch.where(word >= 2**31, word - 2**32, word)
-        qk[8 * c0:8 * c1] = word.reshape(word.shape[0], k // 8).to(torch.int32)
+        qk[8 * c0:8 * c1] = word.reshape(word.shape[0], kp // 8).to(torch.int32)
     meta = torch.stack((unpack_awq_int4(qzeros).to(scales.dtype), scales), dim=2)  # [K/G, N, 2]
-    return qk, meta.reshape(k // group_size, 2 * n)
+    if kp != k:  # zero point 0 and scale 0: the padded rows' weights are 0
+        meta = F.pad(meta, (0, 0, 0, 0, 0, (kp - k) // group_size))
+    return qk, meta.reshape(kp // group_size, 2 * n)
 
 
 def unpack_w4a16(qk, meta):
-    """The packed form back to plain values: (q int32 [K, N], zeros int32 [K/G, N], scales [K/G, N])."""
+    """The packed form back to plain values: (q int32 [K', N], zeros int32 [K'/G, N], scales [K'/G, N]),
+    with the padded rows (module docstring) included."""
     n, kw = qk.shape
     shifts = torch.arange(0, 32, 4, dtype=torch.int32, device=qk.device).view(1, 1, 8, 1)
     q = (qk.view(n, kw // _WORDS, 1, _WORDS) >> shifts) & 0xF  # [N, tile, nibble, word]
     return q.reshape(n, kw * 8).t().contiguous(), meta[:, 0::2].to(torch.int32), meta[:, 1::2].contiguous()
+
+
+def w4a16_packed_matmul(x, qk, meta, group_size: int, bias=None, *, out=None, config=None):
+    """x [..., K] (fp16/bf16) @ the packed weight (qk, meta from pack_w4a16) -> [..., N] in x.dtype,
+    through Triton.
+
+    x has the weight's K features, or K' (already padded with zeros): any multiple of the group size
+    that rounds up to the packed K' is taken (the rows past the weight's own K are zero). CUDA tensors,
+    or CPU tensors under TRITON_INTERPRET=1; `config` (a PackedConfig, PackedGemvConfig or
+    PackedDequantConfig) overrides pick_packed_config."""
+    if triton is None:
+        raise RuntimeError("w4a16_packed_matmul needs triton")
+    if qk.dtype != torch.int32 or qk.dim() != 2 or meta.dim() != 2:
+        raise ValueError("w4a16_packed_matmul: qk must be int32 [N, K/8] and meta [K/G, 2N] (pack_w4a16)")
+    n, kp = qk.shape[0], qk.shape[1] * 8
+    if not can_pack(kp, group_size) or tuple(meta.shape) != (kp // group_size, 2 * n):
+        raise ValueError(f"w4a16_packed_matmul: with qk {tuple(qk.shape)} and group_size {group_size} expected "
+                         f"meta {(kp // group_size, 2 * n)}, got {tuple(meta.shape)}")
+    if meta.dtype != x.dtype:
+        raise ValueError(f"w4a16_packed_matmul: meta holds {meta.dtype} scales but x is {x.dtype}; "
+                         f"pack the weight with scales of the activations' dtype")
+    k = x.shape[-1]
+    if k != kp:
+        if k % group_size or _padded_k(k) != kp:
+            padded = f" (or a multiple of {group_size} from {kp - TILE_K + group_size})" if group_size < TILE_K else ""
+            raise ValueError(f"w4a16_packed_matmul: x has {k} features, the weight expects K={kp}{padded}")
+        x = F.pad(x, (0, kp - k))  # the weight's rows past K are zero
+    lead, x2, out = _prepare_io("w4a16_packed_matmul", x, kp, n, bias, out)
+    qk, meta = (t if t.stride(-1) == 1 else t.contiguous() for t in (qk, meta))
+    if x2.shape[0]:
+        # The kernels read a (zero, scale) pair as one int32 word.
+        _launch_packed(x2, qk, meta.view(torch.int32), group_size, bias, out,
+                       config or pick_packed_config(x2.shape[0], n, kp))
+    return out.view(*lead, n)
+
+
+def _padded_k(k: int) -> int:
+    """K' of a packed weight: K rounded up to whole 128-deep tiles (a multiple of G where can_pack holds:
+    G 32 or 64 divides 128, and a multiple of 128 divides K already)."""
+    return -(-k // TILE_K) * TILE_K
+
+
+# ------------------------------------------------------------------------------------------------
+# Configurations
+# ------------------------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -148,7 +205,7 @@ class PackedDequantConfig:
     (x @ W^T, the layout of F.linear). The dense copy is made on every call and freed after it."""
 
     # 32 columns, 4 warps, one tile: 32 registers a thread and 216 instructions in the offline sm_90
-    # compile with Triton 3.6 (`sass_count.py pkdq 32,4,1`). On the H100, 64 columns or two tiles a
+    # compile with Triton 3.6 (`tests/sass_count.py pkdq 32,4,1`). On the H100, 64 columns or two tiles a
     # program were within 1% (results/pk-explore2-h100.json).
     block_n: int = 32
     tiles: int = 1  # K tiles a program
@@ -159,100 +216,81 @@ class PackedDequantConfig:
 # "small" under 2**24 (InternLM2-1.8B wqkv and wo).
 PACKED_BIG = 1 << 26
 PACKED_SMALL = 1 << 24
-# One token: the GEMV (8 columns and all of K a one-warp program, no split-K); it won on all eight
-# InternLM2-7B/20B linears on the H100 (results/pk-gemv-h100.json, pk-gemv2-h100.json) and, against the
-# tensor-core kernel with its loads pipelined, on the H200 (7B w13 22.5 us against 25.8;
-# results/pk-ab2-h200.json). Two rows a program lost to the tensor-core kernel there at M = 2 on all
-# eight (7B w13 33.2 against 26.1) and won only on small weights (1.8B wo 4.8 against 5.2,
-# results/pk-ab-1p8b-h200.json).
+
 PACKED_GEMV_CONFIG = PackedGemvConfig(block_n=8, num_warps=1, rows=1, tiles=8, stages=3, waves=2.0)
 PACKED_GEMV2_CONFIG = PackedGemvConfig(block_n=8, num_warps=1, rows=2, tiles=8, stages=3, waves=2.0)
-# The tensor-core kernel, chosen on an H200 after the scales and zero points moved into the software
-# pipeline (benchmarks/pk_ab.py: results/pk-ab-h200.json, pk-ab2-h200.json): the config best or within
-# a few percent of the best on most of the eight linears for each M. 2-16 tokens: exact mode, two K
-# tiles a step on big weights (7B w13 M=4 26.5 us against 29.5 with one, 20B w13 40.7 against 47.1),
-# one otherwise (7B wqkv 9.7 against 10.1, 20B wo 12.6 against 12.9).
 PACKED_FEW_BIG_CONFIG = PackedConfig(block_m=16, block_n=64, tiles=2, num_warps=4, num_stages=3, waves=4.0,
                                      exact=True)
-# (largest M, config), first match wins.
-PACKED_CONFIGS = [
-    (16, PackedConfig(block_m=16, block_n=64, tiles=1, num_warps=4, num_stages=4, waves=4.0, exact=True)),
-    (32, PackedConfig(block_m=32, block_n=64, num_warps=4, num_stages=4, waves=4.0)),
-    # Split K (into 2-9 ways) only while the grid has fewer programs than multiprocessors: at 64
-    # tokens the fp32 partials of a 28672-wide weight cost more than they gain (7B w13 61.4 us split
-    # in two, 50.1 us whole; results/pk-explore2-h100.json).
-    (64, PackedConfig(block_m=64, block_n=128, num_warps=8, num_stages=3, waves=2.0, split_full_grids=False)),
-    (128, PackedConfig(block_m=128, block_n=64, num_warps=4, num_stages=3, waves=1.0)),
-]
-# 65-128 tokens through a big weight: blocks of 128 columns (7B w13 74.5 us against 78.1, 20B w2 72.2
-# against 85.8, 20B w13 111.4 against 121.9; on 20B wqkv 43.1 against 37.1, on 1.8B w13 34.8 against
-# 23.2: results/pk-ab-h200.json, pk-ab-1p8b-h200.json).
+PACKED_FEW_CONFIG = PackedConfig(block_m=16, block_n=64, tiles=1, num_warps=4, num_stages=4, waves=4.0, exact=True)
+PACKED_M32_CONFIG = PackedConfig(block_m=32, block_n=64, num_warps=4, num_stages=4, waves=4.0)
+PACKED_M64_CONFIG = PackedConfig(block_m=64, block_n=128, num_warps=8, num_stages=3, waves=2.0, split_full_grids=False)
+PACKED_M128_CONFIG = PackedConfig(block_m=128, block_n=64, num_warps=4, num_stages=3, waves=1.0)
 PACKED_BIG_128_CONFIG = PackedConfig(block_m=128, block_n=128, num_warps=8, num_stages=4, waves=2.0,
                                      split_full_grids=False)
-# 129-256 tokens: the fused kernel beat dequantize + cuBLAS on all eight linears, 256 columns a block
-# where N >= 6144 (7B w13 115.5 us, 20B w2 119.1 against 132.0 dequantized), 128 below (7B w2 59.6
-# against 74.7 with 256, 7B wo 23.1 against 29.0), but not on small weights, which are dequantized
-# (1.8B wo 12.8 fused against 10.3, 1.8B wqkv 16.1 against 14.7). 257-512 tokens: 256 columns where
-# N >= 8192 (7B w13 235.4, 20B wqkv 86.9 against 100.6 dequantized), dequantize + cuBLAS elsewhere (7B
-# wqkv 52.2 against 58.9; 7B w2 the exception: 109.4 fused against 118.5). Above 512: dequantize +
-# cuBLAS (its fixed cost shrinks against the product's). All of these lose to cuBLAS bf16 (0.5-0.85x).
-# The wide blocks split K only for grids of fewer programs than half the multiprocessors (waves=0.5):
-# at 256 tokens that beat aiming for one wave on four of six weights (20B wqkv 59.6 us against 82.5, 20B
-# w2 136.5 against 177.6, InternLM2-1.8B w13 33.8 against 59.3; results/pk-wide-split-h100.json), tied
-# where neither splits (7B and 20B w13) and lost on the smallest grid (1.8B w2, 16 programs: 34 or
-# more against 28.3).
 PACKED_WIDE_CONFIG = PackedConfig(block_m=128, block_n=256, num_warps=8, num_stages=3, waves=0.5)
 PACKED_SQUARE_CONFIG = PackedConfig(block_m=128, block_n=128, num_warps=8, num_stages=4, waves=0.5)
 PACKED_DEQUANT_CONFIG = PackedDequantConfig()
 
+PackedRule = Callable[[int, int, int], bool]
+
+# The default config for m tokens through a [K, N] weight: the first row whose rule (m, n, k) holds.
+# Measured with the benchmarks on the InternLM2-1.8B/7B/20B linears (wqkv, wo, w13, w2; bf16, group
+# 128, Triton 3.6) on the card each row names; times per call, result files in benchmarks/results/.
+PACKED_TABLE: list[tuple[PackedRule, PackedConfig | PackedGemvConfig | PackedDequantConfig]] = [
+    # 1 token: the GEMV (8 columns and all of K a one-warp program). H100, all eight 7B/20B linears
+    # (pk-gemv-h100.json, pk-gemv2-h100.json); H200 against the tensor-core kernel with its loads
+    # pipelined: 7B w13 22.5 us against 25.8 (pk-ab2-h200.json).
+    (lambda m, n, k: m <= 1, PACKED_GEMV_CONFIG),
+    # 2 tokens through weights under 2**24: the GEMV, two rows a program. H200, 1.8B wo 4.8 us against
+    # 5.2 for the tensor-core kernel (pk-ab-1p8b-h200.json); on the 7B/20B linears it lost (7B w13 33.2
+    # against 26.1, pk-ab2-h200.json).
+    (lambda m, n, k: m == 2 and n * k < PACKED_SMALL, PACKED_GEMV2_CONFIG),
+    # 2-16 tokens through weights of 2**26 or more: exact mode, two K tiles a step. H200, 7B w13 M=4
+    # 26.5 us against 29.5 with one, 20B w13 40.7 against 47.1 (pk-ab-h200.json, pk-ab2-h200.json).
+    (lambda m, n, k: m <= 16 and n * k >= PACKED_BIG, PACKED_FEW_BIG_CONFIG),
+    # 65-128 tokens through weights of 2**26 or more: 128-column blocks. H200, 7B w13 74.5 us against
+    # 78.1, 20B w2 72.2 against 85.8, 20B w13 111.4 against 121.9; smaller weights lost with them (20B
+    # wqkv 43.1 against 37.1, 1.8B w13 34.8 against 23.2; pk-ab-h200.json, pk-ab-1p8b-h200.json).
+    (lambda m, n, k: 64 < m <= 128 and n * k >= PACKED_BIG, PACKED_BIG_128_CONFIG),
+    # 2-16 tokens, other weights: exact mode, one K tile a step. H200, 7B wqkv 9.7 us against 10.1 with
+    # two, 20B wo 12.6 against 12.9 (pk-ab-h200.json, pk-ab2-h200.json).
+    (lambda m, n, k: m <= 16, PACKED_FEW_CONFIG),
+    # 17-32 tokens: scale-in-A, 32 x 64 blocks; H200, best or within a few percent of the best on most
+    # of the eight 7B/20B linears (pk-ab-h200.json).
+    (lambda m, n, k: m <= 32, PACKED_M32_CONFIG),
+    # 33-64 tokens: 64 x 128 blocks, split K (2-9 ways) only while the grid has fewer programs than
+    # multiprocessors. H100, 7B w13 61.4 us split in two, 50.1 whole (pk-explore2-h100.json); blocks
+    # from the H200 A/B (pk-ab-h200.json).
+    (lambda m, n, k: m <= 64, PACKED_M64_CONFIG),
+    # 65-128 tokens, other weights: 128 x 64 blocks, one wave. H200 (pk-ab-h200.json, pk-ab-1p8b-h200.json:
+    # 1.8B w13 23.2 us against 34.8 with 128 x 128).
+    (lambda m, n, k: m <= 128, PACKED_M128_CONFIG),
+    # 129-256 tokens, N >= 6144: the fused kernel, 128 x 256 blocks, K split only for grids under half a
+    # wave. H200, 7B w13 115.5 us, 20B w2 119.1 against 132.0 dequantized (pk-ab-h200.json); the split on
+    # the H100: 20B wqkv 59.6 us against 82.5 aiming for one wave, 20B w2 136.5 against 177.6, 1.8B w13
+    # 33.8 against 59.3; tied on 7B/20B w13, lost on 1.8B w2 (16 programs: 34 or more against 28.3;
+    # pk-wide-split-h100.json).
+    (lambda m, n, k: m <= 256 and n >= 6144, PACKED_WIDE_CONFIG),
+    # 129-256 tokens, N < 6144, weights of 2**24 or more: fused, 128 x 128 blocks. H200, 7B w2 59.6 us
+    # against 74.7 with 256 columns, 7B wo 23.1 against 29.0 (pk-ab-h200.json).
+    (lambda m, n, k: m <= 256 and n * k >= PACKED_SMALL, PACKED_SQUARE_CONFIG),
+    # 129-256 tokens, weights under 2**24: dequantize + cuBLAS. H200, 1.8B wo 10.3 us against 12.8 fused,
+    # 1.8B wqkv 14.7 against 16.1 (pk-ab-1p8b-h200.json).
+    (lambda m, n, k: m <= 256, PACKED_DEQUANT_CONFIG),
+    # 257-512 tokens, N >= 8192: fused, 128 x 256 blocks. H200, 7B w13 235.4 us, 20B wqkv 86.9 against
+    # 100.6 dequantized (pk-ab-h200.json).
+    (lambda m, n, k: m <= 512 and n >= 8192, PACKED_WIDE_CONFIG),
+    # 257-512 tokens, N < 8192, and every M above 512: dequantize + cuBLAS. H200, 7B wqkv 52.2 us
+    # against 58.9 fused (7B w2 the exception: 109.4 fused against 118.5; pk-ab-h200.json); above 512
+    # its fixed cost shrinks against the product's (not timed). Every row here loses to cuBLAS on a
+    # 16-bit weight (0.5-0.85x).
+    (lambda m, n, k: True, PACKED_DEQUANT_CONFIG),
+]
+
 
 def pick_packed_config(m: int, n: int, k: int):
-    """The default config for m tokens through a [K, N] weight."""
-    size = n * k
-    if m <= 1:
-        return PACKED_GEMV_CONFIG
-    if m == 2 and size < PACKED_SMALL:
-        return PACKED_GEMV2_CONFIG
-    if m <= 16 and size >= PACKED_BIG:
-        return PACKED_FEW_BIG_CONFIG
-    if 64 < m <= 128 and size >= PACKED_BIG:
-        return PACKED_BIG_128_CONFIG
-    for bound, cfg in PACKED_CONFIGS:
-        if m <= bound:
-            return cfg
-    if m <= 256:
-        if n >= 6144:
-            return PACKED_WIDE_CONFIG
-        return PACKED_SQUARE_CONFIG if size >= PACKED_SMALL else PACKED_DEQUANT_CONFIG
-    if m <= 512 and n >= 8192:
-        return PACKED_WIDE_CONFIG
-    return PACKED_DEQUANT_CONFIG
-
-
-def w4a16_packed_matmul(x, qk, meta, group_size: int, bias=None, *, out=None, config=None):
-    """x [..., K] (fp16/bf16) @ the packed weight (qk, meta from pack_w4a16) -> [..., N] in x.dtype,
-    through Triton.
-
-    CUDA tensors, or CPU tensors under TRITON_INTERPRET=1; `config` (a PackedConfig, PackedGemvConfig or
-    PackedDequantConfig) overrides pick_packed_config."""
-    if triton is None:
-        raise RuntimeError("w4a16_packed_matmul needs triton")
-    if qk.dtype != torch.int32 or qk.dim() != 2 or meta.dim() != 2:
-        raise ValueError("w4a16_packed_matmul: qk must be int32 [N, K/8] and meta [K/G, 2N] (pack_w4a16)")
-    n, k = qk.shape[0], qk.shape[1] * 8
-    if not can_pack(k, group_size) or tuple(meta.shape) != (k // group_size, 2 * n):
-        raise ValueError(f"w4a16_packed_matmul: with qk {tuple(qk.shape)} and group_size {group_size} expected "
-                         f"meta {(k // group_size, 2 * n)}, got {tuple(meta.shape)}")
-    if meta.dtype != x.dtype:
-        raise ValueError(f"w4a16_packed_matmul: meta holds {meta.dtype} scales but x is {x.dtype}; "
-                         f"pack the weight with scales of the activations' dtype")
-    lead, x2, out = _prepare_io("w4a16_packed_matmul", x, k, n, bias, out)
-    qk, meta = (t if t.stride(-1) == 1 else t.contiguous() for t in (qk, meta))
-    if x2.shape[0]:
-        # The kernels read a (zero, scale) pair as one int32 word.
-        _launch_packed(x2, qk, meta.view(torch.int32), group_size, bias, out,
-                       config or pick_packed_config(x2.shape[0], n, k))
-    return out.view(*lead, n)
+    """The default config for m tokens through a [K, N] weight (the first PACKED_TABLE row that holds)."""
+    return next(cfg for rule, cfg in PACKED_TABLE if rule(m, n, k))
 
 
 def _fit_tiles(tiles: int, k_tiles: int) -> int:
@@ -437,10 +475,14 @@ if triton is not None:
         return _pk_part(w, s, z, P, NP, MAGIC, DTYPE, USE_ASM, DOT_FP32, True)
 
     @triton.jit
-    def _pk_scaled_tile(w, meta_ptr, offs_n, mask_n, stride_meta, t, NP: tl.constexpr,
+    def _pk_scaled_tile(w, meta_ptr, offs_n, mask_n, stride_meta, t, NP: tl.constexpr, TPG: tl.constexpr,
                         MAGIC: tl.constexpr, DTYPE: tl.constexpr, USE_ASM: tl.constexpr, DOT_FP32: tl.constexpr):
-        """K tile t as one dot operand [BN, 128] of (q - z) * s in DTYPE (NP groups per tile)."""
-        g = t * NP
+        """K tile t as one dot operand [BN, 128] of (q - z) * s in DTYPE: NP groups per tile, or (TPG > 1)
+        part of group t // TPG."""
+        if TPG > 1:
+            g = t // TPG
+        else:
+            g = t * NP
         if NP == 2:
             return _pk_cat(
                 _pk_scaled_part(w, meta_ptr, offs_n, mask_n, stride_meta, g, 0, 2, MAGIC, DTYPE, USE_ASM, DOT_FP32),
@@ -458,7 +500,7 @@ if triton is not None:
         return _pk_scaled_part(w, meta_ptr, offs_n, mask_n, stride_meta, g, 0, 1, MAGIC, DTYPE, USE_ASM, DOT_FP32)
 
     # The GEMV multiplies x by 2**(X_PRESCALE - e) for a nibble read as the float q * 2**(e - 149), so
-    # every product is x q 2**(X_PRESCALE - 149), undone with the scale (as w4a16._gemv_kernel).
+    # every product is x q 2**(PK_PRESCALE - 149), undone with the scale.
     PK_PRESCALE = tl.constexpr(75)
 
     @triton.jit
@@ -524,8 +566,13 @@ if triton is not None:
         pid_m = tl.program_id(0)
         pid_n = tl.program_id(1)
         pid_k = tl.program_id(2)
-        NP: tl.constexpr = 128 // GROUP_SIZE  # groups per K tile
-        NIBS: tl.constexpr = 8 // NP  # nibbles per group
+        if GROUP_SIZE > 128:
+            NP: tl.constexpr = 1
+            TPG: tl.constexpr = GROUP_SIZE // 128  # K tiles per group
+        else:
+            NP: tl.constexpr = 128 // GROUP_SIZE  # groups per K tile
+            TPG: tl.constexpr = 1
+        NIBS: tl.constexpr = 8 // NP  # nibbles of a word per group
         W: tl.constexpr = 16 * TILES
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         mask_n = offs_n < N
@@ -547,7 +594,10 @@ if triton is not None:
             hi = w >> 8
             xt = x0 + t0 * 128
             for p in tl.static_range(NP):
-                g = (t0 + quad_tile) * NP + p
+                if TPG > 1:
+                    g = (t0 + quad_tile) // TPG
+                else:
+                    g = (t0 + quad_tile) * NP + p
                 s, z = _pk_meta(tl.load(meta_ptr + g * stride_meta + offs_n[:, None], mask=mask_n[:, None], other=0),
                                 x_ptr.dtype.element_ty == tl.bfloat16)
                 acc0 += _pk_gemv_row(w, hi, xt, row0, M, s, z, p, NIBS, BLOCK_N, W)
@@ -572,14 +622,19 @@ if triton is not None:
         mask_n = offs_n < N
         w_rows = qk_ptr + offs_n[:, None].to(tl.int64) * stride_qk + tl.arange(0, 16)[None, :]  # [BN, 16]
         out_rows = w_ptr + offs_n[:, None].to(tl.int64) * K + tl.arange(0, 128)[None, :]  # [BN, 128]
+        if GROUP_SIZE > 128:
+            NP: tl.constexpr = 1
+            TPG: tl.constexpr = GROUP_SIZE // 128  # K tiles per group
+        else:
+            NP: tl.constexpr = 128 // GROUP_SIZE  # groups per K tile
+            TPG: tl.constexpr = 1
         for u in tl.static_range(TILES):
             t = pid_t * TILES + u
             if EVEN_N:
                 w = tl.load(w_rows + t * 16)
             else:
                 w = tl.load(w_rows + t * 16, mask=mask_n[:, None], other=0)
-            a = _pk_scaled_tile(w, meta_ptr, offs_n, mask_n, stride_meta, t, 128 // GROUP_SIZE, MAGIC, DTYPE, USE_ASM,
-                                DOT_FP32)
+            a = _pk_scaled_tile(w, meta_ptr, offs_n, mask_n, stride_meta, t, NP, TPG, MAGIC, DTYPE, USE_ASM, DOT_FP32)
             tl.store(out_rows + t * 128, a, mask=mask_n[:, None])
 
     @triton.jit
@@ -607,7 +662,12 @@ if triton is not None:
         mask_n = offs_n < N
         x_cols = x_ptr + offs_m[None, :].to(tl.int64) * stride_xm + tl.arange(0, 128)[:, None]  # [128, BM]
         w_rows = qk_ptr + offs_n[:, None].to(tl.int64) * stride_qk + tl.arange(0, 16)[None, :]  # [BN, 16]
-        NP: tl.constexpr = 128 // GROUP_SIZE  # groups per K tile
+        if GROUP_SIZE > 128:
+            NP: tl.constexpr = 1
+            TPG: tl.constexpr = GROUP_SIZE // 128  # K tiles per group
+        else:
+            NP: tl.constexpr = 128 // GROUP_SIZE  # groups per K tile
+            TPG: tl.constexpr = 1
         W: tl.constexpr = 128 // NP
         x_part = x_ptr + offs_m[None, :].to(tl.int64) * stride_xm + tl.arange(0, W)[:, None]  # [W, BM]
         acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
@@ -626,7 +686,11 @@ if triton is not None:
                         # (Triton re-issues this load for s, whose use is in the accumulator's layout,
                         # outside the pipeline; its latency overlaps the dot, and loading it a step ahead
                         # gained nothing on the H200: results/pk-ab2-h200.json)
-                        s, z = _pk_group(meta_ptr, offs_n, mask_n, stride_meta, t * NP + p, BF16)
+                        if TPG > 1:
+                            g = t // TPG
+                        else:
+                            g = t * NP + p
+                        s, z = _pk_group(meta_ptr, offs_n, mask_n, stride_meta, g, BF16)
                         if EVEN_M:
                             xp = tl.load(x_part + t * 128 + p * W)
                         else:
@@ -640,7 +704,7 @@ if triton is not None:
                         xt = tl.load(x_cols + t * 128, mask=mask_m[None, :], other=0.0)
                     if DRAIN:  # sm_90 only (_is_hopper)
                         _wgmma_drain(offs_n)
-                    a = _pk_scaled_tile(w, meta_ptr, offs_n, mask_n, stride_meta, t, NP, MAGIC, DTYPE, USE_ASM,
+                    a = _pk_scaled_tile(w, meta_ptr, offs_n, mask_n, stride_meta, t, NP, TPG, MAGIC, DTYPE, USE_ASM,
                                         DOT_FP32)
                     acc = _tc_dot(a, xt, acc, DOT_FP32)
 

@@ -1,21 +1,16 @@
-"""Tests of internvl_kernels: the AWQ format helpers, the torch reference and the Triton W4A16 kernels.
+"""Tests of internvl_kernels: the AWQ format helpers, the torch reference, and the packed Triton kernels
+on the shapes outside the layout's plainest case (K not a multiple of 128, groups wider than a K tile).
 
 The Triton kernels run here for real, on the CPU, under Triton's interpreter (TRITON_INTERPRET=1).
 The variable must be set before triton is imported, and other test files import vLLM (which imports
 triton), so the interpreted cases run in one subprocess: this file run as a script (`--worker`)
-computes every case and prints JSON, and the parametrized tests below check one case each.
+computes every case and prints JSON, and the parametrized tests below check one case each
+(interp_helpers.py; the tolerances are there).
 
-What the interpreter cannot show: speed, and bf16 tl.dot, which Triton 3.9's interpreter computes
-wrongly (it multiplies raw bits); there the GEMM and tensor-core paths widen their bf16 operands to
-fp32 before tl.dot (exact, the same products), so on CPU the bf16 GEMM is checked up to that
-widening. Nor inline PTX: the tensor-core kernel's nibble extraction (_byte_pair) runs its plain
-integer form here (the same values by construction); its asm form is checked on the GPU. The GEMV and
-the dequantize kernel run their bf16 code unchanged. On CUDA benchmarks/check_w4a16_gpu.py covers the
-real bf16 tensor-core path.
-
-Tolerances (||out - ref|| / ||ref||, ref in float64): the GEMV accumulates the exact 4-bit values in
-fp32, so only the final rounding to x.dtype counts (fp16 1e-3, bf16 6e-3); the GEMM and the dequant
-path also round to x.dtype inside (fp16 2e-3, bf16 1.2e-2).
+What the interpreter cannot show: speed, inline PTX (the nibble extraction _byte_pair runs its plain
+integer form here, the same values by construction) and bf16 tl.dot, which Triton 3.9's interpreter
+computes wrongly (it multiplies raw bits): there the tensor-core kernel widens its bf16 operands to
+fp32 first (exact, the same products). The GPU check is benchmarks/check_w4a16_gpu.py.
 """
 
 from __future__ import annotations
@@ -26,7 +21,7 @@ import sys
 
 import pytest
 import torch
-from interp_helpers import assert_case, case_result, run_worker
+from interp_helpers import assert_case, packed_case, run_worker
 
 from internvl_kernels import (
     AWQ_ORDER,
@@ -35,20 +30,8 @@ from internvl_kernels import (
     pack_awq_int4,
     quantize_awq,
     unpack_awq_int4,
-    w4a16_linear,
     w4a16_matmul_ref,
 )
-
-TOLERANCE = {
-    ("gemv", "float16"): 1e-3,
-    ("gemv", "bfloat16"): 6e-3,
-    ("gemm", "float16"): 2e-3,
-    ("gemm", "bfloat16"): 1.2e-2,
-    ("tc", "float16"): 2e-3,
-    ("tc", "bfloat16"): 1.2e-2,
-    ("dequant", "float16"): 2e-3,
-    ("dequant", "bfloat16"): 1.2e-2,
-}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -159,82 +142,42 @@ def test_reference_matches_float64_by_hand(gs):
     assert float((ref.double() - expect).norm() / expect.norm()) < 1e-6
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-def test_linear_on_cpu_is_the_reference(dtype):
-    g = torch.Generator().manual_seed(7)
-    qweight, qzeros, scales = quantize_awq(torch.randn(40, 256, generator=g), 64, scale_dtype=torch.float16)
-    x = torch.randn(2, 3, 256, generator=g).to(dtype)
-    bias = torch.randn(40, generator=g).to(dtype)
-    out = w4a16_linear(x, qweight, qzeros, scales, 64, bias)
-    assert out.shape == (2, 3, 40) and out.dtype == dtype
-    assert torch.equal(out, w4a16_matmul_ref(x, qweight, qzeros, scales, 64, bias))
-
-
 # ------------------------------------------------------------------------------------------------
-# Triton kernels under the interpreter (subprocess)
+# Packed kernels on padded K and wide groups, under the interpreter (subprocess)
 # ------------------------------------------------------------------------------------------------
+
+# (group size, K): K padded to the next multiple of 128 (G 32, 64), or groups over two to three K tiles.
+SHAPES = [(32, 96), (32, 160), (32, 352), (64, 192), (64, 320), (256, 256), (256, 512), (256, 768)]
+# The launcher's own choice, one token count a shape (1 to 300 tokens: GEMV, exact, scale-in-A, dequantize).
+AUTO_M = [2, 3, 17, 40, 70, 300, 1, 2]
 
 
 def _interpreter_cases():
-    """(name, path, config kwargs, dtype, lead shape, K, N, group, bias)."""
+    """(name, path, config kwargs, dtype, lead shape, K, N, group, bias): every kernel on every shape,
+    N not a multiple of the program's columns, split K where K has more than one 128-deep tile."""
     cases = []
     for dtype in ("float16", "bfloat16"):
-        for gs in (32, 64, 128):
-            k = 256
-            # GEMV: one program (split 1) and split-K (partials + reduce kernel); N not a multiple of
-            # the program's 256 columns; M = 1, 2 and leading batch dims.
-            cases.append(("gemv", dict(block_k=8, num_warps=1, split_k=1), dtype, (1,), k, 72, gs, True))
-            cases.append(("gemv", dict(block_k=4, num_warps=1, split_k=3), dtype, (2,), k, 264, gs, False))
-            cases.append(("gemv", dict(block_k=8, num_warps=1), dtype, (1, 1), k, 40, gs, gs == 64))
-            # GEMM: M tiles partly masked, split-K, both dequantization modes.
-            cases.append(("gemm", dict(block_m=16, block_n=32, block_k=32, split_k=1, scale_after_dot=True),
-                          dtype, (3,), k, 72, gs, True))
-            cases.append(("gemm", dict(block_m=16, block_n=64, block_k=32, split_k=2, scale_after_dot=False),
-                          dtype, (2, 9), k, 136, gs, False))
-            # Tensor-core kernel: exact tiles closed per K tile, and scale-in-A; byte lanes split over
-            # programs (bytes 2 and 1); M tiles partly masked; N not a multiple of the program's columns.
-            cases.append(("tc", dict(block_m=16, block_w=16, block_k=32, num_warps=1, bytes=4, scale_in_a=False,
-                                     split_k=1), dtype, (3,), k, 136, gs, True))
-            cases.append(("tc", dict(block_m=16, block_w=16, block_k=32, num_warps=1, bytes=2, scale_in_a=True,
-                                     split_k=2), dtype, (2, 9), k, 64, gs, False))
-            cases.append(("tc", dict(block_m=16, block_w=16, block_k=32, num_warps=1, bytes=1, scale_in_a=False,
-                                     split_k=3), dtype, (5,), k, 264, gs, gs == 32))
-        cases.append(("dequant", dict(block_k=32, block_w=8), dtype, (5,), 128, 200, 64, True))
-    # the launcher's own choice of kernel and config
-    for dtype in ("float16", "bfloat16"):
-        cases.append(("auto", None, dtype, (1,), 256, 64, 128, False))
-        cases.append(("auto", None, dtype, (4, 5), 256, 48, 64, True))
-        cases.append(("auto", None, dtype, (4,), 256, 80, 32, True))
-    return [(f"{path}-{i}-{dtype}-g{gs}", path, cfg, dtype, lead, k, n, gs, bias)
+        for i, (gs, k) in enumerate(SHAPES):
+            tiles = -(-k // 128)
+            split = 2 if tiles > 1 else 1
+            cases += [
+                ("gemv", dict(block_n=16, num_warps=1, split_k=split), dtype, (1,), k, 40, gs, True),
+                ("gemv", dict(block_n=8, num_warps=1, rows=2, tiles=2), dtype, (3,), k, 24, gs, False),
+                ("tc", dict(block_m=16, block_n=32, num_warps=1, tiles=2, split_k=split, exact=True), dtype, (17,),
+                 k, 72, gs, i % 2 == 0),
+                ("tc", dict(block_m=32, block_n=32, num_warps=1, split_k=3 - split), dtype, (2, 20), k, 40, gs,
+                 i % 2 == 1),
+                ("dequant", dict(block_n=16, num_warps=1), dtype, (70,), k, 24, gs, True),
+                ("auto", None, dtype, (AUTO_M[i],), k, 56, gs, i % 3 == 0),
+            ]
+    return [(f"{path}-{i}-{dtype}-g{gs}-k{k}", path, cfg, dtype, lead, k, n, gs, bias)
             for i, (path, cfg, dtype, lead, k, n, gs, bias) in enumerate(cases)]
 
 
 def _worker():
     """Run every interpreter case; print one JSON line of results."""
     assert os.environ.get("TRITON_INTERPRET") == "1"
-    from internvl_kernels.w4a16 import DequantConfig, GemmConfig, GemvConfig, TcConfig, pick_config, w4a16_matmul
-
-    make = {"gemv": GemvConfig, "gemm": GemmConfig, "tc": TcConfig, "dequant": DequantConfig}
-    results = {}
-    for name, path, cfg, dtype, lead, k, n, gs, use_bias in _interpreter_cases():
-        seed = sum(map(ord, name))
-        g = torch.Generator().manual_seed(seed)
-        dt = getattr(torch, dtype)
-        qweight, qzeros, scales = quantize_awq(torch.randn(n, k, generator=g) * 0.05, gs, scale_dtype=torch.float16)
-        x = (torch.randn(*lead, k, generator=g) + 0.3).to(dt)  # a mean, so zero points matter
-        bias = torch.randn(n, generator=g).to(dt) if use_bias else None
-        config = make[path](**cfg) if cfg is not None else None
-        m = x.numel() // k
-        out = torch.full((m, n), float("nan"), dtype=dt)
-        w4a16_matmul(x, qweight, qzeros, scales, gs, bias, out=out, config=config)
-        y = w4a16_matmul(x, qweight, qzeros, scales, gs, bias, config=config)
-        ref = x.double() @ dequantize_awq(qweight, qzeros, scales, gs, dtype=torch.float64)
-        if bias is not None:
-            ref = ref + bias.double()
-        chosen = config or pick_config(m, n, k, gs, x.device)
-        kind = {GemvConfig: "gemv", GemmConfig: "gemm", TcConfig: "tc", DequantConfig: "dequant"}[type(chosen)]
-        results[name] = case_result(kind, y, out, ref, lead, n, dt)
-    print(json.dumps(results))
+    print(json.dumps({case[0]: packed_case(*case) for case in _interpreter_cases()}))
 
 
 @pytest.fixture(scope="module")
@@ -243,22 +186,13 @@ def interpreted():
 
 
 @pytest.mark.parametrize("case", [c[0] for c in _interpreter_cases()])
-def test_triton_kernel_under_interpreter(interpreted, case):
-    assert_case(interpreted[case], TOLERANCE)
-
-
-def test_tensor_core_config_rejects_bad_byte_split():
-    from internvl_kernels.w4a16 import TcConfig, w4a16_matmul
-
-    qweight, qzeros, scales = quantize_awq(torch.randn(64, 128), 64, scale_dtype=torch.float16)
-    x = torch.randn(2, 128).to(torch.float16)
-    with pytest.raises(ValueError, match="TcConfig.bytes must be 1, 2 or 4, got 3"):
-        w4a16_matmul(x, qweight, qzeros, scales, 64, config=TcConfig(bytes=3))
+def test_packed_kernel_on_padded_k_and_wide_groups(interpreted, case):
+    assert_case(interpreted[case])
 
 
 def test_interpreter_covers_the_launcher_paths(interpreted):
     kinds = {r["kind"] for name, r in interpreted.items() if name.startswith("auto")}
-    assert kinds == {"gemv", "gemm", "tc"}
+    assert kinds == {"gemv", "exact", "scaled", "dequant"}
 
 
 if __name__ == "__main__" and "--worker" in sys.argv:

@@ -3,44 +3,56 @@
 Triton compiles for a named target offline and ships ptxas/cuobjdump, so register use, spills,
 shared memory and the instruction mix of the main loop can be read here, at no device time:
 
-    python3 benchmarks/sass_count.py tc 16,32,128,2,4,3,0     # BLOCK_M,BLOCK_W,BLOCK_K,warps,bytes,stages,scale_in_a
-    python3 benchmarks/sass_count.py gemm 16,128,128,4,3[,1]   # BLOCK_M,BLOCK_N,BLOCK_K,warps,stages[,scale_after_dot]
-    python3 benchmarks/sass_count.py dq 64,32,8                # the AWQ-layout dequantizer: BLOCK_K,BLOCK_W,warps
-    python3 benchmarks/sass_count.py gemv 8,2                  # the AWQ-layout GEMV: BLOCK_K,warps
-    python3 benchmarks/sass_count.py pkgemv 8,1[,8,3,1,128]     # packed GEMV: BLOCK_N,warps[,TILES,STAGES,ROWS,group]
-    python3 benchmarks/sass_count.py pk 128,128,1,8,3[,exact,group]  # packed: BLOCK_M,BLOCK_N,TILES,warps,stages
-    python3 benchmarks/sass_count.py pkdq 32,4,1                # packed dequantizer: BLOCK_N,warps,TILES
+    python3 tests/sass_count.py pkgemv 8,1[,8,3,1,128]         # GEMV: BLOCK_N,warps[,TILES,STAGES,ROWS,group]
+    python3 tests/sass_count.py pk 128,128,1,8,3[,exact,group]  # tensor cores: BLOCK_M,BLOCK_N,TILES,warps,stages
+    python3 tests/sass_count.py pkdq 32,4,1[,group]            # dequantizer: BLOCK_N,warps,TILES
 
 Use the Triton version of the device machine (3.6) for numbers that match it: scripts/setup.sh makes
-one on GPU-less machines, `.venv/triton-gpu/bin/python benchmarks/sass_count.py ...`. Integer
+one on GPU-less machines, `.venv/triton-gpu/bin/python tests/sass_count.py ...`. Integer
 arguments that the runtime would specialize (multiples of 16) are marked so here too, as they change
-vectorization. `--batch` reads [[kernel, spec, dtype(, flags)], ...] as JSON on stdin
-(tests/test_kernels_sm90.py).
+vectorization. `--batch` reads [[kernel, spec, dtype(, flags(, arch))], ...] as JSON on stdin
+(tests/test_kernels_sm90.py). This checkout's kernels/ is loaded as internvl_kernels, installed or
+not: the side venv of Triton 3.6 has no project installed.
 """
 
 from __future__ import annotations
 
 import collections
+import importlib.util
 import os
 import re
 import subprocess
 import sys
 import tempfile
+from pathlib import Path
 
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from _shim import import_kernels
+KERNELS = Path(__file__).resolve().parents[1] / "kernels"
 
-K_ = import_kernels()
-from internvl_kernels import w4a16, w4a16_packed  # noqa: E402
+
+def _load_kernels():
+    """kernels/ of this checkout as the package internvl_kernels (its submodules as internvl_kernels.<name>)."""
+    loaded = sys.modules.get("internvl_kernels")
+    if loaded is not None and Path(loaded.__file__).resolve().parent == KERNELS:
+        return loaded
+    spec = importlib.util.spec_from_file_location("internvl_kernels", KERNELS / "__init__.py",
+                                                  submodule_search_locations=[str(KERNELS)])
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["internvl_kernels"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+_load_kernels()
+from internvl_kernels import w4a16  # noqa: E402
 
 BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
-PTRS = {"x_ptr": "*bf16", "qw_ptr": "*i32", "qz_ptr": "*i32", "s_ptr": "*fp16", "bias_ptr": "*fp16", "out_ptr": "*fp32",
-        "qk_ptr": "*i32", "meta_ptr": "*i32", "w_ptr": "*bf16"}
-DIV16 = set(PTRS) | {"N", "K", "stride_xm", "stride_qw", "stride_qz", "stride_s", "stride_om", "stride_split",
-                     "k_per_split", "stride_qk", "stride_meta"}
+PTRS = {"x_ptr": "*bf16", "bias_ptr": "*fp16", "out_ptr": "*fp32", "qk_ptr": "*i32", "meta_ptr": "*i32",
+        "w_ptr": "*bf16"}
+DIV16 = set(PTRS) | {"N", "K", "stride_xm", "stride_om", "stride_split", "stride_qk", "stride_meta"}
 
 
 def compile_sm90(fn, consts, num_warps, num_stages, unspecialized=(), dtype="bf16", arch=90):
@@ -48,7 +60,7 @@ def compile_sm90(fn, consts, num_warps, num_stages, unspecialized=(), dtype="bf1
     multiple-of-16 specializations on pointers and strides except `unspecialized`."""
     names = list(fn.arg_names)
     ptrs = dict(PTRS, x_ptr=f"*{dtype}", w_ptr=f"*{dtype}")
-    if "MAGIC" in fn.arg_names:  # as the launchers pass it (w4a16._magic)
+    if "MAGIC" in fn.arg_names:  # as the launchers pass it (_triton_common._magic)
         consts = dict(consts, MAGIC=128.0 if dtype == "bf16" else 1024.0)
     sig = {a: ptrs.get(a, "i32") for a in names if a not in consts}
     sig.update({k: "constexpr" for k in consts})
@@ -121,48 +133,26 @@ def report(kernel):
 
 
 def compile_case(which: str, spec: list[int], dtype: str = "bf16", flags: dict | None = None, arch: int = 90):
-    """Compile one kernel for sm_90 (or sm_`arch`, the packed kernels only); `which` and `spec` as on the
-    command line (module docstring); `flags` overrides constexpr arguments (e.g. {"EVEN_N": False})."""
-    if which == "tc":
-        bm, bw, bk, nw, nbytes, ns, sia = spec
-        consts = dict(GROUP_SIZE=128, BLOCK_M=bm, BLOCK_W=bw, BLOCK_K=bk, BYTES=nbytes, HAS_BIAS=False,
-                      WRITE_PARTIAL=True, USE_ASM=True, DOT_FP32=False, SCALE_IN_A=bool(sia), EVEN_W=True)
-        consts.update(flags or {})
-        return compile_sm90(w4a16._tc_kernel, consts, nw, ns, dtype=dtype)
-    if which == "gemv":  # the AWQ-layout GEMV; its word stride is not specialized at run time either
-        bk, nw = spec
-        consts = dict(GROUP_SIZE=128, BLOCK_K=bk, BLOCK_W=32 * nw, HAS_BIAS=False, WRITE_PARTIAL=True)
-        consts.update(flags or {})
-        return compile_sm90(w4a16._gemv_kernel, consts, nw, 3, unspecialized=("stride_qw",), dtype=dtype)
+    """Compile one kernel for sm_90 (or sm_`arch`); `which` and `spec` as on the command line (module
+    docstring); `flags` overrides constexpr arguments (e.g. {"EVEN_N": False})."""
     if which == "pkgemv":
         bn, nw, tiles, stages, rows, group = spec + [8, 3, 1, 128][len(spec) - 2:]
         consts = dict(GROUP_SIZE=group, BLOCK_N=bn, ROWS=rows, TILES=tiles, STAGES=stages, HAS_BIAS=False,
                       WRITE_PARTIAL=False, EVEN_N=True)
         consts.update(flags or {})
-        return compile_sm90(w4a16_packed._pk_gemv_kernel, consts, nw, stages, dtype=dtype, arch=arch)
+        return compile_sm90(w4a16._pk_gemv_kernel, consts, nw, stages, dtype=dtype, arch=arch)
     if which == "pkdq":
-        bn, nw, tiles = spec
-        consts = dict(GROUP_SIZE=128, BLOCK_N=bn, TILES=tiles, USE_ASM=True, DOT_FP32=False, EVEN_N=True)
+        bn, nw, tiles, group = spec + [128][len(spec) - 3:]
+        consts = dict(GROUP_SIZE=group, BLOCK_N=bn, TILES=tiles, USE_ASM=True, DOT_FP32=False, EVEN_N=True)
         consts.update(flags or {})
-        return compile_sm90(w4a16_packed._pk_dequant_kernel, consts, nw, 1, dtype=dtype, arch=arch)
+        return compile_sm90(w4a16._pk_dequant_kernel, consts, nw, 1, dtype=dtype, arch=arch)
     if which == "pk":
         bm, bn, tiles, nw, ns, exact, group = spec + [0, 128][len(spec) - 5:]
         consts = dict(GROUP_SIZE=group, BLOCK_M=bm, BLOCK_N=bn, TILES=tiles, HAS_BIAS=False, WRITE_PARTIAL=False,
                       USE_ASM=True, DOT_FP32=False, EVEN_N=True, EVEN_M=True, EXACT=bool(exact),
-                      DRAIN=arch == 90)  # as the launcher sets it (w4a16_packed._is_hopper)
+                      DRAIN=arch == 90)  # as the launcher sets it (w4a16._is_hopper)
         consts.update(flags or {})
-        return compile_sm90(w4a16_packed._pk_kernel, consts, nw, ns, dtype=dtype, arch=arch)
-    if which == "dq":  # the AWQ-layout dequantizer
-        bk, bw, nw = spec
-        consts = dict(GROUP_SIZE=128, BLOCK_K=bk, BLOCK_W=bw)
-        consts.update(flags or {})
-        return compile_sm90(w4a16._dequant_kernel, consts, nw, 1, unspecialized=("stride_qw",), dtype=dtype)
-    if which == "gemm":
-        bm, bn, bk, nw, ns, sad = spec + [1][len(spec) - 5:]
-        consts = dict(GROUP_SIZE=128, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, HAS_BIAS=False, WRITE_PARTIAL=True,
-                      DOT_FP32=False, SCALE_AFTER_DOT=bool(sad))
-        consts.update(flags or {})
-        return compile_sm90(w4a16._gemm_kernel, consts, nw, ns, dtype=dtype)
+        return compile_sm90(w4a16._pk_kernel, consts, nw, ns, dtype=dtype, arch=arch)
     raise ValueError(f"unknown kernel {which!r}")
 
 
