@@ -39,9 +39,9 @@ from vllm.model_executor.parameter import GroupQuantScaleParameter, PackedvLLMPa
 
 from internvl_kernels import (PACK_FACTOR, can_pack, dequantize_awq, pack_w4a16, packed_available, w4a16_matmul_ref,
                               w4a16_packed_mm)
-from internvl_plugin.quant import METHOD_NAME
+from internvl_plugin.awq_checkpoint import METHOD_NAME
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # quant.py imports this module when vLLM asks it for a layer's method
     from internvl_plugin.quant import AWQW4A16Config
 
 __all__ = ["AWQW4A16LinearMethod", "weight_layout", "repack_layer", "dequantize_layer"]

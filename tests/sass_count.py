@@ -128,7 +128,8 @@ def report(kernel):
         b = re.search(r"BRA .*0x([0-9a-f]+)", txt)
         if b and int(b.group(1), 16) < addr:  # a backward branch closes a loop
             lo = int(b.group(1), 16)
-            c = collections.Counter(t.split()[1 if t.startswith("@") else 0].split(".")[0] for a, t in ins if lo <= a <= addr)
+            c = collections.Counter(t.split()[1 if t.startswith("@") else 0].split(".")[0]
+                                    for a, t in ins if lo <= a <= addr)
             print(f"  loop {lo:#x}-{addr:#x}: {sum(c.values())} instructions", dict(c.most_common(16)))
 
 

@@ -222,7 +222,8 @@ def test_packed_matmul_names_bad_inputs():
         w4a16_packed_matmul(x, qk, meta, 128, config=PackedGemvConfig(rows=4))
     # A padded weight (K = 160 of G = 32, packed K' = 256) takes x of 160 to 256 features in steps of 32.
     qk, meta = pack_w4a16(*_awq(16, 160, 32), 32)
-    with pytest.raises(ValueError, match=r"x has 120 features, the weight expects K=256 \(or a multiple of 32 from 160\)"):
+    with pytest.raises(ValueError,
+                       match=r"x has 120 features, the weight expects K=256 \(or a multiple of 32 from 160\)"):
         w4a16_packed_matmul(torch.randn(1, 120).half(), qk, meta, 32)
     with pytest.raises(ValueError, match="x has 150 features"):
         w4a16_packed_matmul(torch.randn(1, 150).half(), qk, meta, 32)
