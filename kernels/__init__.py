@@ -1,5 +1,6 @@
-"""W4A16 (4-bit weight, 16-bit activation) matmul for AWQ checkpoints: the tensor format, a Triton kernel
-set on one K-packed layout, and the float reference (import name: internvl_kernels).
+"""W4A16 matmul for AWQ checkpoints: the AWQ tensor format, Triton kernels on one K-packed layout, the reference.
+
+Import name: internvl_kernels (4-bit weights, 16-bit activations).
 
 Imports only torch and triton (triton optionally: without it the format helpers, the packing and the
 reference still work), never vllm, so it also runs on a GPU machine where vLLM is not installed.

@@ -1,5 +1,4 @@
-"""W4A16 matmul in Triton on the K-packed weight layout: packing from AWQ, the kernels, their launcher
-and the default configs.
+"""The K-packed W4A16 layout and its Triton matmul: packing from AWQ, kernels, launcher, default configs.
 
 Packed layout (pack_w4a16), for group size G = 32, 64 or a multiple of 128 and K any multiple of G,
 with K' = K rounded up to a multiple of 128 (TILE_K):
@@ -499,8 +498,9 @@ if triton is not None:
                                         DOT_FP32)))
         return _pk_scaled_part(w, meta_ptr, offs_n, mask_n, stride_meta, g, 0, 1, MAGIC, DTYPE, USE_ASM, DOT_FP32)
 
-    # The GEMV multiplies x by 2**(X_PRESCALE - e) for a nibble read as the float q * 2**(e - 149), so
-    # every product is x q 2**(PK_PRESCALE - 149), undone with the scale.
+    # The GEMV multiplies x by 2**(PK_PRESCALE - e) for a nibble read as the float q * 2**(e - 149), so
+    # every product is x q 2**(PK_PRESCALE - 149), undone with the scale: in the normal range, so exact
+    # while |x q| >= 2**-52, and x may reach 2**53 before overflowing.
     PK_PRESCALE = tl.constexpr(75)
 
     @triton.jit
