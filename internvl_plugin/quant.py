@@ -80,7 +80,7 @@ class AWQW4A16Config(QuantizationConfig):
 
     @classmethod
     def get_supported_act_dtypes(cls) -> list[torch.dtype]:
-        # float32 runs through the torch reference math (CPU, and CUDA outside the Triton path).
+        # float32: the float32 reference matmul on CPU, a weight dequantized once at load on CUDA (quant_linear).
         return [torch.float16, torch.bfloat16, torch.float32]
 
     @classmethod
