@@ -1,6 +1,7 @@
 """Times the W4A16 path the plugin runs against cuBLAS bf16, PyTorch's tinygemm and the HBM floor.
 
     python3 benchmarks/bench_w4a16.py [--models 1.8B 7B 20B] [--ms 1 2 4 16 ...] [--out w4a16-h200.json]
+                                      [--baseline DIR]
 
 Per InternLM2 linear and token count M (bf16 activations, group 128), in microseconds:
   bf16_us      F.linear with the dense bf16 weight [N, K] (cuBLAS)
@@ -9,7 +10,13 @@ Per InternLM2 linear and token count M (bf16 activations, group 128), in microse
                (pick_packed_config; the config is in the JSON)
   floor_us     the bytes that must move (the AWQ checkpoint's int4 weight, 16-bit scales and packed
                zeros, plus x and out) over the device-to-device copy bandwidth measured at the start
-Ratios printed: bf16 / ours, tinygemm / ours, ours / floor.
+  base_us      (--baseline DIR) the same call through another copy of kernels/ (e.g. the last landed
+               commit: `git archive <commit> kernels | tar -x -C benchmarks/_base --strip-components=1`,
+               carried to the device), loaded as the package internvl_kernels_base, on the same inputs;
+               its packing and matmul must have this tree's API (pack_w4a16 -> (qk, meta),
+               w4a16_packed_matmul(x, qk, meta, G, bias)). Versions timed in separate device calls differ
+               by the run's spread (a few percent); timed in one run they do not.
+Ratios printed: bf16 / ours, tinygemm / ours, ours / floor (and ours / base).
 
 Timing: every call is captured in a CUDA graph (no launch overhead), cycling over enough copies of
 the weights that each call reads them from HBM, not L2 (copies x bytes >= 3 x L2); the time per
@@ -21,8 +28,10 @@ lands in the next kernel (up to ~15 us on a small one).
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import sys
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -31,6 +40,9 @@ from _shim import INTERNLM2_SHAPES, import_kernels
 
 GROUP = 128
 MS = [1, 2, 4, 16, 32, 64, 128, 256, 512]
+# ||out - ref|| / ||ref|| against x @ the dense bf16 weight in fp32: the check's loosest bound (bf16,
+# scale-in-A and dequantize + cuBLAS); the check itself is check_w4a16_gpu.py.
+MAX_REL_ERR = 1.2e-2
 
 
 def main(argv=None) -> int:
@@ -38,6 +50,7 @@ def main(argv=None) -> int:
     ap.add_argument("--models", nargs="+", choices=list(INTERNLM2_SHAPES), default=["1.8B", "7B", "20B"])
     ap.add_argument("--ms", type=int, nargs="+", default=MS, help="token counts")
     ap.add_argument("--out", help="write the rows as JSON")
+    ap.add_argument("--baseline", type=Path, help="a kernels/ copy to time beside this tree's (module docstring)")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         print("bench_w4a16: needs a CUDA device (run it through the device tool)", file=sys.stderr)
@@ -45,18 +58,34 @@ def main(argv=None) -> int:
     import triton
 
     kernels = import_kernels()
+    base = load_baseline(args.baseline) if args.baseline else None
     gen = torch.Generator(device="cuda").manual_seed(0)
-    bw, rows = bench(kernels, args.models, args.ms, gen)
+    bw, rows = bench(kernels, args.models, args.ms, gen, base)
     summary(rows)
+    wrong = [r for r in rows if not (r["rel_err"] <= MAX_REL_ERR and r.get("base_rel_err", 0.0) <= MAX_REL_ERR)]
+    for r in wrong:
+        print(f"WRONG {r['model']} {r['shape']} M={r['M']}: rel err ours {r['rel_err']:.2e} "
+              f"base {r.get('base_rel_err', float('nan')):.2e} (bound {MAX_REL_ERR:.0e})")
     if args.out:
         with open(args.out, "w") as f:
             json.dump(dict(device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
                            group_size=GROUP, activation_dtype="bfloat16", copy_bandwidth_TBps=bw / 1e12,
-                           rows=rows), f, indent=1)
-    return 0
+                           baseline=str(args.baseline) if base else None, rows=rows), f, indent=1)
+    return 1 if wrong else 0
 
 
-def bench(kernels, models, ms, gen):
+def load_baseline(path: Path):
+    """The kernels/ copy at `path` as the package internvl_kernels_base (its torch operator is not
+    registered twice: ops.py registers once per process)."""
+    spec = importlib.util.spec_from_file_location("internvl_kernels_base", path / "__init__.py",
+                                                  submodule_search_locations=[str(path)])
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["internvl_kernels_base"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def bench(kernels, models, ms, gen, base=None):
     from internvl_kernels.w4a16 import pick_packed_config
 
     bw = copy_bandwidth()
@@ -64,7 +93,7 @@ def bench(kernels, models, ms, gen):
     rows = []
     for model in models:
         for name, k, n in INTERNLM2_SHAPES[model]:
-            layer = Layer(kernels, k, n, gen)
+            layer = Layer(kernels, k, n, gen, base)
             for m in ms:
                 x = torch.randn(m, k, device="cuda", generator=gen).to(torch.bfloat16)
                 ref = x.float() @ layer.dense_nk.float().t()
@@ -78,6 +107,9 @@ def bench(kernels, models, ms, gen):
                     row["tinygemm_us"] = layer.time_tinygemm(x)
                 row["ours_us"] = layer.time_packed(x)
                 row["floor_us"] = layer.floor_bytes(m) / bw * 1e6
+                if base is not None:
+                    row["base_rel_err"] = _rel_err(base.w4a16_packed_matmul(x, *layer.base_copies[0], GROUP), ref)
+                    row["base_us"] = layer.time_base(x)
                 rows.append(row)
                 print(_line(row), flush=True)
             del layer
@@ -86,19 +118,31 @@ def bench(kernels, models, ms, gen):
 
 
 def summary(rows):
-    print("\nmodel shape     M   bf16_us  tinygemm_us  ours_us  floor_us  bf16/ours  tg/ours  ours/floor")
+    has_base = any("base_us" in r for r in rows)
+    print("\nmodel shape     M   bf16_us  tinygemm_us  ours_us  floor_us  bf16/ours  tg/ours  ours/floor"
+          + ("  base_us  ours/base" if has_base else ""))
     for r in rows:
         tg = r["tinygemm_us"]
-        print(f"{r['model']:>5s} {r['shape']:5s} {r['M']:4d} {r['bf16_us']:9.1f} {tg or float('nan'):12.1f} "
-              f"{r['ours_us']:8.1f} {r['floor_us']:9.1f} {r['bf16_us'] / r['ours_us']:10.2f} "
-              f"{(tg / r['ours_us']) if tg else float('nan'):8.2f} {r['ours_us'] / r['floor_us']:11.2f}")
+        line = (f"{r['model']:>5s} {r['shape']:5s} {r['M']:4d} {r['bf16_us']:9.1f} {tg or float('nan'):12.1f} "
+                f"{r['ours_us']:8.1f} {r['floor_us']:9.1f} {r['bf16_us'] / r['ours_us']:10.2f} "
+                f"{(tg / r['ours_us']) if tg else float('nan'):8.2f} {r['ours_us'] / r['floor_us']:11.2f}")
+        if "base_us" in r:
+            line += f" {r['base_us']:8.1f} {r['ours_us'] / r['base_us']:10.3f}"
+        print(line)
+    if has_base:
+        print("\nours / base by M (min, median, max over the linears):")
+        for m in sorted({r["M"] for r in rows}):
+            ratios = sorted(r["ours_us"] / r["base_us"] for r in rows if r["M"] == m and "base_us" in r)
+            print(f"  M={m:4d}  {ratios[0]:.3f}  {ratios[len(ratios) // 2]:.3f}  {ratios[-1]:.3f}")
 
 
 def _line(r):
     tg = f"{r['tinygemm_us']:8.1f}" if r["tinygemm_us"] else "     n/a"
+    base = (f"  base {r['base_us']:8.1f} (ours/base {r['ours_us'] / r['base_us']:.3f}, err {r['base_rel_err']:.1e})"
+            if "base_us" in r else "")
     return (f"{r['model']:>4s} {r['shape']:5s} K={r['K']:5d} N={r['N']:5d} M={r['M']:3d}  bf16 {r['bf16_us']:8.1f}  "
             f"tinygemm {tg}  ours {r['ours_us']:8.1f}  floor {r['floor_us']:7.1f}  "
-            f"x{r['bf16_us'] / r['ours_us']:5.2f} vs bf16  err {r['rel_err']:.1e}")
+            f"x{r['bf16_us'] / r['ours_us']:5.2f} vs bf16  err {r['rel_err']:.1e}{base}")
 
 
 def _rel_err(out, ref) -> float:
@@ -161,10 +205,11 @@ def copy_bandwidth() -> float:
 
 
 class Layer:
-    """One linear: a random weight quantized to AWQ, its packed form, the dense bf16 copy and the
-    tinygemm copy, each with enough clones for an L2-missing rotation (copies_for)."""
+    """One linear: a random weight quantized to AWQ, its packed form (also by the baseline's packing,
+    if given), the dense bf16 copy and the tinygemm copy, each with enough clones for an L2-missing
+    rotation (copies_for)."""
 
-    def __init__(self, kernels, k, n, gen):
+    def __init__(self, kernels, k, n, gen, base=None):
         w = torch.randn(n, k, device="cuda", generator=gen) * 0.02
         self.kernels, self.k, self.n = kernels, k, n
         # bf16 scales, as a bf16 model's checkpoint loads (the packed layout takes x's dtype)
@@ -176,6 +221,10 @@ class Layer:
         copies = copies_for(self.floor_bytes(0))
         packed = kernels.pack_w4a16(self.qweight, self.qzeros, self.scales, GROUP)
         self.packed_copies = [packed] + [tuple(t.clone() for t in packed) for _ in range(copies - 1)]
+        self.base = base
+        if base is not None:
+            bpacked = base.pack_w4a16(self.qweight, self.qzeros, self.scales, GROUP)
+            self.base_copies = [bpacked] + [tuple(t.clone() for t in bpacked) for _ in range(copies - 1)]
         self.dense_copies = [self.dense_nk] + [self.dense_nk.clone() for _ in range(copies_for(2 * k * n) - 1)]
         tg = _tinygemm_prepare(kernels, self.qweight, self.qzeros, self.scales)
         self.tg_copies = None if tg is None else [tg] + [tuple(t.clone() for t in tg) for _ in range(copies - 1)]
@@ -183,6 +232,10 @@ class Layer:
     def time_packed(self, x, config=None):
         mm = self.kernels.w4a16_packed_matmul
         return graph_us([lambda t=t: mm(x, *t, GROUP, config=config) for t in self.packed_copies])
+
+    def time_base(self, x):
+        mm = self.base.w4a16_packed_matmul
+        return graph_us([lambda t=t: mm(x, *t, GROUP) for t in self.base_copies])
 
     def time_bf16(self, x):
         return graph_us([lambda w=w: F.linear(x, w) for w in self.dense_copies])

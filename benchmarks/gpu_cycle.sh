@@ -9,6 +9,8 @@
 # Results go to $OUT (or benchmarks/results/ when OUT is unset), named after the card (from the CUDA
 # device name, e.g. "NVIDIA H200" -> h200): check-h200.json/.log, w4a16-h200.json + bench-h200.log,
 # decode-h200.json/.log. Exit status 1 if the check fails or a benchmark errs.
+# W4A16_BASELINE=DIR (a kernels/ copy, e.g. benchmarks/_base) times that copy beside this tree's in the
+# kernel benchmark (bench_w4a16.py --baseline).
 set -uo pipefail
 MODE=${1:-full}
 case "$MODE" in
@@ -35,7 +37,8 @@ python3 benchmarks/check_w4a16_gpu.py $QUICK --out "$OUT/$NAME.json" > "$OUT/$NA
 grep -E "^FAIL" "$OUT/$NAME.log" | head -20
 grep -q " cases, " "$OUT/$NAME.log" && sed -n '/ cases, /,$p' "$OUT/$NAME.log" || tail -15 "$OUT/$NAME.log"
 if [ "$MODE" = full ] || [ "$MODE" = bench ]; then
-    run "$OUT/bench-$TAG.log" python3 benchmarks/bench_w4a16.py --out "$OUT/w4a16-$TAG.json"
+    run "$OUT/bench-$TAG.log" python3 benchmarks/bench_w4a16.py --out "$OUT/w4a16-$TAG.json" \
+        ${W4A16_BASELINE:+--baseline "$W4A16_BASELINE"}
     run "$OUT/decode-$TAG.log" python3 benchmarks/bench_decode.py --out "$OUT/decode-$TAG.json"
     sed -n '/^model shape/,$p' "$OUT/bench-$TAG.log"
     cat "$OUT/decode-$TAG.log"
