@@ -1,0 +1,347 @@
+"""CPU serving benchmark: an InternLM2-1.8B-shaped random checkpoint through vLLM-CPU + the plugin
+(16-bit and float32 dense, W4A16), stock vLLM ``--quantization awq``, and transformers ``generate``.
+
+    python benchmarks/bench_cpu.py                     # 24 layers (InternLM2-1.8B / InternVL2-2B's LLM)
+    python benchmarks/bench_cpu.py --layers 4          # a quick run
+    python benchmarks/bench_cpu.py --paths vllm-bf16 w4a16 --json out.json
+
+One checkpoint pair is built once under --work-dir: random weights with InternLM2-1.8B's shapes (hidden
+2048, 16 heads / 8 KV heads, intermediate 8192, vocab 92544), RTN-quantized to AWQ gemm G=128 (the
+plugin's checkpoint, ``internvl_kernels.quantize_awq``), and a dense bfloat16 copy of the *dequantized*
+weights, so that every path computes nearly the same function. transformers runs the same dense
+weights as a LlamaForCausalLM (InternLM2 is Llama with fused wqkv and w1/w3; split here).
+
+Each path runs in a process of its own (peak RSS is that process's), vLLM in-process
+(VLLM_ENABLE_V1_MULTIPROCESSING=0), ``enforce_eager`` as ``hub_cli serve`` runs on CPU, a 1 GiB KV
+cache, prefix caching off, random prompt token ids. Reported per path: decode tokens/s at batch 1 and
+8 (64-token prompts; (t(1 + D tokens) - t(1 token)) / D), time to first token of one 1024-token prompt,
+peak RSS, and the kernel each W4A16 path used. Paths that cannot run here (e.g. stock AWQ where the
+vLLM build has no CPU int4 kernel) report the one-line error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+SHAPE = dict(hidden_size=2048, num_attention_heads=16, num_key_value_heads=8, intermediate_size=8192,
+             vocab_size=92544, rms_norm_eps=1e-5, rope_theta=1000000.0, max_position_embeddings=32768)
+GROUP = 128
+MAX_MODEL_LEN = 2048
+
+# path -> (checkpoint, dtype, extra LLM kwargs, environment)
+PATHS: dict[str, tuple[str, str, dict, dict]] = {
+    "vllm-bf16": ("dense", "bfloat16", {}, {}),
+    "vllm-fp16": ("dense", "float16", {}, {}),
+    "vllm-fp32": ("dense", "float32", {}, {}),
+    "w4a16": ("awq", "bfloat16", {}, {}),                                   # the plugin, kernel by its probe
+    "w4a16-int4pack": ("awq", "bfloat16", {}, {"VLLM_INTERNVL_CPU_INT4": "int4pack"}),
+    "w4a16-wna16": ("awq", "bfloat16", {}, {"VLLM_INTERNVL_CPU_INT4": "wna16-amx"}),
+    "w4a16-fp16": ("awq", "float16", {}, {}),
+    "stock-awq": ("awq", "bfloat16", {"quantization": "awq"}, {}),           # vLLM's default on the machine
+    "stock-awq-w4a16": ("awq", "bfloat16", {"quantization": "awq"}, {"VLLM_CPU_INT4_W4A8": "0"}),
+    "hf-bf16": ("dense", "bfloat16", {}, {}),
+    "hf-fp32": ("dense", "float32", {}, {}),
+}
+DEFAULT_PATHS = ["vllm-bf16", "vllm-fp16", "vllm-fp32", "w4a16", "w4a16-int4pack", "w4a16-wna16",
+                 "stock-awq", "stock-awq-w4a16", "hf-bf16", "hf-fp32"]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--layers", type=int, default=24)
+    ap.add_argument("--paths", nargs="+", default=DEFAULT_PATHS, choices=list(PATHS))
+    ap.add_argument("--work-dir", default=os.path.expanduser("~/.cache/vllm-internvl/bench-cpu"))
+    ap.add_argument("--decode-tokens", type=int, default=32)
+    ap.add_argument("--prompt-len", type=int, default=1024, help="prompt of the time-to-first-token measurement")
+    ap.add_argument("--batch", type=int, nargs="+", default=[1, 8])
+    ap.add_argument("--json", help="write the results here")
+    ap.add_argument("--worker", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.worker:
+        print("RESULT " + json.dumps(run_path(args.worker, args)), flush=True)
+        return
+
+    folders = build_checkpoints(Path(args.work_dir) / f"internlm2-1.8b-L{args.layers}", args.layers)
+    print(f"# {machine()}  layers={args.layers}  load1={os.getloadavg()[0]:.2f}", flush=True)
+    results = []
+    for path in args.paths:
+        load = os.getloadavg()[0]
+        cmd = [sys.executable, __file__, "--worker", path, "--layers", str(args.layers), "--work-dir", args.work_dir,
+               "--decode-tokens", str(args.decode_tokens), "--prompt-len", str(args.prompt_len),
+               "--batch", *map(str, args.batch)]
+        env = {**os.environ, **PATHS[path][3], "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
+               "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_TARGET_DEVICE": "cpu", "HF_HUB_OFFLINE": "1",
+               "TRANSFORMERS_OFFLINE": "1"}
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+        lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+        if lines:
+            result = json.loads(lines[-1][len("RESULT "):])
+        else:
+            tail = [ln for ln in (proc.stderr or "").splitlines() if ln.strip()][-1:] or ["no output"]
+            result = {"path": path, "error": tail[0][:200]}
+        result["load1_at_start"] = round(load, 2)
+        results.append(result)
+        print(json.dumps(result), flush=True)
+    print()
+    print(table(results, args))
+    if args.json:
+        Path(args.json).write_text(json.dumps({"machine": machine(), "layers": args.layers, "folders": folders,
+                                               "results": results}, indent=2))
+
+
+# ------------------------------------------------------------------------------------------ checkpoints
+
+
+def build_checkpoints(root: Path, layers: int) -> dict[str, str]:
+    """{"awq": folder, "dense": folder}, built once (a stamp file marks a complete folder)."""
+    import torch
+    from safetensors.torch import save_file
+
+    from internvl_kernels import dequantize_awq, quantize_awq
+    from internvl_plugin.tiny import build_tiny_model
+
+    folders = {"awq": root / "awq-g128", "dense": root / "dense-bf16"}
+    stamp = {"layers": layers, "group_size": GROUP, **SHAPE, "version": 1}
+    if all((f / "bench_stamp.json").is_file() and json.loads((f / "bench_stamp.json").read_text()) == stamp
+           for f in folders.values()):
+        return {k: str(v) for k, v in folders.items()}
+    print(f"building the {layers}-layer checkpoints under {root} (once)", flush=True)
+    tokenizer = build_tiny_model("internlm2", root / "tokenizer-source", overwrite=True)  # tokenizer files
+    config = json.loads((tokenizer / "config.json").read_text())
+    config.update(SHAPE, num_hidden_layers=layers, torch_dtype="bfloat16")
+    for folder in folders.values():
+        folder.mkdir(parents=True, exist_ok=True)
+        for f in tokenizer.iterdir():
+            if f.is_file() and f.name not in ("config.json", "model.safetensors", "tiny_build.json"):
+                (folder / f.name).write_bytes(f.read_bytes())
+    awq_config = {**config, "quantization_config": {"quant_method": "awq", "version": "gemm", "bits": 4,
+                                                      "group_size": GROUP, "zero_point": True}}
+    (folders["awq"] / "config.json").write_text(json.dumps(awq_config, indent=2))
+    (folders["dense"] / "config.json").write_text(json.dumps(config, indent=2))
+
+    gen = torch.Generator().manual_seed(0)
+    h, inter, vocab = SHAPE["hidden_size"], SHAPE["intermediate_size"], SHAPE["vocab_size"]
+    head_dim = h // SHAPE["num_attention_heads"]
+    qkv_out = (SHAPE["num_attention_heads"] + 2 * SHAPE["num_key_value_heads"]) * head_dim
+    index: dict[str, dict[str, str]] = {"awq": {}, "dense": {}}
+
+    def linear(out_f, in_f, gain=1.0):
+        return torch.randn(out_f, in_f, generator=gen) * (gain / in_f ** 0.5)
+
+    def norm(n):
+        return 1.0 + 0.1 * torch.randn(n, generator=gen)
+
+    def write(shard: str, dense: dict, awq: dict) -> None:
+        for kind, tensors in (("dense", dense), ("awq", awq)):
+            save_file(tensors, str(folders[kind] / shard), metadata={"format": "pt"})
+            index[kind].update({name: shard for name in tensors})
+
+    bf16 = torch.bfloat16
+    outer = {"model.tok_embeddings.weight": torch.randn(vocab, h, generator=gen).to(bf16),
+             "model.norm.weight": norm(h).to(bf16),
+             "output.weight": linear(vocab, h, gain=3.0).to(bf16)}
+    write("model-outer.safetensors", outer, outer)
+    for i in range(layers):
+        p = f"model.layers.{i}."
+        dense, awq = {}, {}
+        for name, (out_f, in_f) in {"attention.wqkv": (qkv_out, h), "attention.wo": (h, h),
+                                    "feed_forward.w1": (inter, h), "feed_forward.w3": (inter, h),
+                                    "feed_forward.w2": (h, inter)}.items():
+            qweight, qzeros, scales = quantize_awq(linear(out_f, in_f), GROUP, scale_dtype=bf16)
+            awq.update({p + name + ".qweight": qweight, p + name + ".qzeros": qzeros, p + name + ".scales": scales})
+            dense_weight = dequantize_awq(qweight, qzeros, scales, GROUP, dtype=torch.float32)
+            dense[p + name + ".weight"] = dense_weight.t().to(bf16)
+        for name in ("attention_norm", "ffn_norm"):
+            dense[p + name + ".weight"] = awq[p + name + ".weight"] = norm(h).to(bf16)
+        write(f"model-layer{i:02d}.safetensors", {k: v.contiguous() for k, v in dense.items()}, awq)
+        print(f"  layer {i + 1}/{layers}", flush=True)
+    for kind, folder in folders.items():
+        (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": index[kind]}))
+        (folder / "bench_stamp.json").write_text(json.dumps(stamp))
+    return {k: str(v) for k, v in folders.items()}
+
+
+# ------------------------------------------------------------------------------------------ one path
+
+
+def run_path(path: str, args) -> dict:
+    import torch
+
+    folder_kind, dtype, llm_kwargs, _ = PATHS[path]
+    root = Path(args.work_dir) / f"internlm2-1.8b-L{args.layers}"
+    folder = root / ("awq-g128" if folder_kind == "awq" else "dense-bf16")
+    result = {"path": path, "dtype": dtype}
+    try:
+        runner = HFRunner(folder, dtype) if path.startswith("hf-") else VLLMRunner(folder, dtype, llm_kwargs)
+    except Exception as e:  # e.g. stock AWQ on a build without CPU int4 kernels
+        return {**result, "error": f"{type(e).__name__}: {str(e).splitlines()[0][:200]}" if str(e) else repr(e)}
+    result.update(runner.info)
+    result["rss_after_load_gib"] = round(rss_now() / 2**30, 2)
+    gen = torch.Generator().manual_seed(1)
+
+    def prompts(batch, length):
+        return torch.randint(3, 400, (batch, length), generator=gen).tolist()
+
+    runner.generate(prompts(1, 16), 2)  # warm-up: first-call allocations
+    for batch in args.batch:
+        first = runner.generate(prompts(batch, 64), 1)
+        total = runner.generate(prompts(batch, 64), 1 + args.decode_tokens)
+        result[f"decode_tok_s_b{batch}"] = round(batch * args.decode_tokens / (total - first), 2)
+    ttft = min(runner.generate(prompts(1, args.prompt_len), 1) for _ in range(2))
+    result[f"ttft_{args.prompt_len}_s"] = round(ttft, 2)
+    result["peak_rss_gib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)
+    result["threads"] = torch.get_num_threads()
+    return result
+
+
+class VLLMRunner:
+    def __init__(self, folder: Path, dtype: str, llm_kwargs: dict) -> None:
+        from vllm import LLM
+
+        t = time.perf_counter()
+        self.llm = LLM(model=str(folder), dtype=dtype, max_model_len=MAX_MODEL_LEN, enforce_eager=True,
+                       skip_tokenizer_init=True, enable_prefix_caching=False, max_num_seqs=8,
+                       max_num_batched_tokens=MAX_MODEL_LEN, seed=0, **llm_kwargs)
+        self.info = {"load_s": round(time.perf_counter() - t, 1),
+                     "quantization": self.llm.llm_engine.model_config.quantization}
+        kernels = self.llm.apply_model(_int4_kernels)[0]
+        if kernels:
+            self.info["kernels"] = kernels
+
+    def generate(self, prompts: list[list[int]], max_tokens: int) -> float:
+        from vllm import SamplingParams, TokensPrompt
+
+        params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True, detokenize=False)
+        t = time.perf_counter()
+        self.llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False)
+        return time.perf_counter() - t
+
+
+def _int4_kernels(model) -> str:
+    """Which weight format each quantized linear ended up in (runs in the worker)."""
+    seen = {}
+    for module in model.modules():
+        method = type(getattr(module, "quant_method", None)).__name__
+        if method == "UnquantizedLinearMethod" or method == "NoneType":
+            continue
+        kernel = getattr(module, "cpu_int4_plan", None) or method
+        seen[kernel] = seen.get(kernel, 0) + 1
+    return ", ".join(f"{k} x{v}" for k, v in sorted(seen.items()) if "Embedding" not in k)
+
+
+class HFRunner:
+    """transformers LlamaForCausalLM with the dense checkpoint's weights (wqkv and w1/w3 split)."""
+
+    def __init__(self, folder: Path, dtype: str) -> None:
+        import torch
+        from safetensors.torch import load_file
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        t = time.perf_counter()
+        cfg = json.loads((folder / "config.json").read_text())
+        self.dtype = getattr(torch, dtype)
+        config = LlamaConfig(hidden_size=cfg["hidden_size"], intermediate_size=cfg["intermediate_size"],
+                             num_hidden_layers=cfg["num_hidden_layers"], num_attention_heads=cfg["num_attention_heads"],
+                             num_key_value_heads=cfg["num_key_value_heads"], vocab_size=cfg["vocab_size"],
+                             rms_norm_eps=cfg["rms_norm_eps"], rope_theta=cfg["rope_theta"],
+                             max_position_embeddings=cfg["max_position_embeddings"], tie_word_embeddings=False,
+                             bos_token_id=1, eos_token_id=2, pad_token_id=2)
+        with torch.device("meta"):
+            model = LlamaForCausalLM(config)
+        state = {}
+        for shard in sorted(folder.glob("*.safetensors")):
+            state.update(llama_state_dict(load_file(str(shard)), cfg))
+        model.load_state_dict({k: v.to(self.dtype) for k, v in state.items()}, assign=True, strict=True)
+        model.model.rotary_emb = type(model.model.rotary_emb)(config=config)  # its buffers are not weights
+        self.model = model.eval()
+        self.info = {"load_s": round(time.perf_counter() - t, 1), "quantization": None}
+
+    def generate(self, prompts: list[list[int]], max_tokens: int) -> float:
+        import torch
+
+        ids = torch.tensor(prompts)
+        t = time.perf_counter()
+        with torch.inference_mode():
+            self.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_tokens,
+                                min_new_tokens=max_tokens, do_sample=False)
+        return time.perf_counter() - t
+
+
+def llama_state_dict(state: dict, cfg: dict) -> dict:
+    """InternLM2 weight names and fused tensors -> LlamaForCausalLM's. wqkv is laid out per KV head:
+    [kv_heads, q_per_kv + 2, head_dim, hidden] (the group's query heads, then its k, then its v)."""
+    kv, heads, h = cfg["num_key_value_heads"], cfg["num_attention_heads"], cfg["hidden_size"]
+    head_dim, groups = h // heads, heads // kv
+    out = {}
+    for name, t in state.items():
+        if name == "model.tok_embeddings.weight":
+            out["model.embed_tokens.weight"] = t
+        elif name == "output.weight":
+            out["lm_head.weight"] = t
+        elif name.endswith("attention.wqkv.weight"):
+            p = name[: -len("attention.wqkv.weight")]
+            w = t.view(kv, groups + 2, head_dim, h)
+            out[p + "self_attn.q_proj.weight"] = w[:, :groups].reshape(-1, h)
+            out[p + "self_attn.k_proj.weight"] = w[:, groups].reshape(-1, h)
+            out[p + "self_attn.v_proj.weight"] = w[:, groups + 1].reshape(-1, h)
+        else:
+            for src, dst in (("attention.wo", "self_attn.o_proj"), ("feed_forward.w1", "mlp.gate_proj"),
+                             ("feed_forward.w3", "mlp.up_proj"), ("feed_forward.w2", "mlp.down_proj"),
+                             ("attention_norm", "input_layernorm"), ("ffn_norm", "post_attention_layernorm")):
+                name = name.replace(src, dst)
+            out[name] = t
+    return out
+
+
+# ------------------------------------------------------------------------------------------ report
+
+
+def rss_now() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def machine() -> str:
+    import platform
+
+    flags = set()
+    model = platform.processor()
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+            elif line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
+                break
+    except OSError:
+        pass
+    isa = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f in flags]
+    return f"{model}, {os.cpu_count()} CPUs, {'/'.join(isa) or 'no AVX2'}"
+
+
+def table(results: list[dict], args) -> str:
+    ttft = f"ttft_{args.prompt_len}_s"
+    cols = [f"decode_tok_s_b{b}" for b in args.batch] + [ttft, "peak_rss_gib", "load1_at_start"]
+    heads = [f"decode tok/s b{b}" for b in args.batch] + [f"TTFT {args.prompt_len} (s)", "peak RSS (GiB)", "load"]
+    lines = ["| path | dtype | " + " | ".join(heads) + " | kernel |", "|" + "---|" * (len(heads) + 3)]
+    for r in results:
+        if "error" in r:
+            lines.append(f"| {r['path']} | {r.get('dtype', '')} | " + " | ".join("-" for _ in heads[:-1])
+                         + f" | {r['load1_at_start']} | {r['error']} |")
+            continue
+        lines.append(f"| {r['path']} | {r['dtype']} | " + " | ".join(str(r.get(c, "-")) for c in cols)
+                     + f" | {r.get('kernels', r.get('quantization') or '')} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(REPO))
+    main()

@@ -1,0 +1,311 @@
+"""The CPU matmul of ``awq_w4a16``: AWQ weights repacked once, after loading, into library int4
+kernels' formats, and the operator that runs them.
+
+The kernels are library code; this module converts layouts, probes what runs here, and dispatches.
+
+``int4pack``   PyTorch's CPU int4 GEMM (``aten._convert_weight_to_int4pack_for_cpu`` +
+               ``aten._weight_int4pack_mm_for_cpu``; what gpt-fast and torchao run on CPU). Weight
+               uint8 [N, K/2] in the kernel's own blocked order; per group and column a
+               (scale, zero') pair [K/G, N, 2] in the activations' dtype, dequantizing
+               ``w = (q - 8) * scale + zero'``. AWQ's ``w = (q - z) * s`` is the same with
+               ``zero' = (8 - z) * s``: exact in float32 for the 16-bit scales checkpoints store (s has
+               at most 11 significant bits, 8 - z at most 4, so zero' and every partial result are
+               representable); in bfloat16 zero' is rounded to 8 significant bits (by at most
+               |8 - z| * s / 256: under 1/32 of a quantization step).
+               Vectorised (AVX2, AVX-512, NEON) for bfloat16 activations only; float32 and float16
+               run a scalar loop, 10-100x slower. Fast when few rows: it dequantizes in registers,
+               so its cost grows with the rows (at 64 rows 10x a dense bfloat16 GEMM with AMX).
+               Needs N % 16 == 0 and G in {32, 64, 128, 256}.
+``wna16``      vLLM's CPUWNA16 (``_C.cpu_gemm_wna16``), in vLLM's AVX-512 builds (absent from the
+               AVX2 one). Weight int32 [N/16, 2K] (for each block of 16 output columns and each k,
+               16 nibbles in natural order), zero points int32 [K/G, N/8] (natural order), scales
+               [K/G, N]. Each call dequantizes L2-sized column slices to the activations' dtype and
+               multiplies them: AMX tiles for bfloat16 where the CPU has them (``wna16-amx``), else
+               AVX-512 (``wna16-vec``). So its cost hardly depends on the rows: at one row 3-4x
+               int4pack's, from about 8 rows on less, at 256+ rows that of the dense bfloat16 GEMM.
+               bfloat16 and float16 only; needs K and N multiples of 32 and an even G.
+
+A plan (``PLANS``) says which formats a layer keeps and which kernel runs how many rows. Where both
+exist (bfloat16 on an AMX CPU with vLLM's AVX-512 build) a layer keeps both formats: int4pack runs
+up to ``SMALL_M`` rows (decode), wna16-amx above (prefill, images). That costs a second copy of the
+4-bit weights (1 byte a weight in all, half of bfloat16's 2) and is what it takes, with library
+kernels, to be fast at both ends; a kernel of our own for few rows on the wna16 layout would save it
+(not written: a plain C one, auto-vectorised, measured 5-10x slower than int4pack).
+
+``choose_plan`` takes the first plan of ``PREFERENCE[dtype]`` whose kernels the probe found working
+in this process and that takes the layer's shape; ``VLLM_INTERNVL_CPU_INT4=<plan>`` puts one first.
+The probe (``available_kernels``) calls each operator on a tiny layer and compares the result with
+the float reference: an operator missing from the build, or one that computes something else, is not
+used. A layer no plan takes gets ``None`` (the caller's dense fallback). Figures behind the
+preference: benchmarks/bench_cpu.py.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+from typing import NamedTuple
+
+import torch
+
+from internvl_kernels import dequantize_awq, unpack_awq_int4
+
+__all__ = ["KERNELS", "PLANS", "PREFERENCE", "SMALL_M", "CpuInt4Weight", "available_kernels", "choose_plan",
+           "plan_accepts", "pack_awq", "cpu_int4_mm", "cpu_int4_linear", "repack_layer", "apply_layer"]
+
+logger = logging.getLogger(f"vllm.{__name__}")
+
+KERNELS = ("int4pack", "wna16-amx", "wna16-vec")
+# plan -> the kernels it runs: the first up to SMALL_M rows, the last above
+PLANS: dict[str, tuple[str, ...]] = {
+    "int4pack+wna16-amx": ("int4pack", "wna16-amx"),
+    "int4pack": ("int4pack",),
+    "wna16-amx": ("wna16-amx",),
+    "wna16-vec": ("wna16-vec",),
+}
+PREFERENCE: dict[torch.dtype, tuple[str, ...]] = {
+    # wna16 alone only for shapes int4pack refuses (e.g. G = 96): behind it at few rows, and wna16-vec
+    # (AVX-512 without AMX) measured behind it at every row count
+    torch.bfloat16: ("int4pack+wna16-amx", "int4pack", "wna16-amx", "wna16-vec"),
+    torch.float16: ("wna16-vec", "int4pack"),  # int4pack has no vectorised float16 path
+    torch.float32: ("int4pack",),  # the only float32 kernel (scalar; exact)
+}
+SMALL_M = 8  # rows up to which int4pack runs in a two-kernel plan (both take about as long at 8)
+ENV_PLAN = "VLLM_INTERNVL_CPU_INT4"
+# Output columns converted at a time: bounds the temporary int32 copy of the 4-bit values (4 K bytes a
+# column); a multiple of every kernel's column block (int4pack 64, wna16 16).
+CHUNK = 1024
+NAMESPACE = "internvl_cpu"
+
+
+class CpuInt4Weight(NamedTuple):
+    """One layer's weight in the formats of a plan (``pack_awq``); the formats a plan skips are None."""
+
+    plan: str
+    int4pack_weight: torch.Tensor | None  # uint8 [N, K/2]
+    int4pack_scales: torch.Tensor | None  # [K/G, N, 2]: (scale, zero') in the activations' dtype
+    wna16_weight: torch.Tensor | None  # int32 [N/16, 2K]
+    wna16_scales: torch.Tensor | None  # [K/G, N] in the activations' dtype
+    wna16_zeros: torch.Tensor | None  # int32 [K/G, N/8]
+
+
+def plan_accepts(plan: str, k: int, n: int, group_size: int, dtype: torch.dtype) -> bool:
+    """Whether every kernel of `plan` takes K inputs, N outputs, group size G, `dtype` activations."""
+    return all(_kernel_accepts(kernel, k, n, group_size, dtype) for kernel in _plan_kernels(plan))
+
+
+def choose_plan(k: int, n: int, group_size: int, dtype: torch.dtype) -> str | None:
+    """The plan for a layer: the first of PREFERENCE[dtype] (the env override first) whose kernels work
+    here and take the shape; None when none does."""
+    order = list(PREFERENCE.get(dtype, ()))
+    forced = os.environ.get(ENV_PLAN, "").strip()
+    if forced:
+        _plan_kernels(forced)  # a one-line error for an unknown name
+        order = [forced] + [p for p in order if p != forced]
+    working = available_kernels(dtype)
+    for plan in order:
+        if all(kernel in working for kernel in PLANS[plan]) and plan_accepts(plan, k, n, group_size, dtype):
+            return plan
+    return None
+
+
+@functools.cache
+def available_kernels(dtype: torch.dtype) -> tuple[str, ...]:
+    """The kernels whose operator exists in this process and reproduces the float reference on a tiny
+    layer with `dtype` activations (probed once per process and dtype)."""
+    working = []
+    for kernel in KERNELS:
+        ok, why = _probe(kernel, dtype)
+        logger.debug("CPU int4 kernel %s with %s activations: %s", kernel, dtype, why)
+        if ok:
+            working.append(kernel)
+    return tuple(working)
+
+
+def pack_awq(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor, group_size: int, plan: str,
+             dtype: torch.dtype | None = None) -> CpuInt4Weight:
+    """Convert AWQ gemm tensors (qweight int32 [K, N/8], qzeros int32 [K/G, N/8], scales [K/G, N]) to the
+    formats of `plan` for activations in `dtype` (default: the scales' dtype)."""
+    dtype = dtype or scales.dtype
+    k, n = qweight.shape[0], scales.shape[1]
+    if not plan_accepts(plan, k, n, group_size, dtype):
+        raise ValueError(f"CPU int4 plan {plan} does not take K={k}, N={n}, group_size={group_size}, {dtype}")
+    kernels = PLANS[plan]
+    i4 = _pack_int4pack(qweight, qzeros, scales, dtype) if "int4pack" in kernels else (None, None)
+    wn = _pack_wna16(qweight, qzeros, scales, dtype) if kernels[-1].startswith("wna16") else (None, None, None)
+    return CpuInt4Weight(plan, *i4, *wn)
+
+
+def cpu_int4_linear(x: torch.Tensor, w: CpuInt4Weight, group_size: int, bias: torch.Tensor | None = None):
+    """x [..., K] @ W + bias with W from ``pack_awq``: the operator ``torch.ops.internvl_cpu.int4_mm``."""
+    return cpu_int4_mm(x, *w[1:], group_size, _wna16_isa(w.plan), SMALL_M, bias)
+
+
+def repack_layer(layer: torch.nn.Module, group_size: int, plan: str) -> None:
+    """Replace a layer's AWQ parameters (qweight, qzeros, scales) by the formats of `plan` (parameters
+    named as CpuInt4Weight's fields); ``layer.cpu_int4_plan`` names the plan."""
+    w = pack_awq(layer.qweight.data, layer.qzeros.data, layer.scales.data, group_size, plan)
+    del layer.qweight, layer.qzeros, layer.scales
+    for name, tensor in zip(w._fields[1:], w[1:]):
+        if tensor is not None:
+            layer.register_parameter(name, torch.nn.Parameter(tensor, requires_grad=False))
+    layer.cpu_int4_plan = plan
+
+
+def apply_layer(layer: torch.nn.Module, x: torch.Tensor, group_size: int, bias: torch.Tensor | None = None):
+    """The matmul of a layer that ``repack_layer`` converted."""
+    tensors = [getattr(layer, name, None) for name in CpuInt4Weight._fields[1:]]
+    return cpu_int4_mm(x, *tensors, group_size, _wna16_isa(layer.cpu_int4_plan), SMALL_M, bias)
+
+
+# ----------------------------------------------------------------------------------------- shapes
+
+
+def _plan_kernels(plan: str) -> tuple[str, ...]:
+    if plan not in PLANS:
+        raise ValueError(f"{ENV_PLAN}={plan!r}: choose one of {', '.join(PLANS)}")
+    return PLANS[plan]
+
+
+def _kernel_accepts(kernel: str, k: int, n: int, group_size: int, dtype: torch.dtype) -> bool:
+    if kernel == "int4pack":
+        return n % 16 == 0 and group_size in (32, 64, 128, 256) and k % group_size == 0
+    if kernel == "wna16-amx" and dtype != torch.bfloat16:
+        return False  # vLLM's AMX micro-GEMM takes bfloat16 only (with float16 it aborts the process)
+    return dtype in (torch.bfloat16, torch.float16) and k % 32 == 0 and n % 32 == 0 and group_size % 2 == 0
+
+
+def _wna16_isa(plan: str) -> str:
+    return {"wna16-amx": "amx", "wna16-vec": "vec"}.get(PLANS[plan][-1], "")
+
+
+# ----------------------------------------------------------------------------------------- packing
+
+
+def _columns(n: int):
+    """(AWQ word slice, column slice) of CHUNK output columns at a time."""
+    for c0 in range(0, n, CHUNK):
+        c1 = min(n, c0 + CHUNK)
+        yield slice(c0 // 8, c1 // 8), slice(c0, c1)
+
+
+def _pack_int4pack(qweight, qzeros, scales, dtype):
+    # The packed layout is blocked along N (64 columns on AVX-512, 32 on AVX2), so column chunks that
+    # are multiples of the block pack independently (the tests check chunked == whole).
+    parts = [torch.ops.aten._convert_weight_to_int4pack_for_cpu(unpack_awq_int4(qweight[:, words]).t().contiguous(), 1)
+             for words, _ in _columns(scales.shape[1])]
+    weight = parts[0] if len(parts) == 1 else torch.cat(parts)
+    s = scales.to(torch.float32)
+    zero = (8.0 - unpack_awq_int4(qzeros).to(torch.float32)) * s
+    return weight, torch.stack([s, zero], dim=-1).to(dtype).contiguous()
+
+
+def _natural_pack(values: torch.Tensor) -> torch.Tensor:
+    """int [R, C] values 0..15 -> int32 [R, C/8], nibble i of word c holding column 8c + i."""
+    v = values.to(torch.int64).view(values.shape[0], -1, 8)
+    word = (v << (4 * torch.arange(8, dtype=torch.int64))).sum(dim=-1)
+    return torch.where(word >= 2**31, word - 2**32, word).to(torch.int32)
+
+
+def _pack_wna16(qweight, qzeros, scales, dtype):
+    k, n = qweight.shape[0], scales.shape[1]
+    weight = torch.empty((n // 16, 2 * k), dtype=torch.int32)
+    for words, cols in _columns(n):
+        natural = _natural_pack(unpack_awq_int4(qweight[:, words]))  # [K, c/8]
+        # blocks of 16 columns, each block's K pairs of words contiguous (vLLM's CPUWNA16 layout)
+        weight[cols.start // 16: cols.stop // 16] = natural.view(k, -1, 2).permute(1, 0, 2).reshape(-1, 2 * k)
+    return weight, scales.to(dtype).contiguous(), _natural_pack(unpack_awq_int4(qzeros))
+
+
+# ----------------------------------------------------------------------------------------- operator
+
+
+def _int4_mm_impl(x, int4pack_weight, int4pack_scales, wna16_weight, wna16_scales, wna16_zeros, group_size,
+                  wna16_isa, small_m, bias):
+    x2 = x.reshape(-1, x.shape[-1])
+    if not x2.is_contiguous():
+        x2 = x2.contiguous()
+    if int4pack_weight is not None and (wna16_weight is None or x2.shape[0] <= small_m):
+        n = int4pack_weight.shape[0]
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, int4pack_weight, group_size, int4pack_scales)
+        if bias is not None:
+            y = y + bias
+    else:
+        n = wna16_scales.shape[1]
+        y = torch.empty((x2.shape[0], n), dtype=x.dtype)
+        torch.ops._C.cpu_gemm_wna16(x2, wna16_weight, y, wna16_scales, wna16_zeros, bias, 8, wna16_isa)
+    return y.view(*x.shape[:-1], n)
+
+
+def _int4_mm_fake(x, int4pack_weight, int4pack_scales, wna16_weight, wna16_scales, wna16_zeros, group_size,
+                  wna16_isa, small_m, bias):
+    n = int4pack_weight.shape[0] if int4pack_weight is not None else wna16_scales.shape[1]
+    return x.new_empty((*x.shape[:-1], n))
+
+
+def _registered() -> bool:
+    try:
+        getattr(getattr(torch.ops, NAMESPACE), "int4_mm")
+        return True
+    except (AttributeError, RuntimeError):
+        return False
+
+
+# An operator, so that vLLM's torch.compile traces one opaque call (the choice by row count stays out
+# of the graph); registered through torch.library.Library, whose CPU dispatch calls the Python
+# function directly (a few microseconds a call).
+if not _registered():
+    _LIB = torch.library.Library(NAMESPACE, "FRAGMENT")
+    _LIB.define("int4_mm(Tensor x, Tensor? int4pack_weight, Tensor? int4pack_scales, Tensor? wna16_weight, "
+                "Tensor? wna16_scales, Tensor? wna16_zeros, int group_size, str wna16_isa, int small_m, "
+                "Tensor? bias) -> Tensor")
+    _LIB.impl("int4_mm", _int4_mm_impl, "CPU")
+    torch.library.register_fake(f"{NAMESPACE}::int4_mm", _int4_mm_fake, lib=_LIB)
+
+cpu_int4_mm = torch.ops.internvl_cpu.int4_mm
+
+
+# ----------------------------------------------------------------------------------------- probe
+
+
+def _load_vllm_cpu_ops() -> None:
+    """vLLM loads its CPU extension (``vllm._C``, ``_C_AVX512`` or ``_C_AVX2``, by the CPU) in its
+    workers; outside them (tests, benchmarks) this does the same."""
+    if hasattr(torch.ops._C, "cpu_gemm_wna16"):
+        return
+    try:
+        from vllm.platforms import current_platform
+
+        if current_platform.is_cpu():
+            current_platform.import_kernels()
+    except Exception as e:  # no vLLM, or a build without CPU kernels: only the PyTorch kernel is left
+        logger.debug("vLLM CPU kernels not loaded: %r", e)
+
+
+def _probe(kernel: str, dtype: torch.dtype) -> tuple[bool, str]:
+    k, n, group_size = 128, 64, 32
+    if not _kernel_accepts(kernel, k, n, group_size, dtype):
+        return False, "not for this dtype"
+    if kernel.startswith("wna16"):
+        _load_vllm_cpu_ops()
+        if not hasattr(torch.ops._C, "cpu_gemm_wna16"):
+            return False, "this vLLM build has no _C.cpu_gemm_wna16"
+        if kernel == "wna16-amx" and not torch.cpu._is_amx_tile_supported():
+            return False, "no AMX tiles on this CPU (or not enabled by the OS)"  # AMX would fault
+    from internvl_kernels import quantize_awq
+
+    gen = torch.Generator().manual_seed(0)
+    qweight, qzeros, scales = quantize_awq(torch.randn(n, k, generator=gen), group_size, scale_dtype=dtype)
+    x = torch.randn(3, k, generator=gen).to(dtype)
+    try:
+        y = cpu_int4_linear(x, pack_awq(qweight, qzeros, scales, group_size, kernel, dtype), group_size)
+    except Exception as e:
+        return False, f"failed: {str(e).splitlines()[0][:200] if str(e) else repr(e)}"
+    ref = x.float() @ dequantize_awq(qweight, qzeros, scales, group_size, dtype=torch.float32)
+    err = ((y.float() - ref).abs().max() / ref.abs().max()).item()
+    tolerance = 1e-5 if dtype == torch.float32 else 2e-2
+    if not err <= tolerance:  # also catches NaN
+        return False, f"wrong results (max error {err:.2g} of the largest output, tolerance {tolerance:g})"
+    return True, f"works (max error {err:.2g} of the largest output)"
+
