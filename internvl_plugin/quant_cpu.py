@@ -77,6 +77,7 @@ ENV_PLAN = "VLLM_INTERNVL_CPU_INT4"
 # column); a multiple of every kernel's column block (int4pack 64, wna16 16).
 CHUNK = 1024
 NAMESPACE = "internvl_cpu"
+_LOGGED: set = set()
 
 
 class CpuInt4Weight(NamedTuple):
@@ -146,6 +147,11 @@ def repack_layer(layer: torch.nn.Module, group_size: int, plan: str) -> None:
     """Replace a layer's AWQ parameters (qweight, qzeros, scales) by the formats of `plan` (parameters
     named as CpuInt4Weight's fields); ``layer.cpu_int4_plan`` names the plan."""
     w = pack_awq(layer.qweight.data, layer.qzeros.data, layer.scales.data, group_size, plan)
+    dtype = layer.scales.dtype
+    if (plan, dtype) not in _LOGGED:
+        _LOGGED.add((plan, dtype))
+        logger.info("awq_w4a16 on CPU: %s with %s activations (kernels that run here: %s)", plan,
+                    str(dtype).removeprefix("torch."), ", ".join(available_kernels(dtype)))
     del layer.qweight, layer.qzeros, layer.scales
     for name, tensor in zip(w._fields[1:], w[1:]):
         if tensor is not None:

@@ -7,8 +7,8 @@ Weights load in the checkpoint's AWQ gemm layout:
     qzeros   int32 [K/G, N/8]   packed the same way
     scales   act dtype [K/G, N]
 
-After loading, ``weight_layout`` picks one of three forms for the layer (the AWQ tensors are freed
-in the first two):
+After loading, ``weight_layout`` picks one of four forms for the layer (the AWQ tensors are freed
+in the first three):
 
 * ``packed`` (CUDA, fp16/bf16, ``can_pack``: G 32, 64 or a multiple of 128): repacked once into the
   K-packed layout of ``internvl_kernels`` (``qk`` int32 [N, K'/8], ``meta`` [K'/G, 2N] of (zero point,
@@ -16,11 +16,17 @@ in the first two):
   The weight words take the bytes AWQ's do (plus K' - K zero rows), the scales and zero points 1.5
   bytes more a group and column (+0.09 bits a weight at G = 128). Matmul: the Triton kernels, through
   the torch operator ``w4a16_packed_mm``.
-* ``dense`` (any other CUDA layer: a group size the kernels do not take, such as 96, float32
-  activations, or no Triton): dequantized once into a dense ``weight`` [N, K] in the activations'
-  dtype, then ``F.linear`` (cuBLAS). It costs 16 (float32: 32) bits a weight instead of about 4.1.
-* ``awq`` (every other device, i.e. CPU): the AWQ tensors stay; each call runs the float32 reference
-  ``w4a16_matmul_ref``, which the CPU tests compare tokens against bit for bit.
+* ``cpu_int4`` (CPU): repacked once into the formats of the library int4 kernels that
+  ``quant_cpu.choose_plan`` picks for the layer's shape and dtype (PyTorch's int4pack, vLLM's
+  CPUWNA16; on a bfloat16 AMX machine both, int4pack running decode-sized inputs and CPUWNA16 the
+  rest). Matmul: the torch operator ``torch.ops.internvl_cpu.int4_mm`` (``quant_cpu.py`` has the
+  formats, their exactness and the measurements).
+* ``dense`` (any other CUDA or CPU layer: a group size the kernels do not take, such as 96 on CUDA,
+  float32 activations on CUDA, no Triton, or a CPU shape no int4 kernel takes): dequantized once into
+  a dense ``weight`` [N, K] in the activations' dtype, then ``F.linear``. It costs 16 (float32: 32)
+  bits a weight instead of about 4.1.
+* ``awq`` (any other device): the AWQ tensors stay; each call runs the float32 reference
+  ``w4a16_matmul_ref``.
 
 Fused layers (qkv, gate_up) load their shards through vLLM's parameter classes: a shard of N_i
 output columns lands at column offset sum(N_<i) of ``scales`` and at offset sum(N_<i)/8 of the
@@ -39,6 +45,7 @@ from vllm.model_executor.parameter import GroupQuantScaleParameter, PackedvLLMPa
 
 from internvl_kernels import (PACK_FACTOR, can_pack, dequantize_awq, pack_w4a16, packed_available, w4a16_matmul_ref,
                               w4a16_packed_mm)
+from internvl_plugin import quant_cpu
 from internvl_plugin.awq_checkpoint import METHOD_NAME
 
 if TYPE_CHECKING:  # quant.py imports this module when vLLM asks it for a layer's method
@@ -51,9 +58,11 @@ __all__ = ["AWQW4A16LinearMethod", "weight_layout", "repack_layer", "dequantize_
 CHUNK = 1024
 
 
-def weight_layout(device, dtype: torch.dtype, k: int, group_size: int) -> str:
-    """How a layer of K inputs holds its weight after loading, on `device` with scales (the activations'
-    dtype) in `dtype`: "packed", "dense" or "awq" (module docstring)."""
+def weight_layout(device, dtype: torch.dtype, k: int, group_size: int, n: int) -> str:
+    """How a layer of K inputs and N outputs holds its weight after loading, on `device` with scales (the
+    activations' dtype) in `dtype`: "packed", "cpu_int4", "dense" or "awq" (module docstring)."""
+    if torch.device(device).type == "cpu":
+        return "cpu_int4" if quant_cpu.choose_plan(k, n, group_size, dtype) else "dense"
     if torch.device(device).type != "cuda":
         return "awq"
     if packed_available(device) and dtype in (torch.float16, torch.bfloat16) and can_pack(k, group_size):
@@ -120,15 +129,20 @@ class AWQW4A16LinearMethod(LinearMethodBase):
         for name in ("qweight", "qzeros", "scales"):
             replace_parameter(layer, name, getattr(layer, name).data.contiguous())
         group_size = self.quant_config.group_size
-        layout = weight_layout(layer.qweight.device, layer.scales.dtype, layer.qweight.shape[0], group_size)
+        k, n, dtype = layer.qweight.shape[0], layer.scales.shape[1], layer.scales.dtype
+        layout = weight_layout(layer.qweight.device, dtype, k, group_size, n)
         if layout == "packed":
             repack_layer(layer, group_size)
+        elif layout == "cpu_int4":
+            quant_cpu.repack_layer(layer, group_size, quant_cpu.choose_plan(k, n, group_size, dtype))
         elif layout == "dense":
             dequantize_layer(layer, group_size)
 
     def apply(self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         if hasattr(layer, "qk"):  # w4a16_packed_matmul as a torch operator, opaque to torch.compile
             return w4a16_packed_mm(x, layer.qk, layer.meta, self.quant_config.group_size, bias)
+        if hasattr(layer, "cpu_int4_plan"):  # the same on CPU
+            return quant_cpu.apply_layer(layer, x, self.quant_config.group_size, bias)
         if hasattr(layer, "weight"):
             return F.linear(x, layer.weight, bias)
         return w4a16_matmul_ref(x, layer.qweight, layer.qzeros, layer.scales, self.quant_config.group_size, bias)

@@ -315,9 +315,9 @@ def _compiled_op():
 
 
 def _plugin_layers():
-    """The plugin's linear method on small layers: process_weights_after_loading on CPU (the AWQ layout
-    kept), then each layout weight_layout picks on CUDA, made by hand on CPU: packed (G 64; K 160 of G
-    32, padded), dense (G 96)."""
+    """The plugin's linear method on small layers: process_weights_after_loading on CPU (repacked for
+    the CPU int4 kernels, quant_cpu.py), then each layout weight_layout picks on CUDA, made by hand on
+    CPU: packed (G 64; K 160 of G 32, padded), dense (G 96)."""
     from internvl_plugin import quant_linear
     from internvl_plugin.quant import AWQW4A16Config
     from internvl_plugin.quant_linear import AWQW4A16LinearMethod, dequantize_layer, repack_layer, weight_layout
@@ -339,8 +339,10 @@ def _plugin_layers():
     out = {}
     layer, tensors, x, bias, method = make(256, 48, 64, torch.bfloat16, 5)
     method.process_weights_after_loading(layer)
-    out["cpu_keeps_awq"] = hasattr(layer, "qweight") and not hasattr(layer, "qk") and not hasattr(layer, "weight")
-    out["cpu_is_reference"] = torch.equal(method.apply(layer, x, bias), w4a16_matmul_ref(x, *tensors, 64, bias))
+    out["cpu_int4"] = dict(awq_freed=not any(hasattr(layer, name) for name in ("qweight", "qzeros", "scales")),
+                           plan=getattr(layer, "cpu_int4_plan", None), err=err(method.apply(layer, x, bias), x,
+                                                                               tensors, 64, bias))
+    layer, tensors, x, bias, method = make(256, 48, 64, torch.bfloat16, 5)
     repack_layer(layer, 64)
     y = method.apply(layer, x, bias)
     out["packed"] = dict(awq_freed=not any(hasattr(layer, name) for name in ("qweight", "qzeros", "scales")),
@@ -366,10 +368,11 @@ def _plugin_layers():
             linear=torch.equal(y, torch.nn.functional.linear(x, dense, bias)), shape=list(y.shape),
             err=err(y, x, tensors, 96, bias))
     cases = [("cpu", torch.bfloat16, 256, 128), ("cuda", torch.bfloat16, 256, 128), ("cuda:1", torch.float16, 160, 32),
-             ("cuda", torch.bfloat16, 768, 256), ("cuda", torch.bfloat16, 192, 96), ("cuda", torch.float32, 256, 128)]
-    out["layouts"] = [weight_layout(*case) for case in cases]
+             ("cuda", torch.bfloat16, 768, 256), ("cuda", torch.bfloat16, 192, 96), ("cuda", torch.float32, 256, 128),
+             ("cpu", torch.bfloat16, 256, 128)]
+    out["layouts"] = [weight_layout(*case, n) for case, n in zip(cases, [64] * 6 + [40])]  # N 40: no CPU kernel
     available, quant_linear.packed_available = quant_linear.packed_available, lambda device: False
-    out["layout_without_triton"] = weight_layout("cuda", torch.bfloat16, 256, 128)
+    out["layout_without_triton"] = weight_layout("cuda", torch.bfloat16, 256, 128, 64)
     quant_linear.packed_available = available
     return out
 
@@ -386,7 +389,8 @@ def test_packed_kernel_under_interpreter(interpreted, case):
 
 def test_plugin_repacks_layer_and_matches_reference(interpreted):
     r = interpreted["plugin"]
-    assert r["cpu_keeps_awq"] and r["cpu_is_reference"]  # CPU: the AWQ tensors and the reference, bit for bit
+    c = r["cpu_int4"]  # CPU: repacked for a library int4 kernel (tests/test_quant_cpu.py checks them closely)
+    assert c["awq_freed"] and c["plan"] and c["err"] < TOLERANCE[("dequant", "bfloat16")]
     p = r["packed"]
     assert p["awq_freed"] and p["packed_bytes"] == p["awq_bytes"]  # same bytes, AWQ copy gone
     assert p["meta_shape"] == [256 // 64, 2 * 48] and p["meta_dtype"] == "torch.bfloat16"
@@ -409,7 +413,7 @@ def test_plugin_dequantizes_unpackable_layer_once(interpreted, dtype):
 
 def test_plugin_layout_choice(interpreted):
     r = interpreted["plugin"]
-    assert r["layouts"] == ["awq", "packed", "packed", "packed", "dense", "dense"]
+    assert r["layouts"] == ["cpu_int4", "packed", "packed", "packed", "dense", "dense", "dense"]
     assert r["layout_without_triton"] == "dense"
 
 

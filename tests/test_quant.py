@@ -180,7 +180,8 @@ def _fused_layers(model):
 
 
 def test_fused_shards_load_and_apply(awq_engine):
-    """qkv / gate_up shards land side by side in the packed tensors; apply() equals the reference matmul."""
+    """qkv / gate_up shards land side by side in the packed tensors (repacked after loading for the CPU
+    int4 kernel, so checked through apply()); apply() equals the reference matmul."""
     from safetensors.torch import load_file
 
     (layout, _, group_size), quant, _, llm = awq_engine
@@ -197,19 +198,16 @@ def test_fused_shards_load_and_apply(awq_engine):
     def inspect(model):
         out = {}
         for key, layer in _fused_layers(model).items():
-            k = layer.qweight.shape[0]
+            k = layer.input_size_per_partition
             y, bias = layer(x[..., :k])
-            out[key] = {n: getattr(layer, n).detach().clone() for n in ("qweight", "qzeros", "scales")}
-            out[key]["y"] = y if bias is None else y + bias
+            out[key] = {"plan": getattr(layer, "cpu_int4_plan", None), "y": y if bias is None else y + bias}
             out[key]["bias"] = None if getattr(layer, "bias", None) is None else layer.bias.detach().clone()
         return out
 
     (got,) = llm.apply_model(inspect)
     for key, names in shards.items():
         want = {t: torch.cat([state[f"{n}.{t}"] for n in names], dim=1) for t in ("qweight", "qzeros", "scales")}
-        assert torch.equal(got[key]["qweight"], want["qweight"]), key
-        assert torch.equal(got[key]["qzeros"], want["qzeros"]), key
-        assert torch.equal(got[key]["scales"], want["scales"].float()), key
+        assert got[key]["plan"] == "int4pack", key  # float32: PyTorch's int4 kernel, exact dequantization
         k, n = want["qweight"].shape[0], want["scales"].shape[1]
         assert got[key]["y"].shape == (5, 3, n)
         dense = dequantize_awq(want["qweight"], want["qzeros"], want["scales"], group_size, dtype=torch.float32)
@@ -254,7 +252,8 @@ def test_create_weights_shapes_and_apply(awq_engine):
                              "scales": ((3, 256), torch.float32, None)}
     assert set(got["types"].values()) == {"Parameter"}  # plain Parameters after loading
     assert got["y"].shape == (2, 7, 256)
-    assert torch.equal(got["y"], got["expected"])  # the CPU path is the reference math, bit for bit
+    # the CPU int4 kernel dequantizes exactly in float32: only the summation order differs
+    torch.testing.assert_close(got["y"], got["expected"], rtol=1e-5, atol=1e-5)
     assert got["errors"] == [
         f"{METHOD_NAME}: quantization_config.group_size=32 does not divide the 80 input features of Module",
         f"{METHOD_NAME}: output sizes [128, 12] of Module must be multiples of 8 to hold packed 4-bit weights",
