@@ -141,6 +141,10 @@ def engine_options(fn: Callable) -> Callable:
         click.option("--trust-request-mm-kwargs", is_flag=True,
                      help="Let requests carry mm_processor_kwargs such as max_dynamic_patch (clamped to 40 "
                           "tiles). Off by default: trust your clients first."),
+        click.option("--allow-media-hosts", metavar="LIST", default=None,
+                     help="Image URLs may also point at these host names, addresses or CIDR ranges (comma list, "
+                          "e.g. images.lan,10.0.0.0/8). By default the server fetches public http(s) addresses "
+                          "only: loopback, private, link-local and multicast are refused."),
     ]):
         fn = decorator(fn)
     return fn
@@ -178,7 +182,8 @@ def serve(model_or_repo: str, vllm_args: tuple[str, ...], server_name: str, serv
         sys.exit(130)
     for note in notes:
         click.echo(f"hub_cli serve: {note}", err=True)
-    changes = {k: env.get(k) for k in ("VLLM_CPU_KVCACHE_SPACE",) if env.get(k) != os.environ.get(k)}
+    changes = {k: env.get(k) for k in ("VLLM_CPU_KVCACHE_SPACE", "VLLM_MEDIA_URL_ALLOW_REDIRECTS",
+                                       "VLLM_INTERNVL_MEDIA_ALLOW") if env.get(k) != os.environ.get(k)}
     command = printable_command(argv, changes)
     if dry_run:
         click.echo(command)

@@ -49,6 +49,12 @@ CPU_QUANT_POLICIES = (0,)
 # the KV cache close to what LMDeploy's ratio would give.
 ACTIVATION_ALLOWANCE = 3 * GiB // 2
 COMPLETE_MARKER = Path(".hub_cli") / "serve-complete.json"
+# The media policy (internvl_plugin/media_policy.py) checks and fetches every request image itself and hands vLLM
+# data URLs; vLLM's own fetcher is then limited to a domain that cannot exist, so an image URL in a request the
+# middleware does not read (another endpoint) is refused instead of fetched unchecked.
+MEDIA_MIDDLEWARE = "internvl_plugin.media_policy.MediaPolicyMiddleware"
+MEDIA_ALLOW_ENV = "VLLM_INTERNVL_MEDIA_ALLOW"
+NO_VLLM_FETCH_DOMAIN = "media-fetched-by-vllm-internvl.invalid"
 
 # vLLM flags that our own options set; given after "--" too, they would contradict each other.
 _OWN_FLAGS = {
@@ -150,7 +156,8 @@ def plan_server(model_dir: str | os.PathLike[str], *, server_name: str = DEFAULT
                 server_port: int = DEFAULT_PORT, tp: int = 1, cache_max_entry_count: float | None = None,
                 quant_policy: int = 0, model_format: str | None = None, model_name: str | None = None,
                 session_len: int | None = None, max_batch_size: int | None = None,
-                trust_request_mm_kwargs: bool = False, extra: Sequence[str] = (), on_cpu: bool | None = None,
+                trust_request_mm_kwargs: bool = False, allow_media_hosts: str | None = None,
+                extra: Sequence[str] = (), on_cpu: bool | None = None,
                 memory: MemoryInfo | None = None, environ: Mapping[str, str] | None = None) -> ServerPlan:
     """Map LMDeploy's serve flags onto vLLM's; raise UsageError for a request that cannot be honoured.
 
@@ -210,11 +217,30 @@ def plan_server(model_dir: str | os.PathLike[str], *, server_name: str = DEFAULT
 
     if trust_request_mm_kwargs and "--trust-request-mm-kwargs" not in given:
         args += ["--trust-request-mm-kwargs"]
+    _plan_media_policy(plan, allow_media_hosts, given)
     if server_name not in ("127.0.0.1", "localhost", "::1") and "--api-key" not in given:
         notes.append(f"the server listens on {server_name} without authentication; add -- --api-key KEY "
                      "to require one")
     args += list(extra)
     return plan
+
+
+def _plan_media_policy(plan: ServerPlan, allow: str | None, given: set[str]) -> None:
+    """Image URLs: public http(s) addresses only, unless ``allow`` (hosts, addresses, CIDR ranges) says more."""
+    if allow:
+        from internvl_plugin.media_policy import parse_allow
+
+        try:
+            parse_allow(allow)
+        except ValueError as exc:
+            raise UsageError(f"--allow-media-hosts: {exc}") from None
+        plan.env[MEDIA_ALLOW_ENV] = allow
+        plan.notes.append(f"image URLs may also point at {allow} (--allow-media-hosts)")
+    plan.args += ["--middleware", MEDIA_MIDDLEWARE]
+    if "--allowed-media-domains" not in given:
+        plan.args += ["--allowed-media-domains", NO_VLLM_FETCH_DOMAIN]
+    else:  # vLLM may fetch for the endpoints the middleware does not read: no redirects off the listed domains
+        plan.env["VLLM_MEDIA_URL_ALLOW_REDIRECTS"] = "0"
 
 
 def apply_env(env: dict[str, str], plan_env: Mapping[str, str | None]) -> dict[str, str]:
@@ -450,7 +476,7 @@ def prepare_server(model_or_repo: str, *, host: str, port: int, source: str, rev
                    download_dir: Path | None, tp: int, cache_max_entry_count: float | None, quant_policy: str,
                    model_format: str | None, model_name: str | None, session_len: int | None,
                    max_batch_size: int | None, trust_request_mm_kwargs: bool,
-                   vllm_args: Sequence[str]) -> tuple[ResolvedModel, str, list[str], dict[str, str], list[str]]:
+                   vllm_args: Sequence[str], allow_media_hosts: str | None = None) -> tuple[ResolvedModel, str, list[str], dict[str, str], list[str]]:
     """What serve and chat share: resolve, probe, plan. Returns (model, served name, argv, env, notes)."""
     from hub_cli.launch import api_server_argv, is_cpu_vllm, server_env
 
@@ -462,7 +488,7 @@ def prepare_server(model_or_repo: str, *, host: str, port: int, source: str, rev
                        cache_max_entry_count=cache_max_entry_count, quant_policy=int(quant_policy),
                        model_format=model_format, model_name=served, session_len=session_len,
                        max_batch_size=max_batch_size, trust_request_mm_kwargs=trust_request_mm_kwargs,
-                       extra=vllm_args, on_cpu=on_cpu, memory=memory, environ=os.environ)
+                       allow_media_hosts=allow_media_hosts, extra=vllm_args, on_cpu=on_cpu, memory=memory, environ=os.environ)
     env = apply_env(server_env(), plan.env)
     return resolved, served, api_server_argv(plan.args), env, plan.notes
 
