@@ -173,7 +173,7 @@ def serve(model_or_repo: str, vllm_args: tuple[str, ...], server_name: str, serv
 
     try:
         resolved, served, argv, env, notes = prepare_server(model_or_repo, host=server_name, port=server_port,
-                                                            vllm_args=vllm_args, **options)
+                                                            vllm_args=vllm_args, check=not dry_run, **options)
     except HubCliError as exc:
         click.echo(f"hub_cli serve: error: {exc.message}", err=True)
         sys.exit(exc.exit_code)

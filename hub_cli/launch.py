@@ -10,6 +10,7 @@ Shared by ``hub_cli demo``, ``hub_cli serve`` (:func:`run_server`: in the foregr
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import importlib.metadata as md
 import json
@@ -18,6 +19,7 @@ import shlex
 import signal
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -139,6 +141,31 @@ def running_server(argv: Sequence[str], env: dict[str, str], base_url: str, *, l
         stop_server(proc)
 
 
+class _Tail(threading.Thread):
+    """Copies the server's output to ours and keeps its lines, to name the cause when it fails to start."""
+
+    def __init__(self, stream: IO[bytes]):
+        super().__init__(daemon=True)
+        self.stream = stream
+        self.lines: collections.deque[str] = collections.deque(maxlen=2000)
+
+    def run(self) -> None:
+        out = sys.stdout.buffer if hasattr(sys.stdout, "buffer") else None
+        for raw in iter(self.stream.readline, b""):
+            self.lines.append(raw.decode("utf-8", "replace"))
+            if out is not None:
+                out.write(raw)
+                out.flush()
+            else:
+                sys.stdout.write(self.lines[-1])
+
+
+def _tee(proc: subprocess.Popen) -> _Tail:
+    tail = _Tail(proc.stdout)
+    tail.start()
+    return tail
+
+
 def run_server(argv: Sequence[str], env: dict[str, str], base_url: str,
                on_ready: Callable[[], None] | None = None) -> int:
     """Run the server until it exits or we are interrupted; return its exit code.
@@ -146,7 +173,8 @@ def run_server(argv: Sequence[str], env: dict[str, str], base_url: str,
     The child gets its own process group so that Ctrl-C / SIGTERM here stops the API server, its
     engine core and workers together (SIGINT first, SIGKILL to the group if they linger).
     """
-    proc = start_server(argv, env)
+    proc = start_server(argv, env, log=subprocess.PIPE)
+    tail = _tee(proc)
     stopping = False
 
     def stop(signum, _frame):
@@ -162,7 +190,11 @@ def run_server(argv: Sequence[str], env: dict[str, str], base_url: str,
         except (RuntimeError, TimeoutError) as exc:
             if stopping:
                 return 130
-            print(f"hub_cli: {exc}", file=sys.stderr)
+            tail.join(timeout=5)   # the rest of the log, where the engine's error is
+            from hub_cli.checkpoint import engine_failure_line
+
+            cause = engine_failure_line(tail.lines)
+            print(f"hub_cli: {exc}" + (f": {cause}" if cause else ""), file=sys.stderr)
             return proc.returncode if proc.returncode not in (None, 0) else 1
         if on_ready is not None:
             on_ready()

@@ -476,11 +476,18 @@ def prepare_server(model_or_repo: str, *, host: str, port: int, source: str, rev
                    download_dir: Path | None, tp: int, cache_max_entry_count: float | None, quant_policy: str,
                    model_format: str | None, model_name: str | None, session_len: int | None,
                    max_batch_size: int | None, trust_request_mm_kwargs: bool,
-                   vllm_args: Sequence[str], allow_media_hosts: str | None = None) -> tuple[ResolvedModel, str, list[str], dict[str, str], list[str]]:
-    """What serve and chat share: resolve, probe, plan. Returns (model, served name, argv, env, notes)."""
+                   vllm_args: Sequence[str], allow_media_hosts: str | None = None, check: bool = True) -> tuple[ResolvedModel, str, list[str], dict[str, str], list[str]]:
+    """What serve and chat share: resolve, check the checkpoint (unless ``check`` is false), probe, plan.
+
+    Returns (model, served name, argv, env, notes).
+    """
     from hub_cli.launch import api_server_argv, is_cpu_vllm, server_env
 
+    from hub_cli.checkpoint import check_checkpoint
+
     resolved = resolve_model(model_or_repo, source=source.lower(), revision=revision, download_dir=download_dir)
+    if check:
+        check_checkpoint(resolved.path)
     on_cpu = is_cpu_vllm()
     memory = probe_memory(on_cpu, tp) if (on_cpu or cache_max_entry_count is not None) else None
     served = model_name or resolved.served_name

@@ -247,4 +247,21 @@ class InternVLChatModel(nn.Module, SupportsMultiModal, SupportsPP):
         return self.language_model.compute_logits(hidden_states)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
-        return AutoWeightsLoader(self).load_weights(weights, mapper=self.hf_to_vllm_mapper)
+        # vLLM's loaders say "Attempted to load weight (torch.Size(...)) into parameter" or list every parameter
+        # of a module, without the checkpoint's tensor name; the loaders consume one tensor at a time, so the
+        # last one handed over is the culprit.
+        current: list[tuple[str, tuple[int, ...]]] = []
+
+        def tracked() -> Iterable[tuple[str, torch.Tensor]]:
+            for name, tensor in weights:
+                current[:] = [(name, tuple(tensor.shape))]
+                yield name, tensor
+
+        try:
+            return AutoWeightsLoader(self).load_weights(tracked(), mapper=self.hf_to_vllm_mapper)
+        except (AssertionError, ValueError, KeyError) as exc:
+            if not current:
+                raise
+            name, shape = current[0]
+            reason = str(exc).split(". The available", 1)[0].strip() or type(exc).__name__
+            raise ValueError(f"checkpoint tensor {name!r} (shape {list(shape)}) cannot be loaded: {reason}") from exc
