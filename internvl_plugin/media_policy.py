@@ -148,7 +148,13 @@ def parse_allow(spec: str) -> tuple[frozenset[str], tuple[Any, ...]]:
 # image bytes
 # ---------------------------------------------------------------------------------------------------------
 def image_size(data: bytes) -> tuple[int, int, str]:
-    """Width, height and PIL format name from the image's header, without decoding pixels or PIL's bomb guard.
+    """Width, height and PIL format name from the image's header, without decoding pixels or PIL's bomb guard."""
+    im = _open_header(data)
+    return im.size[0], im.size[1], im.format
+
+
+def _open_header(data: bytes) -> Any:
+    """The PIL image with only its header read.
 
     Image.open would raise DecompressionBombError (no size in it) before we could say how big the image is, so
     the format plugins are tried directly, as Image.open does. Raises MediaRefused when no format knows it.
@@ -169,20 +175,26 @@ def image_size(data: bytes) -> tuple[int, int, str]:
             im = factory(io.BytesIO(data), "")
         except (SyntaxError, IndexError, TypeError, ValueError, OSError, EOFError, Image.DecompressionBombError):
             continue
-        return im.size[0], im.size[1], fmt
+        return im
     raise MediaRefused("not an image in a supported format")
 
 
 def check_image_bytes(data: bytes, policy: MediaPolicy) -> str:
-    """Refuse an empty payload, one over the byte limit, or more pixels than the limit; return the format."""
+    """Refuse an empty payload, one over the byte limit, more pixels than the limit, or pixels that do not decode;
+    return the format. Decoding here too (vLLM decodes again) is what lets the refusal name the image."""
     if not data:
         raise MediaRefused("empty image")
     if len(data) > policy.max_bytes:
         raise MediaRefused(f"{len(data)} bytes, over the limit of {policy.max_bytes} ({MAX_BYTES_ENV})")
-    w, h, fmt = image_size(data)
+    im = _open_header(data)
+    (w, h), fmt = im.size, im.format
     if policy.max_pixels > 0 and w * h > policy.max_pixels:
         raise MediaRefused(f"{w}x{h} is {w * h} pixels, over the limit of {policy.max_pixels} "
                            "(VLLM_MAX_IMAGE_PIXELS)")
+    try:
+        im.load()
+    except (OSError, SyntaxError, ValueError, EOFError, IndexError) as exc:
+        raise MediaRefused(f"damaged {fmt} image ({w}x{h}): {' '.join(str(exc).split()) or type(exc).__name__}") from None
     return fmt
 
 

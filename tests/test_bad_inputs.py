@@ -96,9 +96,10 @@ BAD_DATA = {
     "empty data URL": ("data:image/png;base64,", 400, "image 1 (data URL): empty image"),
     "data URL not base64": ("data:image/png;base64,%%%not-base64%%%", 400, "payload is not valid base64"),
     "data URL without payload": ("data:image/png;base64", 400, "data URL without a ','"),
-    "truncated PNG": (data_url(PNG[: len(PNG) // 2]), 400, "image"),
-    "truncated JPEG": (data_url(JPEG[: len(JPEG) // 2], "image/jpeg"), 400, "image"),
-    "PNG header with a corrupt IDAT": (data_url(png_header_only(64, 64)), 400, "image"),
+    "truncated PNG": (data_url(PNG[: len(PNG) // 2]), 400, "image 1 (data URL): damaged PNG image (64x48): "),
+    "truncated JPEG": (data_url(JPEG[: len(JPEG) // 2], "image/jpeg"), 400, "image 1 (data URL): "),
+    "PNG header with a corrupt IDAT": (data_url(png_header_only(64, 64)), 400,
+                                       "image 1 (data URL): damaged PNG image (64x64): image file is truncated"),
     "file:// URL": ("file:///etc/passwd", 400, "image 1 (file:///etc/passwd): file:// URLs are refused: the "
                                                "server was started without --allowed-local-media-path"),
     "ftp:// URL": ("ftp://example.org/cat.png", 400, "image 1 (ftp://example.org/cat.png): unsupported URL "

@@ -99,7 +99,9 @@ def test_bomb_size_read_from_header():
     with pytest.raises(MediaRefused, match=r"^40000x40000 is 1600000000 pixels, over the limit of 178956970 "
                                            r"\(VLLM_MAX_IMAGE_PIXELS\)$"):
         check_image_bytes(png_header_only(40000, 40000), MediaPolicy())
-    assert check_image_bytes(png_header_only(13000, 13000), MediaPolicy()) == "PNG"   # 169 M: under
+    assert image_size(png_header_only(13000, 13000)) == (13000, 13000, "PNG")   # 169 M: under the limit...
+    with pytest.raises(MediaRefused, match=r"^damaged PNG image \(13000x13000\): image file is truncated"):
+        check_image_bytes(png_header_only(13000, 13000), MediaPolicy())          # ...but no pixels behind it
 
 
 @pytest.mark.parametrize("data,fragment", [
@@ -107,6 +109,7 @@ def test_bomb_size_read_from_header():
     (b"<html><body>not an image</body></html>", "not an image in a supported format"),
     (b'<svg xmlns="http://www.w3.org/2000/svg" width="10" height="10"/>', "not an image in a supported format"),
     (b"\x00" * 2000, "not an image"),
+    (png()[:-30], r"damaged PNG image \(32x24\): "),
 ])
 def test_bad_bytes(data, fragment):
     with pytest.raises(MediaRefused, match=fragment):
