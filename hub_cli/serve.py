@@ -29,6 +29,7 @@ from typing import Any
 
 from hub_cli.errors import NotFoundError, UsageError
 from hub_cli.fetch import is_repo_id
+from internvl_plugin import media_policy
 from internvl_plugin.awq_checkpoint import (METHOD_NAME, FoundQuantizationConfig, find_quantization_config,
                                            group_size_or_default)
 
@@ -52,8 +53,8 @@ COMPLETE_MARKER = Path(".hub_cli") / "serve-complete.json"
 # The media policy (internvl_plugin/media_policy.py) checks and fetches every request image itself and hands vLLM
 # data URLs; vLLM's own fetcher is then limited to a domain that cannot exist, so an image URL in a request the
 # middleware does not read (another endpoint) is refused instead of fetched unchecked.
-MEDIA_MIDDLEWARE = "internvl_plugin.media_policy.MediaPolicyMiddleware"
-MEDIA_ALLOW_ENV = "VLLM_INTERNVL_MEDIA_ALLOW"
+MEDIA_MIDDLEWARE = media_policy.MIDDLEWARE
+MEDIA_ALLOW_ENV = media_policy.ALLOW_ENV
 NO_VLLM_FETCH_DOMAIN = "media-fetched-by-vllm-internvl.invalid"
 
 # vLLM flags that our own options set; given after "--" too, they would contradict each other.
@@ -228,10 +229,8 @@ def plan_server(model_dir: str | os.PathLike[str], *, server_name: str = DEFAULT
 def _plan_media_policy(plan: ServerPlan, allow: str | None, given: set[str]) -> None:
     """Image URLs: public http(s) addresses only, unless ``allow`` (hosts, addresses, CIDR ranges) says more."""
     if allow:
-        from internvl_plugin.media_policy import parse_allow
-
         try:
-            parse_allow(allow)
+            media_policy.parse_allow(allow)
         except ValueError as exc:
             raise UsageError(f"--allow-media-hosts: {exc}") from None
         plan.env[MEDIA_ALLOW_ENV] = allow

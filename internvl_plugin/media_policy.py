@@ -39,12 +39,13 @@ import os
 import socket
 import urllib.parse
 from collections.abc import Iterable, Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 __all__ = ["MediaPolicy", "MediaRefused", "MediaPolicyMiddleware", "address_refusal", "image_size",
-           "check_image_bytes", "fetch_image_bytes", "ALLOW_ENV", "MAX_BYTES_ENV", "MAX_REDIRECTS"]
+           "check_image_bytes", "fetch_image_bytes", "parse_allow", "resolve_images", "ALLOW_ENV", "MAX_BYTES_ENV",
+           "MAX_REDIRECTS", "MIDDLEWARE"]
 
 ALLOW_ENV = "VLLM_INTERNVL_MEDIA_ALLOW"
 MAX_BYTES_ENV = "VLLM_INTERNVL_MEDIA_MAX_BYTES"
@@ -96,7 +97,6 @@ class MediaPolicy:
     max_bytes: int = DEFAULT_MAX_BYTES
     max_pixels: int = DEFAULT_MAX_PIXELS
     local_media_path: Path | None = None
-    allow_spec: str = field(default="", compare=False)
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, *, local_media_path: str | None = None
@@ -107,8 +107,7 @@ class MediaPolicy:
                    timeout_s=float(env.get("VLLM_IMAGE_FETCH_TIMEOUT") or DEFAULT_TIMEOUT_S),
                    max_bytes=int(env.get(MAX_BYTES_ENV) or DEFAULT_MAX_BYTES),
                    max_pixels=int(env.get("VLLM_MAX_IMAGE_PIXELS") or DEFAULT_MAX_PIXELS),
-                   local_media_path=Path(local_media_path).resolve() if local_media_path else None,
-                   allow_spec=env.get(ALLOW_ENV, ""))
+                   local_media_path=Path(local_media_path).resolve() if local_media_path else None)
 
     def host_allowed(self, host: str) -> bool:
         return host.lower().rstrip(".") in self.allowed_hosts
@@ -410,7 +409,7 @@ class MediaPolicyMiddleware:
             body = json.loads(raw)
         except ValueError:
             body = None          # vLLM answers a malformed body itself
-        if body is not None and b"image_url" in raw:
+        if body is not None:   # no byte-level pre-filter: JSON may spell the key "image\u005furl"
             try:
                 if await resolve_images(body, self.policy(scope)):
                     raw = json.dumps(body).encode()

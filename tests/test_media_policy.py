@@ -321,6 +321,12 @@ def test_middleware_answers_400_in_vllms_error_shape():
     assert error["message"].startswith("image 1 (file:///etc/passwd): file:// URLs are refused")
 
 
+def test_middleware_reads_escaped_keys():
+    body = json.dumps(chat_body("file:///etc/passwd")).replace("image_url", "image\\u005furl").encode()
+    assert b"image_url" not in body
+    assert run_middleware(body)[0] == 400
+
+
 def test_middleware_passes_good_and_unparsable_bodies_unchanged():
     good = json.dumps(chat_body(data_url(png()))).encode()
     assert run_middleware(good)[0] == 200 and run_middleware(good)[2]["body"] == good
