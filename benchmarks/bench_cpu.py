@@ -11,7 +11,8 @@ plugin's checkpoint, ``internvl_kernels.quantize_awq``), and a dense bfloat16 co
 weights, so that every path computes nearly the same function. transformers runs the same dense
 weights as a LlamaForCausalLM (InternLM2 is Llama with fused wqkv and w1/w3; split here).
 
-Each path runs in a process of its own (peak RSS is that process's), vLLM in-process
+Each path runs in a process of its own (peak RSS is that process's; --wait-load L waits for the
+1-minute load average to drop below L before each, and the table shows it), vLLM in-process
 (VLLM_ENABLE_V1_MULTIPROCESSING=0), ``enforce_eager`` as ``hub_cli serve`` runs on CPU, a 1 GiB KV
 cache, prefix caching off, random prompt token ids. Reported per path: decode tokens/s at batch 1 and
 8 (64-token prompts; (t(1 + D tokens) - t(1 token)) / D), time to first token of one 1024-token prompt,
@@ -63,6 +64,8 @@ def main() -> None:
     ap.add_argument("--prompt-len", type=int, default=1024, help="prompt of the time-to-first-token measurement")
     ap.add_argument("--batch", type=int, nargs="+", default=[1, 8])
     ap.add_argument("--repeats", type=int, default=3, help="each timing is the best of this many runs")
+    ap.add_argument("--wait-load", type=float, default=None, metavar="L",
+                    help="before each path wait (up to 15 min) for the 1-minute load average to drop below L")
     ap.add_argument("--json", help="write the results here")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -74,7 +77,7 @@ def main() -> None:
     print(f"# {machine()}  layers={args.layers}  load1={os.getloadavg()[0]:.2f}", flush=True)
     results = []
     for path in args.paths:
-        load = os.getloadavg()[0]
+        load = wait_for_load(args.wait_load) if args.wait_load else os.getloadavg()[0]
         cmd = [sys.executable, __file__, "--worker", path, "--layers", str(args.layers), "--work-dir", args.work_dir,
                "--decode-tokens", str(args.decode_tokens), "--prompt-len", str(args.prompt_len),
                "--repeats", str(args.repeats), "--batch", *map(str, args.batch)]
@@ -303,6 +306,15 @@ def llama_state_dict(state: dict, cfg: dict) -> dict:
 
 
 # ------------------------------------------------------------------------------------------ report
+
+
+def wait_for_load(limit: float, every_s: int = 30, max_s: int = 900) -> float:
+    """The 1-minute load average once it is below `limit` (or after max_s): a shared machine's other work
+    would otherwise be in the timings."""
+    deadline = time.monotonic() + max_s
+    while (load := os.getloadavg()[0]) >= limit and time.monotonic() < deadline:
+        time.sleep(every_s)
+    return load
 
 
 def rss_now() -> int:
