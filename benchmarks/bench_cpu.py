@@ -15,7 +15,8 @@ Each path runs in a process of its own (peak RSS is that process's; --wait-load 
 1-minute load average to drop below L before each, and the table shows it), vLLM in-process
 (VLLM_ENABLE_V1_MULTIPROCESSING=0), ``enforce_eager`` as ``hub_cli serve`` runs on CPU, a 1 GiB KV
 cache, prefix caching off, random prompt token ids. Reported per path: decode tokens/s at batch 1 and
-8 (64-token prompts; (t(1 + D tokens) - t(1 token)) / D), time to first token of one 1024-token prompt,
+8 (64-token prompts, D new tokens; the tokens after the first over the time from the first to the last, from
+vLLM's per-request timestamps or a transformers streamer), time to first token of one 1024-token prompt,
 peak RSS, and the kernel each W4A16 path used. Paths that cannot run here (e.g. stock AWQ where the
 vLLM build has no CPU int4 kernel) report the one-line error.
 """
@@ -196,10 +197,9 @@ def run_path(path: str, args) -> dict:
 
     runner.generate(prompts(1, 16), 2)  # warm-up: first-call allocations
     for batch in args.batch:  # best of --repeats: on a shared machine the least disturbed run
-        first = min(runner.generate(prompts(batch, 64), 1) for _ in range(args.repeats))
-        total = min(runner.generate(prompts(batch, 64), 1 + args.decode_tokens) for _ in range(args.repeats))
-        result[f"decode_tok_s_b{batch}"] = round(batch * args.decode_tokens / (total - first), 2)
-    ttft = min(runner.generate(prompts(1, args.prompt_len), 1) for _ in range(args.repeats))
+        rate = max(runner.generate(prompts(batch, 64), 1 + args.decode_tokens)[1] for _ in range(args.repeats))
+        result[f"decode_tok_s_b{batch}"] = round(rate, 2)
+    ttft = min(runner.generate(prompts(1, args.prompt_len), 1)[0] for _ in range(args.repeats))
     result[f"ttft_{args.prompt_len}_s"] = round(ttft, 2)
     result["peak_rss_gib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)
     result["threads"] = torch.get_num_threads()
@@ -212,7 +212,7 @@ class VLLMRunner:
 
         t = time.perf_counter()
         self.llm = LLM(model=str(folder), dtype=dtype, max_model_len=MAX_MODEL_LEN, enforce_eager=True,
-                       skip_tokenizer_init=True, enable_prefix_caching=False, max_num_seqs=8,
+                       skip_tokenizer_init=True, enable_prefix_caching=False, max_num_seqs=8, disable_log_stats=False,
                        max_num_batched_tokens=MAX_MODEL_LEN, seed=0, **llm_kwargs)
         self.info = {"load_s": round(time.perf_counter() - t, 1),
                      "quantization": self.llm.llm_engine.model_config.quantization}
@@ -220,13 +220,18 @@ class VLLMRunner:
         if kernels:
             self.info["kernels"] = kernels
 
-    def generate(self, prompts: list[list[int]], max_tokens: int) -> float:
+    def generate(self, prompts: list[list[int]], max_tokens: int) -> tuple[float, float]:
+        """(wall seconds, decode tokens/s: the tokens after each request's first over the time from the
+        last first token to the last token, from the engine's per-request timestamps)."""
         from vllm import SamplingParams, TokensPrompt
 
         params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True, detokenize=False)
         t = time.perf_counter()
-        self.llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False)
-        return time.perf_counter() - t
+        outs = self.llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False)
+        wall = time.perf_counter() - t
+        stats = [o.metrics for o in outs]
+        span = max(m.last_token_ts for m in stats) - max(m.first_token_ts for m in stats)
+        return wall, sum(m.num_generation_tokens - 1 for m in stats) / span if span > 0 else float("nan")
 
 
 def _int4_kernels(model) -> str:
@@ -268,15 +273,30 @@ class HFRunner:
         self.model = model.eval()
         self.info = {"load_s": round(time.perf_counter() - t, 1), "quantization": None}
 
-    def generate(self, prompts: list[list[int]], max_tokens: int) -> float:
+    def generate(self, prompts: list[list[int]], max_tokens: int) -> tuple[float, float]:
+        """(wall seconds, decode tokens/s after the first new token, timed by a streamer)."""
         import torch
+        from transformers.generation.streamers import BaseStreamer
 
-        ids = torch.tensor(prompts)
+        class Clock(BaseStreamer):
+            def __init__(self):
+                self.times = []
+
+            def put(self, value):  # the prompt first, then each step's new tokens
+                self.times.append(time.perf_counter())
+
+            def end(self):
+                pass
+
+        ids, clock = torch.tensor(prompts), Clock()
         t = time.perf_counter()
         with torch.inference_mode():
             self.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_tokens,
-                                min_new_tokens=max_tokens, do_sample=False)
-        return time.perf_counter() - t
+                                min_new_tokens=max_tokens, do_sample=False, streamer=clock)
+        wall = time.perf_counter() - t
+        steps = clock.times[1:]  # new tokens
+        span = steps[-1] - steps[0] if len(steps) > 1 else 0.0
+        return wall, len(prompts) * (len(steps) - 1) / span if span > 0 else float("nan")
 
 
 def llama_state_dict(state: dict, cfg: dict) -> dict:
