@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 from hub_cli.launch import connect_host, curl_example, server_argv
+from internvl_plugin.cpu_dtype import choose_cpu_dtype
 
 SERVED_NAME = "tiny-internvl"
 
@@ -24,5 +25,5 @@ def ready_message(host: str, port: int) -> str:
 def demo_server_argv(model_dir: str | os.PathLike[str], host: str, port: int) -> list[str]:
     """The server command for the tiny model: small limits, no compilation, so that it starts in about 30 s on CPU."""
     return server_argv(str(model_dir), host=host, port=port, extra=[
-        "--served-model-name", SERVED_NAME, "--dtype", "bfloat16", "--max-model-len", "4096",
+        "--served-model-name", SERVED_NAME, "--dtype", choose_cpu_dtype().dtype, "--max-model-len", "4096",
         "--enforce-eager", "--max-num-seqs", "4", "--limit-mm-per-prompt", '{"image": 2}'])

@@ -30,6 +30,7 @@ from typing import Any
 from hub_cli.errors import NotFoundError, UsageError
 from hub_cli.fetch import is_repo_id
 from internvl_plugin import media_policy
+from internvl_plugin.cpu_dtype import choose_cpu_dtype
 from internvl_plugin.awq_checkpoint import (METHOD_NAME, FoundQuantizationConfig, find_quantization_config,
                                            group_size_or_default)
 
@@ -209,8 +210,10 @@ def plan_server(model_dir: str | os.PathLike[str], *, server_name: str = DEFAULT
     weights = _weight_bytes(config, model_dir, quant_cfg)
     if on_cpu:
         _plan_cpu_memory(plan, config, weights, cache_max_entry_count, session_len, tp, memory, environ, given)
-        if "--dtype" not in given:
-            args += ["--dtype", "bfloat16"]
+        if "--dtype" not in given:  # bfloat16 where the CPU has it, else float32; AWQ bfloat16 (cpu_dtype.py)
+            choice = choose_cpu_dtype(quantized=quant_cfg is not None and quant_cfg.is_awq)
+            args += ["--dtype", choice.dtype]
+            notes.append(f"--dtype {choice.reason}")
         if not given & set(_COMPILE_FLAGS):
             args += ["--enforce-eager"]   # inductor compilation costs 20 s+ at start-up on CPU
     elif cache_max_entry_count is not None:
