@@ -7,8 +7,8 @@ capped to AVX2 through ATEN_CPU_CAPABILITY, ONEDNN_MAX_CPU_ISA and MKL_ENABLE_IN
 
 * With AVX512-BF16 or AMX-BF16 (x86) or BF16 (Arm ``FEAT_BF16``) bfloat16 GEMMs run on bfloat16
   instructions. vLLM, InternLM2-1.8B shapes (benchmarks/bench_cpu.py): bfloat16 decodes 1.8x (batch 1)
-  and 2.2x (batch 8) float32's speed and fills a 1024-token prompt 4.3x faster; float16 is no faster
-  than float32 there.
+  and 2.2x (batch 8) float32's speed and fills a 1024-token prompt 4.3x faster; float16 is within 10% of
+  float32 there.
 * Without them PyTorch/oneDNN convert bfloat16 in software. One decoder layer's linears, AVX2:
   bfloat16 vs float32 7.6 vs 9.0 ms at 1 row (half the bytes), 32.6 vs 20.5 at 8 rows, 236 vs 57 at 64.
 * W4A16 is the exception: PyTorch's int4 kernel (``quant_cpu.py``) is vectorised for bfloat16
