@@ -131,3 +131,32 @@ def cli_server(argv, log, *, port, drop_env=("VLLM_ENABLE_V1_MULTIPROCESSING", "
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
     assert proc.returncode in (0, 130), log.read_text()[-2000:]
+
+
+def random_image(w: int, h: int, seed: int):
+    """A w x h RGB PIL image of seeded random pixels."""
+    import torch
+    from PIL import Image
+
+    g = torch.Generator().manual_seed(seed)
+    return Image.fromarray(torch.randint(0, 256, (h, w, 3), generator=g, dtype=torch.uint8).numpy())
+
+
+@pytest.fixture(scope="session")
+def awq_model(tiny_model, tmp_path_factory):
+    """awq_model(layout, producer, group_size) -> (quantized folder, dense dequantized folder), each built
+    once per session and shared by the GPU-layout and CPU int4 tests."""
+    from quant_helpers import dequantized_copy, quantize_tiny_checkpoint
+
+    root = tmp_path_factory.mktemp("awq-models")
+    built = {}
+
+    def get(layout, producer, group_size):
+        key = (layout, producer, group_size)
+        if key not in built:
+            name = f"{layout}-{producer}-g{group_size}"
+            quant = quantize_tiny_checkpoint(tiny_model(layout), root / name, layout=producer, group_size=group_size)
+            built[key] = quant, dequantized_copy(quant, root / f"{name}-dense")
+        return built[key]
+
+    return get

@@ -14,9 +14,8 @@ import re
 
 import pytest
 import torch
-from conftest import make_llm, release_llm
-from PIL import Image
-from quant_helpers import dequantized_copy, edited_copy, quantize_tiny_checkpoint
+from conftest import make_llm, random_image, release_llm
+from quant_helpers import edited_copy
 from reference import (IMG_CONTEXT_TOKEN, load_reference, ref_load_image, ref_num_image_token_per_tile,
                        ref_num_image_tokens)
 
@@ -54,29 +53,7 @@ QUANT_LOG = _Recorder()
 logging.getLogger(f"vllm.{AWQW4A16Config.__module__}").addFilter(QUANT_LOG)
 
 
-def _image(w, h, seed):
-    g = torch.Generator().manual_seed(seed)
-    return Image.fromarray(torch.randint(0, 256, (h, w, 3), generator=g, dtype=torch.uint8).numpy())
-
-
-IMAGE = _image(640, 480, 1)
-
-
-@pytest.fixture(scope="session")
-def awq_model(tiny_model, tmp_path_factory):
-    """awq_model(layout, producer, group_size) -> (quantized folder, dense dequantized folder)."""
-    root = tmp_path_factory.mktemp("awq-models")
-    built = {}
-
-    def get(layout, producer, group_size):
-        key = (layout, producer, group_size)
-        if key not in built:
-            name = f"{layout}-{producer}-g{group_size}"
-            quant = quantize_tiny_checkpoint(tiny_model(layout), root / name, layout=producer, group_size=group_size)
-            built[key] = quant, dequantized_copy(quant, root / f"{name}-dense")
-        return built[key]
-
-    return get
+IMAGE = random_image(640, 480, 1)
 
 
 @pytest.fixture(scope="module", params=CASES, ids=["-".join(map(str, c)) for c in CASES])

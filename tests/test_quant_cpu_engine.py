@@ -28,9 +28,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_llm, release_llm
-from PIL import Image
-from quant_helpers import dequantized_copy, quantize_tiny_checkpoint
+from conftest import make_llm, random_image, release_llm
 
 LOGPROB_ATOL = 1e-4
 BF16_LOGPROB_ATOL = 0.25  # 1.6x the largest drift measured, W4A16 or dense (docstring)
@@ -49,36 +47,14 @@ CASES = [
 PROMPT = "Describe the image in detail, then say what the weather is like in it."
 
 
-def _image(w, h, seed):
-    g = torch.Generator().manual_seed(seed)
-    return Image.fromarray(torch.randint(0, 256, (h, w, 3), generator=g, dtype=torch.uint8).numpy())
-
-
-IMAGE = _image(448, 448, 2)
-
-
-@pytest.fixture(scope="session")
-def awq_checkpoint(tiny_model, tmp_path_factory):
-    """awq_checkpoint(layout, producer, group_size) -> (quantized folder, dense dequantized folder)."""
-    root = tmp_path_factory.mktemp("awq-cpu-models")
-    built = {}
-
-    def get(layout, producer, group_size):
-        key = (layout, producer, group_size)
-        if key not in built:
-            name = f"{layout}-{producer}-g{group_size}"
-            quant = quantize_tiny_checkpoint(tiny_model(layout), root / name, layout=producer, group_size=group_size)
-            built[key] = quant, dequantized_copy(quant, root / f"{name}-dense")
-        return built[key]
-
-    return get
+IMAGE = random_image(448, 448, 2)
 
 
 @pytest.fixture(scope="module", params=CASES, ids=["-".join(map(str, c)) for c in CASES])
-def engine(request, awq_checkpoint, monkeypatch_module):
+def engine(request, awq_model, monkeypatch_module):
     monkeypatch_module.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     layout, producer, group_size, dtype = request.param
-    quant, dense = awq_checkpoint(layout, producer, group_size)
+    quant, dense = awq_model(layout, producer, group_size)
     llm = make_llm(quant, dtype=dtype, limit_mm_per_prompt={} if layout == "internlm2" else {"image": 1})
     yield request.param, quant, dense, llm
     release_llm(llm)
@@ -188,9 +164,9 @@ print("RESULT " + json.dumps({"tokens": list(out.outputs[0].token_ids), "logprob
 
 
 @pytest.mark.slow
-def test_tensor_parallel_2_matches_the_reference(awq_checkpoint, tmp_path):
+def test_tensor_parallel_2_matches_the_reference(awq_model, tmp_path):
     """Two CPU workers (one core each): each holds half of every layer, repacked on its own."""
-    quant, dense = awq_checkpoint("internlm2", "ours", 32)
+    quant, dense = awq_model("internlm2", "ours", 32)
     ids = [1, 333, 276, 301, 290, 262, 314, 355, 270, 281, 317, 293]
     env = {**os.environ, "VLLM_CPU_OMP_THREADS_BIND": "0|1"}
     env.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)
