@@ -36,10 +36,9 @@ def _awq(k, n, group_size, dtype, seed=0):
     return qweight, qzeros, scales.to(dtype)
 
 
-def _need(plan, dtype):
-    missing = [k for k in PLANS[plan] if k not in available_kernels(dtype)]
-    if missing:
-        pytest.skip(f"{', '.join(missing)} does not run here with {dtype}")
+def _runs_here(plan, dtype):
+    """Whether every kernel of `plan` works in this process with `dtype` activations (the probe)."""
+    return all(k in available_kernels(dtype) for k in PLANS[plan])
 
 
 def test_probe_finds_pytorch_kernel_for_every_dtype():
@@ -48,17 +47,27 @@ def test_probe_finds_pytorch_kernel_for_every_dtype():
     assert "wna16-amx" not in available_kernels(torch.float16)  # never probed: it would abort the process
 
 
+def _applicable(plan, dtype, shape):
+    """The plan's kernels run here and take the shape (a SHAPES row, or a group size for 512 x 192); random
+    inputs in float32 (int4pack: PyTorch's scalar loop) only up to 2^21 multiply-adds: the big ones are
+    slow and check nothing the small ones miss."""
+    if not isinstance(shape, tuple):
+        return _runs_here(plan, dtype) and plan_accepts(plan, 512, 192, shape, dtype)
+    k, n, group_size, rows, _ = shape
+    if dtype == torch.float32 and k * n * rows[-1] > 2**21:
+        return False
+    return _runs_here(plan, dtype) and plan_accepts(plan, k, n, group_size, dtype)
+
+
 def _cases(plans, shapes):
-    """(plan, dtype, shape) for every combination the plan's kernels take."""
+    """(plan, dtype, shape) for every combination that applies here (no skips: the rest are left out)."""
     return [pytest.param(p, d, s, id=f"{p}-{str(d)[6:]}-{s[-1] if isinstance(s, tuple) else s}")
-            for p in plans for d in DTYPES for s in shapes
-            if plan_accepts(p, *((s[0], s[1], s[2]) if isinstance(s, tuple) else (512, 192, s)), d)]
+            for p in plans for d in DTYPES for s in shapes if _applicable(p, d, s)]
 
 
 @pytest.mark.parametrize("kernel,dtype,group_size", _cases(SINGLE, [32, 64, 128, 256]))
 def test_identity_gives_the_dequantized_weight(kernel, dtype, group_size):
     k, n = 512, 192
-    _need(kernel, dtype)
     qweight, qzeros, scales = _awq(k, n, group_size, dtype)
     zeros = unpack_awq_int4(qzeros)
     assert zeros.min() == 0 and zeros.max() == 15  # the zero points cover the whole range
@@ -90,9 +99,6 @@ SHAPES = [  # (K, N, G, rows, id): tiny-model and InternLM2-1.8B-like shapes, od
 @pytest.mark.parametrize("plan,dtype,shape", _cases(list(PLANS), SHAPES))
 def test_random_inputs_match_the_float_reference(plan, dtype, shape):
     k, n, group_size, rows, _ = shape
-    _need(plan, dtype)
-    if dtype == torch.float32 and k * n * rows[-1] > 2**21:
-        pytest.skip("float32 int4pack is PyTorch's scalar loop: big shapes are slow and add nothing")
     qweight, qzeros, scales = _awq(k, n, group_size, dtype, seed=k + n)
     gen = torch.Generator().manual_seed(1)
     x = torch.randn(*rows, k, generator=gen).to(dtype)
@@ -106,9 +112,8 @@ def test_random_inputs_match_the_float_reference(plan, dtype, shape):
     assert err <= TOLERANCE[dtype] * scale, f"max error {err:.3g} = {err / scale:.2g} of the partial sums' scale"
 
 
-def test_two_kernel_plan_takes_int4pack_for_few_rows_and_wna16_above():
-    plan = "int4pack+wna16-amx"
-    _need(plan, torch.bfloat16)
+@pytest.mark.parametrize("plan", [p for p in PLANS if len(PLANS[p]) == 2 and _runs_here(p, torch.bfloat16)])
+def test_two_kernel_plan_takes_int4pack_for_few_rows_and_wna16_above(plan):
     k, n, group_size = 256, 128, 64
     awq = _awq(k, n, group_size, torch.bfloat16)
     both = pack_awq(*awq, group_size, plan)

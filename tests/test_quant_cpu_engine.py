@@ -50,8 +50,15 @@ PROMPT = "Describe the image in detail, then say what the weather is like in it.
 IMAGE = random_image(448, 448, 2)
 
 
-@pytest.fixture(scope="module", params=CASES, ids=["-".join(map(str, c)) for c in CASES])
+ENGINES = [pytest.param(c, id="-".join(map(str, c))) for c in CASES]
+# the image prompt only for the InternVL checkpoints (the InternLM2 ones are text-only)
+PROMPTS = [pytest.param(c, with_image, id="-".join(map(str, c)) + ("-image" if with_image else "-text"))
+           for c in CASES for with_image in (False, True) if not (with_image and c[0] == "internlm2")]
+
+
+@pytest.fixture(scope="module")
 def engine(request, awq_model, monkeypatch_module):
+    """One engine per CASES row (tests parametrize it indirectly), shared by the module's tests."""
     monkeypatch_module.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     layout, producer, group_size, dtype = request.param
     quant, dense = awq_model(layout, producer, group_size)
@@ -112,6 +119,7 @@ def _plans(model):
                    or hasattr(m, "cpu_int4_plan")}, key=str)
 
 
+@pytest.mark.parametrize("engine", ENGINES, indirect=True)
 def test_layers_run_the_planned_kernels(engine):
     from internvl_plugin.quant_cpu import choose_plan
 
@@ -122,14 +130,12 @@ def test_layers_run_the_planned_kernels(engine):
     assert expected == "int4pack" or dtype == "bfloat16"
 
 
-@pytest.mark.parametrize("with_image", [False, True], ids=["text", "image"])
+@pytest.mark.parametrize("engine,with_image", PROMPTS, indirect=["engine"], scope="module")
 def test_tokens_and_logprobs_match_the_reference(engine, reference, with_image):
     from reference.internvl import IMG_CONTEXT_TOKEN, ref_load_image, ref_num_image_tokens
 
     case, _, _, llm = engine
     model, tok, ctx_id = reference
-    if with_image and case[0] == "internlm2":
-        pytest.skip("text-only model")
     prompt = ("<image>\n" if with_image else "") + PROMPT
     request, pixel_values = {"prompt": prompt}, None
     if with_image:
