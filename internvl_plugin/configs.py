@@ -18,6 +18,7 @@ __all__ = [
     "InternLM2Config",
     "InternVisionConfig",
     "InternVLChatConfig",
+    "InternLMXComposer2Config",
     "register_configs",
 ]
 
@@ -100,6 +101,12 @@ def _llm_config_from_dict(llm_config: dict[str, Any]) -> PreTrainedConfig:
                          f"expected one of {sorted(by_arch)}")
     cfg = dict(llm_config)
     cfg.pop("model_type", None)
+    scaling = cfg.get("rope_scaling")
+    if isinstance(scaling, dict) and scaling.get("type") == "su":
+        # Phi-3-128k's 2024 spelling of LongRoPE (Mini-InternVL-Chat-4B-V1-5, InternVL2-4B). transformers 5.19
+        # renames it only after it has looked for rope types needing original_max_position_embeddings, and then
+        # refuses the config for lacking that key
+        cfg["rope_scaling"] = {**{k: v for k, v in scaling.items() if k != "type"}, "rope_type": "longrope"}
     return by_arch[arch](**cfg)
 
 
@@ -134,12 +141,38 @@ class InternVLChatConfig(PreTrainedConfig):
         self.hidden_size = llm_config.hidden_size
 
 
-CONFIG_CLASSES = (InternVisionConfig, InternLM2Config, InternVLChatConfig)
+XCOMPOSER2_ARCH = "InternLMXComposer2ForCausalLM"
+
+
+def _names_xcomposer2(auto_map: object) -> bool:
+    values = auto_map.values() if isinstance(auto_map, dict) else []
+    return any(XCOMPOSER2_ARCH in str(v) for v in values)
+
+
+class InternLMXComposer2Config(InternLM2Config):
+    """InternLM-XComposer2 (VL-7B, VL-1.8B, 7B, 4KHD, 2.5): InternLM2 fields plus ``img_size`` and
+    ``max_length`` (spec xcomposer2.md §1). 4KHD's config.json names ``InternLM2ForCausalLM``;
+    when ``auto_map`` points at XComposer2's model class the architecture is corrected here, so
+    vLLM builds the XComposer2 class (the declared name is kept as ``declared_architecture``)."""
+
+    model_type = "internlmxcomposer2"
+
+    def __init__(self, img_size=None, max_length=None, **kwargs):
+        archs = list(kwargs.get("architectures") or [])
+        if archs and archs[0] != XCOMPOSER2_ARCH and _names_xcomposer2(kwargs.get("auto_map")):
+            kwargs.setdefault("declared_architecture", archs[0])
+            kwargs["architectures"] = [XCOMPOSER2_ARCH]
+        self.img_size = img_size
+        self.max_length = max_length
+        super().__init__(**kwargs)
+
+
+CONFIG_CLASSES = (InternVisionConfig, InternLM2Config, InternVLChatConfig, InternLMXComposer2Config)
 
 
 def register_configs() -> None:
     """Register config and tokenizer classes with transformers' Auto classes (idempotent)."""
-    from internvl_plugin.tokenizer import InternLM2Tokenizer
+    from internvl_plugin.tokenizer import InternLM2Tokenizer, InternLMXComposer2Tokenizer
 
     for cls in CONFIG_CLASSES:
         AutoConfig.register(cls.model_type, cls, exist_ok=True)
@@ -147,3 +180,4 @@ def register_configs() -> None:
     # class resolves a registered class whose __name__ matches, so no remote code runs.
     for cfg_cls in (InternLM2Config, InternVLChatConfig):
         AutoTokenizer.register(cfg_cls, slow_tokenizer_class=InternLM2Tokenizer, exist_ok=True)
+    AutoTokenizer.register(InternLMXComposer2Config, slow_tokenizer_class=InternLMXComposer2Tokenizer, exist_ok=True)

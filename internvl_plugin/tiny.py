@@ -44,6 +44,10 @@ LAYOUTS: dict[str, dict[str, Any]] = {
     "internvl-chat-v1-5": dict(llm="internlm2", vit="6b", ps_version="v1", template="internlm2-chat"),
     # InternVL2.5-2B-like: v2, internvl2_5 template
     "internvl2_5-2b": dict(llm="internlm2", vit="300m", ps_version="v2", template="internvl2_5"),
+    # Mini-InternVL-Chat-4B-V1-5: InternViT-300M + Phi-3-mini (tiny_backbones.py), ps v2, phi3-chat
+    "mini-internvl-4b": dict(llm="phi3", vit="300m", ps_version="v2", template="phi3-chat"),
+    # InternVL2-40B: InternViT-6B style + Nous-Hermes-2-Yi-34B (Llama, Yi tokenizer), ps v2, Hermes-2
+    "internvl2-40b": dict(llm="llama", vit="6b", ps_version="v2", template="Hermes-2"),
     # text-only InternLM2 chat model (no vision)
     "internlm2": dict(llm="internlm2", vit=None, template="internlm2-chat"),
 }
@@ -101,6 +105,12 @@ def _write_model(spec: dict[str, Any], out: Path, seed: int, max_dynamic_patch: 
         vocab_size = _write_internlm2_tokenizer(out, spec["template"], with_internvl_tokens=spec["vit"] is not None)
         llm_cfg = _internlm2_config(vocab_size)
         llm_weights = _internlm2_weights(llm_cfg, gen)
+    elif spec["llm"] in ("phi3", "llama"):
+        from internvl_plugin.tiny_backbones import write_backbone
+
+        llm_cfg, llm_weights = write_backbone(spec["llm"], out, gen, template_text=template_text(spec["template"]),
+                                              internvl_tokens=INTERNVL_SPECIAL_TOKENS, tiny_llm=TINY_LLM,
+                                              corpus=_corpus_lines())
     else:
         vocab_size = _write_qwen2_tokenizer(out, spec["template"])
         llm_cfg = _qwen2_config(vocab_size)
