@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from transformers.tokenization_utils_sentencepiece import SentencePieceBackend
 
-__all__ = ["InternLM2Tokenizer"]
+__all__ = ["InternLM2Tokenizer", "InternLMXComposer2Tokenizer"]
 
 
 class InternLM2Tokenizer(SentencePieceBackend):
@@ -63,3 +63,7 @@ class InternLM2Tokenizer(SentencePieceBackend):
         if run:
             out.append(self.sp_model.decode(run))
         return "".join(out)
+
+
+class InternLMXComposer2Tokenizer(InternLM2Tokenizer):
+    """The name XComposer2's ``tokenizer_config.json`` gives the same sentencepiece tokenizer."""
