@@ -10,10 +10,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-__all__ = ["TEMPLATE_NAMES", "template_path", "template_text", "fallback_for_model"]
+__all__ = ["TEMPLATE_NAMES", "template_path", "template_text", "fallback_for_model", "xcomposer2_fallback"]
 
 DATA_DIR = Path(__file__).parent / "data"
-TEMPLATE_NAMES = ("internlm2-chat", "Hermes-2", "internvl2_5", "phi3-chat")
+TEMPLATE_NAMES = ("internlm2-chat", "Hermes-2", "internvl2_5", "phi3-chat",
+                  "internlm-xcomposer2", "internlm-xcomposer2d5")
 # the template InternVL's own code falls back to when a config names none
 DEFAULT_TEMPLATE = "internlm2-chat"
 
@@ -45,3 +46,20 @@ def fallback_for_model(tokenizer_name_or_path: str) -> Path | None:
     except (OSError, ValueError):
         return None
     return template_path(name) if name in TEMPLATE_NAMES else None
+
+
+def xcomposer2_fallback(tokenizer_name_or_path: str) -> Path | None:
+    """vLLM chat-template fallback for model_type ``internlmxcomposer2``: 2.5 has no system turn by
+    default, the others open with the default meta instruction (spec xcomposer2.md 6.2)."""
+    config_file = Path(tokenizer_name_or_path) / "config.json"
+    try:
+        config = json.loads(config_file.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return template_path("internlm-xcomposer2")
+    from types import SimpleNamespace
+
+    from internvl_plugin.xcomposer2_image import infer_variant
+
+    declared = SimpleNamespace(**config, declared_architecture=(config.get("architectures") or [None])[0])
+    is_25 = infer_variant(declared) == "2.5"
+    return template_path("internlm-xcomposer2d5" if is_25 else "internlm-xcomposer2")
