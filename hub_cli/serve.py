@@ -57,6 +57,7 @@ COMPLETE_MARKER = Path(".hub_cli") / "serve-complete.json"
 MEDIA_MIDDLEWARE = media_policy.MIDDLEWARE
 MEDIA_ALLOW_ENV = media_policy.ALLOW_ENV
 NO_VLLM_FETCH_DOMAIN = "media-fetched-by-vllm-internvl.invalid"
+_DTYPE_BYTES = {"float32": 4, "float": 4}  # vLLM --dtype values of 4-byte floats; the others are 16-bit
 
 # vLLM flags that our own options set; given after "--" too, they would contradict each other.
 _OWN_FLAGS = {
@@ -207,17 +208,21 @@ def plan_server(model_dir: str | os.PathLike[str], *, server_name: str = DEFAULT
     if kv_dtype:
         args += ["--kv-cache-dtype", kv_dtype]
 
-    weights = _weight_bytes(config, model_dir, quant_cfg)
     if on_cpu:
-        _plan_cpu_memory(plan, config, weights, cache_max_entry_count, session_len, tp, memory, environ, given)
-        if "--dtype" not in given:  # bfloat16 where the CPU has it, else float32; AWQ bfloat16 (cpu_dtype.py)
-            choice = choose_cpu_dtype(quantized=quant_cfg is not None and quant_cfg.is_awq)
+        # bfloat16 where the CPU has it, else float32; AWQ bfloat16 (cpu_dtype.py); the user's --dtype wins. Weights
+        # and KV cache are sized in that dtype (float32: 4 bytes an element).
+        choice = choose_cpu_dtype(_given_value(extra, "--dtype"), quantized=quant_cfg is not None and quant_cfg.is_awq)
+        element = _DTYPE_BYTES.get(choice.dtype, 2)
+        weights = _weight_bytes(config, model_dir, quant_cfg, element)
+        _plan_cpu_memory(plan, config, weights, cache_max_entry_count, session_len, tp, memory, environ, given,
+                         element)
+        if "--dtype" not in given:
             args += ["--dtype", choice.dtype]
             notes.append(f"--dtype {choice.reason}")
         if not given & set(_COMPILE_FLAGS):
             args += ["--enforce-eager"]   # inductor compilation costs 20 s+ at start-up on CPU
     elif cache_max_entry_count is not None:
-        _plan_cuda_memory(plan, weights, cache_max_entry_count, tp, memory)
+        _plan_cuda_memory(plan, _weight_bytes(config, model_dir, quant_cfg), cache_max_entry_count, tp, memory)
 
     if trust_request_mm_kwargs and "--trust-request-mm-kwargs" not in given:
         args += ["--trust-request-mm-kwargs"]
@@ -361,31 +366,53 @@ def _check_model_format(model_format: str | None, quant_cfg: FoundQuantizationCo
     raise UsageError(f"--model-format must be hf or awq, not {model_format!r}")
 
 
-def _weight_bytes(config: Mapping[str, Any], model_dir: Path,
-                  quant_cfg: FoundQuantizationConfig | None) -> tuple[int, str]:
-    """Bytes the weights take in memory (16-bit, or W4A16 for AWQ), and how that was found out."""
-    from internvl_plugin.memory import estimate_from_config
+def _weight_bytes(config: Mapping[str, Any], model_dir: Path, quant_cfg: FoundQuantizationConfig | None,
+                  element: int = 2) -> tuple[int, str]:
+    """Bytes the weights take in memory with `element`-byte floats (W4A16 linears for AWQ), and how that was
+    found out."""
+    from internvl_plugin.memory import FP16_BYTES, LLMShape, estimate_from_config
 
     awq = quant_cfg is not None and quant_cfg.is_awq
+    in_dtype = "" if element == FP16_BYTES else f", {element}-byte floats"
     if quant_cfg is None or awq:
         group = group_size_or_default(quant_cfg.config if awq else None)
         try:
             est = estimate_from_config(config, weight_format="w4a16" if awq else "fp16", group_size=group)
-            return est.total_bytes, "estimated from config.json"
+            floats = est.total_bytes  # the estimate's 16-bit part: all of it, or all but the AWQ linears
+            if awq:
+                llm = LLMShape.from_hf_config(config.get("llm_config") or config)
+                floats = (est.vision_bytes + est.projector_bytes + est.extra_bytes
+                          + (llm.embedding_params + llm.norm_params) * FP16_BYTES)
+            return est.total_bytes + floats * (element - FP16_BYTES) // FP16_BYTES, \
+                f"estimated from config.json{in_dtype}"
         except (KeyError, TypeError, ValueError, ZeroDivisionError):
             pass
     files = [p for p in model_dir.rglob("*") if p.suffix in (".safetensors", ".bin", ".pt") and p.is_file()]
-    return sum(p.stat().st_size for p in files), "size of the weight files"
+    size = sum(p.stat().st_size for p in files)
+    if awq:
+        return size, "size of the weight files"
+    return size * element // FP16_BYTES, f"size of the weight files{in_dtype and ' (stored 16-bit)' + in_dtype}"
 
 
-def _kv_bytes_per_token(config: Mapping[str, Any]) -> int | None:
-    from internvl_plugin.memory import LLMShape, kv_bytes_per_token
+def _kv_bytes_per_token(config: Mapping[str, Any], element: int = 2) -> int | None:
+    from internvl_plugin.memory import FP16_BYTES, LLMShape, kv_bytes_per_token
 
     llm = config.get("llm_config") or config.get("text_config") or config
     try:
-        return kv_bytes_per_token(LLMShape.from_hf_config(llm), 0)
+        return kv_bytes_per_token(LLMShape.from_hf_config(llm), 0) * element // FP16_BYTES
     except (KeyError, TypeError, ValueError, ZeroDivisionError):
         return None
+
+
+def _given_value(extra: Sequence[str], flag: str) -> str | None:
+    """The value of ``flag`` among the pass-through arguments (``--flag V`` or ``--flag=V``; the last wins)."""
+    value = None
+    for i, token in enumerate(extra):
+        if token == flag and i + 1 < len(extra):
+            value = extra[i + 1]
+        elif token.startswith(flag + "="):
+            value = token.split("=", 1)[1]
+    return value
 
 
 def _gib(n: float) -> str:
@@ -394,8 +421,9 @@ def _gib(n: float) -> str:
 
 def _plan_cpu_memory(plan: ServerPlan, config: Mapping[str, Any], weights: tuple[int, str],
                      ratio: float | None, session_len: int | None, tp: int, memory: MemoryInfo | None,
-                     environ: Mapping[str, str], given: set[str]) -> None:
-    """CPU: the KV cache is sized in bytes (vLLM's VLLM_CPU_KVCACHE_SPACE / --kv-cache-memory-bytes).
+                     environ: Mapping[str, str], given: set[str], element: int = 2) -> None:
+    """CPU: the KV cache is sized in bytes (vLLM's VLLM_CPU_KVCACHE_SPACE / --kv-cache-memory-bytes), in the
+    model's dtype (`element` bytes: vLLM's CPU KV cache takes it).
 
     vLLM reads VLLM_CPU_KVCACHE_SPACE after the arguments and lets it win, so whenever a size is given as an
     argument the variable is removed from the server's environment.
@@ -428,7 +456,7 @@ def _plan_cpu_memory(plan: ServerPlan, config: Mapping[str, Any], weights: tuple
         return
     # LMDeploy's default (0.8 of free memory) would reserve most of the machine's RAM up front; instead hold
     # one full-length session, at least 1 GiB.
-    per_token = _kv_bytes_per_token(config)
+    per_token = _kv_bytes_per_token(config, element)
     tokens = session_len or _max_positions(config)
     gib = max(1, math.ceil(per_token * tokens / GiB)) if per_token and tokens else 1
     plan.env["VLLM_CPU_KVCACHE_SPACE"] = str(gib)

@@ -27,6 +27,8 @@ from fakehub import FakeHub
 
 from hub_cli.cli import main
 from hub_cli.errors import NotFoundError, UsageError
+from internvl_plugin import cpu_dtype
+from internvl_plugin.cpu_dtype import choose_cpu_dtype
 from internvl_plugin.memory import GiB
 from hub_cli.serve import (ACTIVATION_ALLOWANCE, COMPLETE_MARKER, MemoryInfo, build_vllm_args, plan_server,
                            resolve_model)
@@ -128,12 +130,18 @@ def test_passthrough_comes_last_and_unchanged(model_2b):
     assert args[-4:] == extra
 
 
+def _element_bytes(dtype: str) -> int:
+    return 4 if dtype == "float32" else 2
+
+
 def test_cpu_defaults(model_2b):
     plan = plan_server(model_2b, on_cpu=True)
     flags = _flags(plan.args)
-    assert flags["--dtype"] == "bfloat16" and flags["--enforce-eager"] is True
-    # one full session (max_position_embeddings of llm_config) of bf16 KV, in whole GiB
-    assert plan.env == {"VLLM_CPU_KVCACHE_SPACE": str(math.ceil(32768 * KV_PER_TOKEN_2B / GiB))}
+    dtype = choose_cpu_dtype().dtype  # this machine's: bfloat16 with bfloat16 hardware, float32 without
+    assert flags["--dtype"] == dtype and flags["--enforce-eager"] is True
+    # one full session (max_position_embeddings of llm_config) of KV in the model's dtype, in whole GiB
+    kv = 32768 * KV_PER_TOKEN_2B * _element_bytes(dtype) // 2
+    assert plan.env == {"VLLM_CPU_KVCACHE_SPACE": str(math.ceil(kv / GiB))}
     plan = plan_server(model_2b, on_cpu=True, session_len=4096)
     assert plan.env == {"VLLM_CPU_KVCACHE_SPACE": "1"}
 
@@ -158,7 +166,7 @@ def test_quant_policy_refused_on_cpu(model_2b, policy):
 
 
 def test_cache_max_entry_count_on_cpu(model_2b):
-    weights = _weights_2b()
+    weights = _weights_2b() * _element_bytes(choose_cpu_dtype().dtype) // 2
     memory = MemoryInfo(free_bytes=20 * GiB, total_bytes=24 * GiB, device="cpu")
     plan = plan_server(model_2b, on_cpu=True, cache_max_entry_count=0.5, memory=memory,
                        environ={"VLLM_CPU_KVCACHE_SPACE": "1"})
@@ -168,6 +176,43 @@ def test_cache_max_entry_count_on_cpu(model_2b):
     with pytest.raises(UsageError, match="nothing is left"):
         plan_server(model_2b, on_cpu=True, cache_max_entry_count=0.5,
                     memory=MemoryInfo(free_bytes=weights // 2, total_bytes=24 * GiB, device="cpu"))
+
+
+NO_BF16 = (False, "no avx512_bf16/amx_bf16/bf16 in the CPU flags (has avx2)")
+
+
+def test_cpu_memory_is_sized_in_the_chosen_dtype(model_2b, tmp_path, monkeypatch):
+    """float32 (chosen on a CPU without bfloat16 arithmetic, or given) takes 4 bytes an element: twice the
+    16-bit KV cache per token and weights; an AWQ checkpoint's int4 linears stay 4-bit."""
+    monkeypatch.setattr(cpu_dtype, "bf16_hardware", lambda cpuinfo=None: NO_BF16)
+    plan = plan_server(model_2b, on_cpu=True)
+    assert _flags(plan.args)["--dtype"] == "float32"
+    assert plan.env == {"VLLM_CPU_KVCACHE_SPACE": str(math.ceil(32768 * KV_PER_TOKEN_2B * 2 / GiB))} == {
+        "VLLM_CPU_KVCACHE_SPACE": "6"}
+    assert any("float32: bfloat16 would be emulated" in n for n in plan.notes)
+    for extra in (["--dtype", "bfloat16"], ["--dtype=bfloat16"]):  # the user's dtype sizes it
+        assert plan_server(model_2b, on_cpu=True, extra=extra).env == {"VLLM_CPU_KVCACHE_SPACE": "3"}
+
+    memory = MemoryInfo(free_bytes=20 * GiB, total_bytes=24 * GiB, device="cpu")
+
+    def kv_bytes(folder, *extra):
+        return int(_flags(build_vllm_args(folder, on_cpu=True, cache_max_entry_count=0.5, memory=memory,
+                                          extra=list(extra)))["--kv-cache-memory-bytes"])
+
+    weights = _weights_2b()
+    assert kv_bytes(model_2b) == int(0.5 * (20 * GiB - 2 * weights))
+    assert kv_bytes(model_2b, "--dtype", "float16") == int(0.5 * (20 * GiB - weights))
+    awq = {"quant_method": "awq", "bits": 4, "group_size": 128, "version": "gemm", "zero_point": True}
+    top = _model_dir(tmp_path / "awq-top", dict(CONFIG_2B, quantization_config=awq))
+    awq16, awq32 = kv_bytes(top), kv_bytes(top, "--dtype=float32")  # AWQ: bfloat16 unless float32 is given
+    # float32 adds the 16-bit part again (vision, projector, embeddings, norms), not the int4 linears
+    from internvl_plugin.memory import LLMShape, estimate_from_config
+    est = estimate_from_config(dict(CONFIG_2B, quantization_config=awq), weight_format="w4a16")
+    llm = LLMShape.from_hf_config(LLM_2B)
+    floats = est.vision_bytes + est.projector_bytes + (llm.embedding_params + llm.norm_params) * 2
+    assert awq16 == int(0.5 * (20 * GiB - est.total_bytes))
+    assert awq32 == int(0.5 * (20 * GiB - est.total_bytes - floats))
+    assert kv_bytes(model_2b) < awq32 < awq16
 
 
 def test_cache_max_entry_count_on_cuda(model_2b):
@@ -385,7 +430,7 @@ def test_serve_answers_an_image_request(served):
     base, model, log = served
     text = log.read_text()
     assert f"curl -s {base}/v1/chat/completions" in text and f"hub_cli chat {base}" in text
-    assert "--enforce-eager" in text and "--dtype bfloat16" in text and "--max-num-seqs 4" in text
+    assert "--enforce-eager" in text and f"--dtype {choose_cpu_dtype().dtype}" in text and "--max-num-seqs 4" in text
     client = openai.OpenAI(base_url=base + "/v1", api_key="unused", max_retries=0, timeout=120)
     assert [m.id for m in client.models.list().data] == [str(model)]   # the name as typed, as in LMDeploy
     url = "data:image/png;base64," + base64.b64encode(_png(640, 480, (10, 200, 30))).decode()
