@@ -1,7 +1,7 @@
 """The ``hub_cli`` command: every subcommand and its flags, each a thin shell over a library module beside it.
 
 ``fetch`` -> fetch.py, ``models`` -> catalogue.py, ``serve`` -> serve.py and launch.py, ``chat`` -> chat.py,
-``demo`` -> demo.py. Those modules are imported inside the commands (serve.py, whose top level imports only
+``demo`` -> demo.py, ``webui`` -> webui.py. Those modules are imported inside the commands (serve.py, whose top level imports only
 the standard library, also here for its default host and port), so ``hub_cli --help`` loads no vLLM, torch,
 openai or hub client. Failures are :class:`hub_cli.errors.HubCliError`: one line, and the exit code errors.py
 lists.
@@ -261,6 +261,45 @@ def chat(model_or_url: str, vllm_args: tuple[str, ...], images: tuple[str, ...],
         click.echo(f"hub_cli chat: talking to '{model}' at {api_base_url(base)}. {HELP}", err=True)
         code = run_chat(session, input, err, prompt=PROMPT if interactive else "")
     sys.exit(code)
+
+
+@main.command()
+@click.argument("model_or_url")
+@click.argument("vllm_args", nargs=-1, type=click.UNPROCESSED, metavar="[-- VLLM_ARGS...]")
+@click.option("--server-name", default=DEFAULT_HOST, show_default=True,
+              help="Address the page binds (0.0.0.0 for every interface; the page has no authentication).")
+@click.option("--server-port", type=click.IntRange(1, 65535), default=6006, show_default=True,
+              help="Port of the page.")
+@click.option("--api-key", envvar="OPENAI_API_KEY", default="EMPTY", show_default=False,
+              help="Key for a server started with --api-key (default: OPENAI_API_KEY). Never printed.")
+@click.option("--limit-images", type=click.IntRange(1), default=None,
+              help="Images the server takes per request (its --limit-mm-per-prompt); older images are left out "
+                   "of a request beyond it. Default: read from the arguments after '--', else learned from the "
+                   "server's first refusal.")
+@click.option("--system", default="", help="Initial system prompt (editable in the page).")
+@click.option("--max-tokens", type=click.IntRange(1, 8192), default=512, show_default=True,
+              help="Initial 'max new tokens' slider value.")
+@click.option("--temperature", type=click.FloatRange(0, 2), default=0.7, show_default=True,
+              help="Initial temperature slider value.")
+@click.option("--top-p", type=click.FloatRange(0.05, 1), default=1.0, show_default=True,
+              help="Initial top-p slider value.")
+@engine_options
+@hub_options
+def webui(model_or_url: str, vllm_args: tuple[str, ...], server_name: str, server_port: int, api_key: str,
+          limit_images: int | None, system: str, max_tokens: int, temperature: float, top_p: float,
+          model_name: str | None, **options: Any) -> None:
+    """Chat with images in the browser: MODEL_OR_URL is a running server's URL, or a model folder / repo id.
+
+    A folder or repo id is served the way `hub_cli serve` serves it (the engine and hub options below, and
+    arguments after '--') on a free 127.0.0.1 port, stopped when the page stops; with a URL, --model-name
+    picks one of its models (default: the first) and the engine options are ignored. Needs the webui extra:
+    pip install 'vllm-internvl[webui]'.
+    """
+    from hub_cli.webui import run
+
+    sys.exit(run(model_or_url, vllm_args, server_name=server_name, server_port=server_port, api_key=api_key,
+                 model_name=model_name, limit_images=limit_images, system=system, max_tokens=max_tokens,
+                 temperature=temperature, top_p=top_p, options=options, echo=lambda m: click.echo(m, err=True)))
 
 
 @main.command()
