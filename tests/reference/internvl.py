@@ -14,8 +14,8 @@ in the wheel.
     logits = ref(torch.tensor(ids), pixel_values, img_context_token_id)
     new_tokens = ref.greedy_generate(ids, pixel_values, img_context_token_id, 16, [eos_id])
 
-Scope: one sequence at a time, full recompute (no KV cache), language models InternLM2 and Qwen2
-without rope scaling or sliding window.
+Scope: one sequence at a time, full recompute (no KV cache), language models InternLM2, Qwen2, Llama and Phi-3
+without rope scaling (Phi-3's LongRoPE excepted) or sliding window.
 """
 
 from __future__ import annotations

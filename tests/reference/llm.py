@@ -1,13 +1,16 @@
-"""Plain-PyTorch reference decoders for InternVL's language models: InternLM2 and Qwen2.
+"""Plain-PyTorch reference decoders for InternVL's language models: InternLM2, Qwen2, Llama and Phi-3.
 
-Written from the behaviour of InternVL's ``modeling_internlm2.py`` and transformers' stock Qwen2
-(spec A2.3). One sequence, no KV cache, causal attention over positions 0..L-1: the models are tiny
+Written from the behaviour of InternVL's ``modeling_internlm2.py`` and ``modeling_phi3.py`` and
+transformers' stock Qwen2 and Llama (spec A2.3); Phi-3's LongRoPE from Microsoft's description as
+transformers implements it (short factors up to ``original_max_position_embeddings`` tokens, long
+factors beyond, cos/sin scaled by sqrt(1 + ln(max/original) / ln(original))). One sequence, no KV cache, causal attention over positions 0..L-1: the models are tiny
 and the point is to be obviously right. Module names mirror the checkpoint under
 ``language_model.``. Imports only torch.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -16,7 +19,8 @@ from torch import nn
 
 from .vision import RMSNormRef, cfg_get
 
-__all__ = ["InternLM2ForCausalLMRef", "Qwen2ForCausalLMRef", "build_language_model", "split_internlm2_wqkv"]
+__all__ = ["InternLM2ForCausalLMRef", "LlamaForCausalLMRef", "Phi3ForCausalLMRef", "Qwen2ForCausalLMRef",
+           "build_language_model", "longrope_cos_sin", "split_internlm2_wqkv"]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -30,10 +34,19 @@ def _rope_theta(lcfg: Any) -> float:
     return float(theta)
 
 
-def _check_rope_scaling(lcfg: Any) -> None:
-    scaling = cfg_get(lcfg, "rope_scaling") or cfg_get(lcfg, "rope_parameters") or {}
-    kind = scaling.get("rope_type", scaling.get("type", "default"))
-    if kind != "default":
+def _rope_scaling(lcfg: Any) -> dict:
+    return dict(cfg_get(lcfg, "rope_scaling") or cfg_get(lcfg, "rope_parameters") or {})
+
+
+def _rope_kind(lcfg: Any) -> str:
+    scaling = _rope_scaling(lcfg)
+    return scaling.get("rope_type", scaling.get("type", "default"))
+
+
+def _check_rope_scaling(lcfg: Any, allowed: tuple[str, ...] = ("default",)) -> None:
+    scaling = _rope_scaling(lcfg)
+    kind = _rope_kind(lcfg)
+    if kind not in allowed:
         # 'dynamic' NTK in particular: HF rescales only past max_position_embeddings, vLLM always;
         # a reference must not silently pick one
         raise NotImplementedError(f"rope scaling {scaling!r} is not supported by the reference")
@@ -45,6 +58,21 @@ def rotary_cos_sin(length: int, head_dim: int, theta: float) -> tuple[torch.Tens
     angles = torch.arange(length, dtype=torch.float32)[:, None] * inv_freq[None, :]
     angles = torch.cat([angles, angles], dim=-1)
     return angles.cos(), angles.sin()
+
+
+def longrope_cos_sin(length: int, head_dim: int, theta: float, lcfg: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """Phi-3 LongRoPE ("su"/"longrope"): per-frequency rescale factors, short ones while the sequence fits
+    ``original_max_position_embeddings``, long ones beyond; cos/sin times the attention factor."""
+    scaling = _rope_scaling(lcfg)
+    original = int(scaling.get("original_max_position_embeddings") or cfg_get(lcfg, "original_max_position_embeddings"))
+    max_positions = int(cfg_get(lcfg, "max_position_embeddings"))
+    factors = torch.tensor(scaling["long_factor" if length > original else "short_factor"], dtype=torch.float32)
+    inv_freq = 1.0 / (factors * theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+    angles = torch.arange(length, dtype=torch.float32)[:, None] * inv_freq[None, :]
+    angles = torch.cat([angles, angles], dim=-1)
+    scale = max_positions / original
+    mscale = 1.0 if scale <= 1.0 else math.sqrt(1 + math.log(scale) / math.log(original))
+    return angles.cos() * mscale, angles.sin() * mscale
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -73,10 +101,10 @@ def causal_gqa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> t
 
 
 class _DecoderShape:
-    def __init__(self, lcfg: Any):
+    def __init__(self, lcfg: Any, rope_kinds: tuple[str, ...] = ("default",)):
         if cfg_get(lcfg, "hidden_act", "silu") != "silu":
             raise NotImplementedError(f"llm hidden_act {cfg_get(lcfg, 'hidden_act')!r} is not 'silu'")
-        _check_rope_scaling(lcfg)
+        _check_rope_scaling(lcfg, rope_kinds)
         self.vocab = int(cfg_get(lcfg, "vocab_size"))
         self.hidden = int(cfg_get(lcfg, "hidden_size"))
         self.layers = int(cfg_get(lcfg, "num_hidden_layers"))
@@ -100,9 +128,12 @@ class _CausalLMBase(nn.Module):
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.get_input_embeddings()(input_ids)
 
+    def rotary(self, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return rotary_cos_sin(length, self.shape.head_dim, self.shape.theta)
+
     def logits_from_embeds(self, embeds: torch.Tensor) -> torch.Tensor:
         """embeds [L, H] -> logits [L, vocab]."""
-        cos, sin = rotary_cos_sin(embeds.shape[0], self.shape.head_dim, self.shape.theta)
+        cos, sin = self.rotary(embeds.shape[0])
         h = embeds
         for layer in self.model.layers:
             h = layer(h, cos, sin)
@@ -199,13 +230,15 @@ class InternLM2ForCausalLMRef(_CausalLMBase):
 
 
 class Qwen2AttentionRef(nn.Module):
-    def __init__(self, s: _DecoderShape):
+    """Also Llama's, where ``qkv_bias`` / ``o_bias`` follow ``attention_bias`` (False in released checkpoints)."""
+
+    def __init__(self, s: _DecoderShape, qkv_bias: bool = True, o_bias: bool = False):
         super().__init__()
         self.s = s
-        self.q_proj = nn.Linear(s.hidden, s.heads * s.head_dim, bias=True)
-        self.k_proj = nn.Linear(s.hidden, s.kv_heads * s.head_dim, bias=True)
-        self.v_proj = nn.Linear(s.hidden, s.kv_heads * s.head_dim, bias=True)
-        self.o_proj = nn.Linear(s.heads * s.head_dim, s.hidden, bias=False)
+        self.q_proj = nn.Linear(s.hidden, s.heads * s.head_dim, bias=qkv_bias)
+        self.k_proj = nn.Linear(s.hidden, s.kv_heads * s.head_dim, bias=qkv_bias)
+        self.v_proj = nn.Linear(s.hidden, s.kv_heads * s.head_dim, bias=qkv_bias)
+        self.o_proj = nn.Linear(s.heads * s.head_dim, s.hidden, bias=o_bias)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         s, length = self.s, x.shape[0]
@@ -227,12 +260,12 @@ class Qwen2MLPRef(nn.Module):
 
 
 class Qwen2DecoderLayerRef(nn.Module):
-    def __init__(self, s: _DecoderShape):
+    def __init__(self, s: _DecoderShape, attention: nn.Module | None = None, mlp: nn.Module | None = None):
         super().__init__()
         self.input_layernorm = RMSNormRef(s.hidden, s.eps)
-        self.self_attn = Qwen2AttentionRef(s)
+        self.self_attn = attention if attention is not None else Qwen2AttentionRef(s)
         self.post_attention_layernorm = RMSNormRef(s.hidden, s.eps)
-        self.mlp = Qwen2MLPRef(s)
+        self.mlp = mlp if mlp is not None else Qwen2MLPRef(s)
 
     def forward(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         h = h + self.self_attn(self.input_layernorm(h), cos, sin)
@@ -240,10 +273,13 @@ class Qwen2DecoderLayerRef(nn.Module):
 
 
 class _Qwen2ModelRef(nn.Module):
-    def __init__(self, s: _DecoderShape):
+    """``model.`` of Qwen2, Llama and Phi-3 (same names outside the layers' attention and MLP)."""
+
+    def __init__(self, s: _DecoderShape, make_layer=None):
         super().__init__()
         self.embed_tokens = nn.Embedding(s.vocab, s.hidden)
-        self.layers = nn.ModuleList(Qwen2DecoderLayerRef(s) for _ in range(s.layers))
+        make_layer = make_layer or (lambda: Qwen2DecoderLayerRef(s))
+        self.layers = nn.ModuleList(make_layer() for _ in range(s.layers))
         self.norm = RMSNormRef(s.hidden, s.eps)
 
 
@@ -265,10 +301,85 @@ class Qwen2ForCausalLMRef(_CausalLMBase):
 
 
 # ----------------------------------------------------------------------------------------------
+# Llama (InternVL2-40B's Nous-Hermes-2-Yi-34B, InternVL2-Llama3-76B)
+
+
+class LlamaForCausalLMRef(Qwen2ForCausalLMRef):
+    """Qwen2's structure with ``attention_bias`` (default False) on q/k/v/o and no MLP bias."""
+
+    def __init__(self, lcfg: Any):
+        nn.Module.__init__(self)
+        if cfg_get(lcfg, "mlp_bias", False):
+            raise NotImplementedError("Llama mlp_bias is not supported by the reference")
+        self.shape = s = _DecoderShape(lcfg)
+        bias = bool(cfg_get(lcfg, "attention_bias", False))
+        self.model = _Qwen2ModelRef(s, lambda: Qwen2DecoderLayerRef(s, Qwen2AttentionRef(s, bias, bias)))
+        if not s.tied:
+            self.lm_head = nn.Linear(s.hidden, s.vocab, bias=False)
+
+
+# ----------------------------------------------------------------------------------------------
+# Phi-3 (Mini-InternVL-Chat-4B-V1-5, InternVL2-4B)
+
+
+class Phi3AttentionRef(nn.Module):
+    def __init__(self, s: _DecoderShape):
+        super().__init__()
+        self.s = s
+        # rows: q (heads*D), then k (kv*D), then v (kv*D)
+        self.qkv_proj = nn.Linear(s.hidden, (s.heads + 2 * s.kv_heads) * s.head_dim, bias=False)
+        self.o_proj = nn.Linear(s.heads * s.head_dim, s.hidden, bias=False)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        s, length = self.s, x.shape[0]
+        q, k, v = self.qkv_proj(x).split([s.heads * s.head_dim, s.kv_heads * s.head_dim, s.kv_heads * s.head_dim], -1)
+        q = q.reshape(length, s.heads, s.head_dim).transpose(0, 1)
+        k = k.reshape(length, s.kv_heads, s.head_dim).transpose(0, 1)
+        v = v.reshape(length, s.kv_heads, s.head_dim).transpose(0, 1)
+        return self.o_proj(causal_gqa_attention(apply_rotary(q, cos, sin), apply_rotary(k, cos, sin), v))
+
+
+class Phi3MLPRef(nn.Module):
+    def __init__(self, s: _DecoderShape):
+        super().__init__()
+        self.gate_up_proj = nn.Linear(s.hidden, 2 * s.intermediate, bias=False)  # [gate; up]
+        self.down_proj = nn.Linear(s.intermediate, s.hidden, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
+
+
+class Phi3ForCausalLMRef(Qwen2ForCausalLMRef):
+    """Fused qkv_proj and gate_up_proj; rope default or LongRoPE. Sliding-window attention is ignored
+    below ``sliding_window`` tokens, where it changes nothing (the reference refuses longer inputs)."""
+
+    def __init__(self, lcfg: Any):
+        nn.Module.__init__(self)
+        self.lcfg = lcfg
+        self.shape = s = _DecoderShape(lcfg, rope_kinds=("default", "su", "longrope"))
+        if float(_rope_scaling(lcfg).get("partial_rotary_factor", 1.0)) != 1.0:
+            raise NotImplementedError("Phi-3 partial_rotary_factor is not supported by the reference")
+        self.sliding_window = cfg_get(lcfg, "sliding_window")
+        self.model = _Qwen2ModelRef(s, lambda: Qwen2DecoderLayerRef(s, Phi3AttentionRef(s), Phi3MLPRef(s)))
+        if not s.tied:
+            self.lm_head = nn.Linear(s.hidden, s.vocab, bias=False)
+
+    def rotary(self, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.sliding_window and length > int(self.sliding_window):
+            raise NotImplementedError(f"{length} tokens exceed sliding_window={self.sliding_window}")
+        if _rope_kind(self.lcfg) == "default":
+            return super().rotary(length)
+        return longrope_cos_sin(length, self.shape.head_dim, self.shape.theta, self.lcfg)
+
+
+# ----------------------------------------------------------------------------------------------
 
 LANGUAGE_MODELS = {
     "InternLM2ForCausalLM": InternLM2ForCausalLMRef,
     "Qwen2ForCausalLM": Qwen2ForCausalLMRef,
+    "LlamaForCausalLM": LlamaForCausalLMRef,
+    "Phi3ForCausalLM": Phi3ForCausalLMRef,
 }
 
 
