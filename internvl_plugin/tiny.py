@@ -51,6 +51,10 @@ LAYOUTS: dict[str, dict[str, Any]] = {
     # text-only InternLM2 chat model (no vision)
     "internlm2": dict(llm="internlm2", vit=None, template="internlm2-chat"),
 }
+# InternLM-XComposer2 layouts (xcomposer2-vl-1.8b, -vl-7b, -7b, -4khd, xcomposer2d5): tiny_xcomposer2.py
+from internvl_plugin.tiny_xcomposer2 import XCOMPOSER2_LAYOUTS  # noqa: E402
+
+LAYOUTS.update(XCOMPOSER2_LAYOUTS)
 
 # vLLM's CPU attention kernels need head_dim in {32, 64, 80, 96, 112, 128, ...}: 32 for InternLM2
 # (4 heads, 2 KV heads), 64 for Qwen2 as in Qwen2-0.5B (2 heads, 1 KV head).
@@ -100,6 +104,10 @@ def write_folder_atomically(out: Path, write) -> Path:
 
 
 def _write_model(spec: dict[str, Any], out: Path, seed: int, max_dynamic_patch: int) -> None:
+    if spec.get("family") == "xcomposer2":
+        from internvl_plugin.tiny_xcomposer2 import write_xcomposer2_model
+
+        return write_xcomposer2_model(spec, out, seed)
     gen = torch.Generator().manual_seed(seed)
     if spec["llm"] == "internlm2":
         vocab_size = _write_internlm2_tokenizer(out, spec["template"], with_internvl_tokens=spec["vit"] is not None)
