@@ -160,8 +160,13 @@ def engine_options(fn: Callable) -> Callable:
 @engine_options
 @hub_options
 @click.option("--dry-run", is_flag=True, help="Print the vLLM command and start nothing.")
+@click.option("--webui", is_flag=True,
+              help="Also open the browser chat page (hub_cli webui) on --server-name:--webui-port once the server "
+                   "is up; needs the webui extra.")
+@click.option("--webui-port", type=click.IntRange(1, 65535), default=6006, show_default=True,
+              help="Port of the --webui page.")
 def serve(model_or_repo: str, vllm_args: tuple[str, ...], server_name: str, server_port: int, dry_run: bool,
-          **options: Any) -> None:
+          webui: bool, webui_port: int, **options: Any) -> None:
     """Serve MODEL_OR_REPO (a folder, or a repo id fetched first) with vLLM's OpenAI-compatible server.
 
     LMDeploy's flags are mapped onto vLLM's; anything after '--' goes to vLLM unchanged, e.g.
@@ -190,7 +195,17 @@ def serve(model_or_repo: str, vllm_args: tuple[str, ...], server_name: str, serv
         return
     click.echo(f"hub_cli serve: starting vLLM for {resolved.path}:\n  {command}", err=True)
     base = f"http://{connect_host(server_name)}:{server_port}"
-    sys.exit(run_server(argv, env, base, on_ready=lambda: click.echo(ready_message(base, served))))
+
+    def on_ready() -> None:
+        click.echo(ready_message(base, served))
+        if webui:  # the page runs in this process's threads and ends with it
+            from hub_cli.webui import launch_in_background
+            from hub_cli.webui_chat import image_limit_from_args
+
+            launch_in_background(base, served, server_name=server_name, server_port=webui_port,
+                                 image_limit=image_limit_from_args(vllm_args))
+
+    sys.exit(run_server(argv, env, base, on_ready=on_ready))
 
 
 @main.command()
@@ -309,13 +324,23 @@ def webui(model_or_url: str, vllm_args: tuple[str, ...], server_name: str, serve
               default="internvl2-2b", show_default=True, help="Which real model's layout the tiny model copies.")
 @click.option("--cache-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Where the tiny checkpoint is built (default ~/.cache/vllm-internvl/demo).")
-def demo(host: str, port: int, layout: str, cache_dir: Path | None) -> None:
+@click.option("--allow-media-hosts", metavar="LIST", default=None,
+              help="As for serve: image URLs may also point at these hosts, addresses or CIDR ranges.")
+def demo(host: str, port: int, layout: str, cache_dir: Path | None, allow_media_hosts: str | None) -> None:
     """Build a tiny InternVL (random weights) and serve it with vLLM's OpenAI-compatible server."""
-    from hub_cli.demo import default_cache_dir, demo_server_argv, ready_message
+    from hub_cli.demo import default_cache_dir, demo_server, ready_message
+    from hub_cli.errors import HubCliError
     from hub_cli.launch import connect_host, run_server, server_env
+    from hub_cli.serve import apply_env
     from internvl_plugin.tiny import build_tiny_model
 
-    path = build_tiny_model(layout, (cache_dir or default_cache_dir()) / layout)
+    folder = (cache_dir or default_cache_dir()) / layout
+    try:
+        argv, env = demo_server(folder, host, port, allow_media_hosts=allow_media_hosts)
+    except HubCliError as exc:
+        click.echo(f"hub_cli demo: error: {exc.message}", err=True)
+        sys.exit(exc.exit_code)
+    path = build_tiny_model(layout, folder)
     click.echo(f"vllm-internvl demo: tiny {layout} checkpoint at {path}; starting vLLM (about 30 s on CPU)...")
-    sys.exit(run_server(demo_server_argv(path, host, port), server_env(), f"http://{connect_host(host)}:{port}",
+    sys.exit(run_server(argv, apply_env(server_env(), env), f"http://{connect_host(host)}:{port}",
                         on_ready=lambda: click.echo(ready_message(host, port))))
