@@ -30,7 +30,7 @@ INSTALL_HINT = "pip install 'vllm-internvl[webui]'"
 # offline pages: no font downloads (gradio's default theme links Google Fonts), no analytics calls
 _FONTS = ["ui-sans-serif", "system-ui", "sans-serif"]
 _MONO = ["ui-monospace", "monospace"]
-_CSS = "#usage {min-height: 1.5em} footer {display: none !important}"
+_CSS = "#usage {min-height: 1.5em} #chat img {max-height: 240px; width: auto} footer {display: none !important}"
 
 
 class GradioMissing(RuntimeError):
@@ -178,6 +178,7 @@ def build_app(info, client, *, system: str = "", max_tokens: int = 512, temperat
                                [chat, box, conv, usage])
         stop.click(lambda: "Stopped: the answer so far stays in the history.", None, usage, cancels=[submitted])
         reset.click(on_reset, conv, [chat, box, conv, usage], cancels=[submitted])
+        chat.clear(on_reset, conv, [chat, box, conv, usage], cancels=[submitted])   # the chat's own bin icon
     return app
 
 

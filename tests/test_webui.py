@@ -1,0 +1,137 @@
+"""hub_cli webui without a model server: its options, a URL that does not answer, what each request carries
+(images kept within the server's limit, newest first), a server that is down mid-chat.
+The page in a real browser over a real server: test_webui_browser.py."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import subprocess
+import sys
+from pathlib import Path
+
+import click
+from PIL import Image
+
+from conftest import free_port
+
+HUB_CLI = Path(sys.executable).with_name("hub_cli")
+
+
+def _png(path: Path, color) -> str:
+    Image.new("RGB", (64, 48), color).save(path)
+    return str(path)
+
+
+def test_help_documents_every_option():
+    from hub_cli.cli import main
+
+    command = main.commands["webui"]
+    undocumented = [p.name for p in command.params if isinstance(p, click.Option) and not p.help]
+    assert undocumented == []
+    out = subprocess.run([HUB_CLI, "webui", "--help"], capture_output=True, text=True, check=True).stdout
+    for option in ("--server-name", "--server-port", "--api-key", "--limit-images", "--system", "--max-tokens",
+                   "--temperature", "--top-p", "--tp", "--trust-request-mm-kwargs", "--model-name"):
+        assert option in out
+    assert "[default: 6006" in out and "[default: 127.0.0.1]" in out
+    serve_help = subprocess.run([HUB_CLI, "serve", "--help"], capture_output=True, text=True, check=True).stdout
+    assert "--webui " in serve_help and "--webui-port" in serve_help
+
+
+def test_url_that_does_not_answer_is_one_line():
+    port = free_port()   # nothing listens there
+    proc = subprocess.run([HUB_CLI, "webui", f"http://127.0.0.1:{port}"], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 6
+    assert proc.stderr.strip() == f"hub_cli webui: error: cannot reach an OpenAI-compatible server at " \
+                                  f"http://127.0.0.1:{port}/v1"
+    assert proc.stdout == ""
+
+
+def test_vllm_args_with_a_url_are_refused():
+    proc = subprocess.run([HUB_CLI, "webui", "http://127.0.0.1:1", "--", "--max-num-seqs", "2"],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "after '--'" in proc.stderr
+
+
+def test_image_limit_from_vllm_args():
+    from hub_cli.webui_chat import image_limit_from_args
+
+    assert image_limit_from_args(["--limit-mm-per-prompt", '{"image": 3}']) == 3
+    assert image_limit_from_args(['--limit_mm_per_prompt={"image": 1, "video": 0}']) == 1
+    assert image_limit_from_args(["--max-num-seqs", "2"]) is None
+    assert image_limit_from_args(["--limit-mm-per-prompt", "not json"]) is None
+
+
+def _images_per_message(messages):
+    return [sum(1 for p in m["content"] if isinstance(p, dict) and p["type"] == "image_url")
+            if isinstance(m["content"], list) else 0 for m in messages]
+
+
+def test_requests_keep_the_newest_images_within_the_limit(tmp_path):
+    from hub_cli.webui_chat import Conversation, Turn
+
+    a, b, c, d = (_png(tmp_path / f"{n}.png", (i * 60, 0, 0)) for i, n in enumerate("abcd"))
+    conv = Conversation()
+    conv.turns = [Turn("first", [a, b], "answer 1"), Turn("second", [], "answer 2")]
+    messages, notes = conv.messages("Be brief.", "third", [c], limit=2)
+    assert [m["role"] for m in messages] == ["system", "user", "assistant", "user", "assistant", "user"]
+    assert _images_per_message(messages) == [0, 1, 0, 0, 0, 1]
+    # b (newest earlier image) and c are sent, a is replaced by a note in its turn
+    kept = [p["image_url"]["url"] for m in messages if isinstance(m["content"], list) for p in m["content"]
+            if p["type"] == "image_url"]
+    assert kept == ["data:image/png;base64," + base64.b64encode(Path(x).read_bytes()).decode() for x in (b, c)]
+    assert "(an earlier image, not sent again)" in messages[1]["content"][0]["text"]
+    assert notes == ["The server takes at most 2 image(s) per request: 1 image(s) from earlier turns left out of "
+                     "this request."]
+    # more new images than the limit: only the last ones go
+    messages, notes = conv.messages("", "many", [b, c, d], limit=2)
+    assert _images_per_message(messages) == [0, 0, 0, 0, 2]
+    assert "only the last 2 of the 3 images you just added sent" in notes[0]
+    assert "2 image(s) from earlier turns" in notes[0]
+    # no limit known: everything goes, no note
+    messages, notes = conv.messages("", "all", [c], limit=None)
+    assert _images_per_message(messages) == [2, 0, 0, 0, 1] and notes == []
+
+
+def test_bytes_go_unchanged(tmp_path):
+    from hub_cli.webui_chat import image_url_for
+
+    path = tmp_path / "photo.jpg"
+    Image.new("RGB", (1234, 567), (1, 2, 3)).save(path, quality=91)
+    url = image_url_for(path)
+    assert url.startswith("data:image/jpeg;base64,")
+    assert base64.b64decode(url.split(",", 1)[1]) == path.read_bytes()
+
+
+def test_server_down_mid_chat_is_a_chat_message(tmp_path):
+    import openai
+
+    from hub_cli.webui_chat import Conversation, ServerInfo, Settings
+
+    port = free_port()
+    info = ServerInfo(base_url=f"http://127.0.0.1:{port}/v1", model="m")
+    client = openai.AsyncOpenAI(base_url=info.base_url, api_key="x", max_retries=0, timeout=10)
+    conv = Conversation()
+
+    async def run():
+        return [u async for u in conv.reply(client, info, "hello", [_png(tmp_path / "a.png", (9, 9, 9))],
+                                            Settings())]
+
+    updates = asyncio.run(run())
+    assert len(updates) == 1 and updates[0].done
+    assert updates[0].error.startswith(f"Cannot reach the server at http://127.0.0.1:{port}/v1")
+    assert conv.turns == []   # the failed turn (and its image) is not kept
+
+
+def test_missing_gradio_is_one_line(monkeypatch):
+    import importlib.util
+
+    from hub_cli import webui
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "gradio" else real(name, *a))
+    lines = []
+    code = webui.run("http://127.0.0.1:1", (), server_name="127.0.0.1", server_port=6006, api_key="x",
+                     model_name=None, limit_images=None, system="", max_tokens=8, temperature=0, top_p=1,
+                     options={}, echo=lines.append)
+    assert code == 2 and lines == ["hub_cli webui: error: the web UI needs gradio: pip install 'vllm-internvl[webui]'"]
