@@ -324,13 +324,23 @@ def webui(model_or_url: str, vllm_args: tuple[str, ...], server_name: str, serve
               default="internvl2-2b", show_default=True, help="Which real model's layout the tiny model copies.")
 @click.option("--cache-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Where the tiny checkpoint is built (default ~/.cache/vllm-internvl/demo).")
-def demo(host: str, port: int, layout: str, cache_dir: Path | None) -> None:
+@click.option("--allow-media-hosts", metavar="LIST", default=None,
+              help="As for serve: image URLs may also point at these hosts, addresses or CIDR ranges.")
+def demo(host: str, port: int, layout: str, cache_dir: Path | None, allow_media_hosts: str | None) -> None:
     """Build a tiny InternVL (random weights) and serve it with vLLM's OpenAI-compatible server."""
-    from hub_cli.demo import default_cache_dir, demo_server_argv, ready_message
+    from hub_cli.demo import default_cache_dir, demo_server, ready_message
+    from hub_cli.errors import HubCliError
     from hub_cli.launch import connect_host, run_server, server_env
+    from hub_cli.serve import apply_env
     from internvl_plugin.tiny import build_tiny_model
 
-    path = build_tiny_model(layout, (cache_dir or default_cache_dir()) / layout)
+    folder = (cache_dir or default_cache_dir()) / layout
+    try:
+        argv, env = demo_server(folder, host, port, allow_media_hosts=allow_media_hosts)
+    except HubCliError as exc:
+        click.echo(f"hub_cli demo: error: {exc.message}", err=True)
+        sys.exit(exc.exit_code)
+    path = build_tiny_model(layout, folder)
     click.echo(f"vllm-internvl demo: tiny {layout} checkpoint at {path}; starting vLLM (about 30 s on CPU)...")
-    sys.exit(run_server(demo_server_argv(path, host, port), server_env(), f"http://{connect_host(host)}:{port}",
+    sys.exit(run_server(argv, apply_env(server_env(), env), f"http://{connect_host(host)}:{port}",
                         on_ready=lambda: click.echo(ready_message(host, port))))

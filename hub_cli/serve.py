@@ -36,7 +36,7 @@ from internvl_plugin.awq_checkpoint import (METHOD_NAME, FoundQuantizationConfig
 
 __all__ = ["DEFAULT_HOST", "DEFAULT_PORT", "KV_DTYPE_FOR_QUANT_POLICY", "ResolvedModel", "MemoryInfo",
            "ServerPlan", "default_download_dir", "resolve_model", "probe_memory", "plan_server", "build_vllm_args",
-           "apply_env", "prepare_server", "printable_command", "ready_message"]
+           "apply_env", "plan_media_policy", "prepare_server", "printable_command", "ready_message"]
 
 DEFAULT_HOST = "127.0.0.1"           # loopback unless the user asks: the server has no authentication
 DEFAULT_PORT = 23333                 # LMDeploy's api_server default
@@ -226,7 +226,7 @@ def plan_server(model_dir: str | os.PathLike[str], *, server_name: str = DEFAULT
 
     if trust_request_mm_kwargs and "--trust-request-mm-kwargs" not in given:
         args += ["--trust-request-mm-kwargs"]
-    _plan_media_policy(plan, allow_media_hosts, given)
+    plan_media_policy(plan, allow_media_hosts, given)
     if server_name not in ("127.0.0.1", "localhost", "::1") and "--api-key" not in given:
         notes.append(f"the server listens on {server_name} without authentication; add -- --api-key KEY "
                      "to require one")
@@ -234,7 +234,7 @@ def plan_server(model_dir: str | os.PathLike[str], *, server_name: str = DEFAULT
     return plan
 
 
-def _plan_media_policy(plan: ServerPlan, allow: str | None, given: set[str]) -> None:
+def plan_media_policy(plan: ServerPlan, allow: str | None, given: set[str]) -> None:
     """Image URLs: public http(s) addresses only, unless ``allow`` (hosts, addresses, CIDR ranges) says more."""
     if allow:
         try:

@@ -215,6 +215,29 @@ def test_cpu_memory_is_sized_in_the_chosen_dtype(model_2b, tmp_path, monkeypatch
     assert kv_bytes(model_2b) < awq32 < awq16
 
 
+@pytest.mark.parametrize("on_cpu", [True, False], ids=["cpu", "gpu"])
+def test_demo_server_has_the_media_policy_and_the_cpu_dtype_only_on_cpu(tmp_path, on_cpu):
+    from hub_cli.demo import demo_server
+    from internvl_plugin.media_policy import ALLOW_ENV, MIDDLEWARE
+
+    argv, env = demo_server(tmp_path, "127.0.0.1", 8000, on_cpu=on_cpu)
+    flags = _flags(argv[argv.index("--model"):])
+    assert flags["--middleware"] == MIDDLEWARE and flags["--allowed-media-domains"].endswith(".invalid")
+    assert env == {}
+    # a CPU vLLM gets this machine's CPU dtype; on a GPU vLLM picks its own (no bfloat16/float32 forced)
+    assert flags.get("--dtype") == (choose_cpu_dtype().dtype if on_cpu else None)
+    assert demo_server(tmp_path, "127.0.0.1", 8000, allow_media_hosts="127.0.0.1/32", on_cpu=on_cpu)[1] == {
+        ALLOW_ENV: "127.0.0.1/32"}
+
+
+def test_demo_refuses_a_bad_allow_list_before_building(tmp_path):
+    result = CliRunner().invoke(main, ["demo", "--cache-dir", str(tmp_path), "--allow-media-hosts", "10.0.0.0/99"])
+    assert result.exit_code == 2, result.output
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("hub_cli demo: error: --allow-media-hosts: "), result.output
+    assert not any(tmp_path.iterdir())  # nothing built
+
+
 def test_cache_max_entry_count_on_cuda(model_2b):
     weights = _weights_2b()
     memory = MemoryInfo(free_bytes=78 * GiB, total_bytes=80 * GiB, device="cuda")

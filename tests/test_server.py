@@ -33,7 +33,9 @@ def demo_server(tmp_path_factory):
     log = cache / "server.log"
     hub_cli = Path(sys.executable).with_name("hub_cli")
     # the real multi-process server; the plugin found through its entry point
-    with cli_server([hub_cli, "demo", "--port", port, "--cache-dir", cache], log, port=port) as base:
+    # 127.0.0.1 allowed for image_host; other loopback addresses stay refused (the media policy)
+    with cli_server([hub_cli, "demo", "--port", port, "--cache-dir", cache, "--allow-media-hosts", "127.0.0.1/32"],
+                    log, port=port) as base:
         yield base, cache / "internvl2-2b", log
 
 
@@ -97,6 +99,25 @@ def test_chat_with_http_image_url(demo_server, client, image_host):
                                      {"type": "text", "text": "What is this?"}]}])
     img = Image.new("RGB", (900, 300))
     assert resp.usage.prompt_tokens == _expected_prompt_tokens(model_dir, [img], "What is this?")
+
+
+def test_loopback_image_url_is_refused_without_a_connection(demo_server, client):
+    """hub_cli demo has serve's media policy: an image URL to a loopback address not allowed is a 400 naming
+    the image and the address, and nothing connects to it."""
+    import openai
+    from test_media_policy import Listener
+
+    listener = Listener("127.0.0.2", {"/x.png": (200, {}, _png(8, 8, (1, 2, 3)))})
+    try:
+        with pytest.raises(openai.BadRequestError) as info:
+            client.chat.completions.create(model="tiny-internvl", max_tokens=2, messages=[
+                {"role": "user", "content": [{"type": "image_url", "image_url": {"url": listener.base + "/x.png"}},
+                                             {"type": "text", "text": "hi"}]}])
+        assert info.value.status_code == 400
+        assert f"image 1 ({listener.base}/x.png): refused address: 127.0.0.2 is loopback" in str(info.value)
+        assert listener.connections == []
+    finally:
+        listener.close()
 
 
 def test_garbage_image_is_400_and_server_survives(demo_server, client):
