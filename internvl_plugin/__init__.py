@@ -15,6 +15,7 @@ _registered = False
 # architecture name in config.json -> our class (lazy: imported by vLLM only when a model needs it)
 MODEL_CLASSES = {
     "InternVLChatModel": "internvl_plugin.internvl:InternVLChatModel",
+    "InternLMXComposer2ForCausalLM": "internvl_plugin.xcomposer2:InternLMXComposer2ForCausalLM",
 }
 
 
@@ -38,7 +39,15 @@ def register() -> None:
         from internvl_plugin.chat_templates import fallback_for_model
 
         register_chat_template_fallback_path("internvl_chat", fallback_for_model)
+        from internvl_plugin.chat_templates import xcomposer2_fallback
+
+        register_chat_template_fallback_path("internlmxcomposer2", xcomposer2_fallback)
         # The W4A16 method "awq_w4a16"; the import registers it (cheap: vLLM's quantization base is
         # already loaded once vLLM loads plugins; the linear method is imported when layers are built).
         import internvl_plugin.quant  # noqa: F401
+        # int8/int4 per-token-head KV caches on CPU: our subclass of vLLM's CPU_ATTN (cpu_kv_attention.py),
+        # a lazy path like the models; every other KV dtype keeps vLLM's own code path
+        from vllm.v1.attention.backends.registry import AttentionBackendEnum, register_backend
+
+        register_backend(AttentionBackendEnum.CPU_ATTN, "internvl_plugin.cpu_kv_attention.CPUKVQuantAttentionBackend")
     _registered = True
