@@ -44,7 +44,8 @@ XCOMPOSER2_LAYOUTS: dict[str, dict[str, Any]] = {
     # the composition model: 224 px -> here 42 px, position table stored for 56 px
     "xcomposer2-7b": dict(family="xcomposer2", variant="vl", img_size=42, pos_grid_size=56, heads=(4, 1),
                           lora=_VL_LORA, template="internlm-xcomposer2"),
-    "xcomposer2-4khd": dict(family="xcomposer2", variant="4khd", tile=56, heads=(4, 1), lora=_HD_LORA,
+    # 4KHD's group is 4; 2 KV heads here so that TP=2 can shard them (vLLM's InternLM2 split needs it)
+    "xcomposer2-4khd": dict(family="xcomposer2", variant="4khd", tile=56, heads=(4, 2), lora=_HD_LORA,
                             template="internlm-xcomposer2"),
     "xcomposer2d5": dict(family="xcomposer2", variant="2.5", tile=56, heads=(4, 1), lora=_VL_LORA,
                          template="internlm-xcomposer2d5"),
