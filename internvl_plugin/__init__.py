@@ -45,4 +45,9 @@ def register() -> None:
         # The W4A16 method "awq_w4a16"; the import registers it (cheap: vLLM's quantization base is
         # already loaded once vLLM loads plugins; the linear method is imported when layers are built).
         import internvl_plugin.quant  # noqa: F401
+        # int8/int4 per-token-head KV caches on CPU: our subclass of vLLM's CPU_ATTN (cpu_kv_attention.py),
+        # a lazy path like the models; every other KV dtype keeps vLLM's own code path
+        from vllm.v1.attention.backends.registry import AttentionBackendEnum, register_backend
+
+        register_backend(AttentionBackendEnum.CPU_ATTN, "internvl_plugin.cpu_kv_attention.CPUKVQuantAttentionBackend")
     _registered = True
