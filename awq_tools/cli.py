@@ -1,7 +1,8 @@
-"""The ``awq_tools`` command: ``estimate``, the weight and KV-cache memory of a checkpoint in fp16 and W4A16.
+"""The ``awq_tools`` command: ``quantize`` (quantize.py), ``eval`` (evaluate.py) and ``estimate`` (memory).
 
-Quantizing is not a command here yet: make AWQ checkpoints with LMDeploy's ``lmdeploy lite auto_awq`` or
-with AutoAWQ; the plugin loads both (internvl_plugin.awq_checkpoint).
+``quantize`` takes LMDeploy's ``lite auto_awq`` flags; the seed's ``--search-scale False`` spelling means off
+(LMDeploy 0.4.2-0.6.2 read any value as on, spec internvl-and-quant.md B1.1), so a value after the flag is
+read as a boolean before click parses the line.
 """
 
 from __future__ import annotations
@@ -15,9 +16,92 @@ import click
 GiB = 1 << 30
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+_BOOL_WORDS = {"true": True, "1": True, "yes": True, "on": True, "false": False, "0": False, "no": False,
+               "off": False}
+
+
+class _Group(click.Group):
+    def parse_args(self, ctx, args):
+        out = []
+        i = 0
+        while i < len(args):
+            arg = args[i]
+            if arg == "--search-scale" and i + 1 < len(args) and args[i + 1].lower() in _BOOL_WORDS:
+                out.append("--search-scale" if _BOOL_WORDS[args[i + 1].lower()] else "--no-search-scale")
+                i += 2
+                continue
+            if arg.startswith("--search-scale=") and arg.split("=", 1)[1].lower() in _BOOL_WORDS:
+                out.append("--search-scale" if _BOOL_WORDS[arg.split("=", 1)[1].lower()] else "--no-search-scale")
+                i += 1
+                continue
+            out.append(arg)
+            i += 1
+        return super().parse_args(ctx, out)
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
 def main() -> None:
     """AWQ W4A16 tools for InternVL / InternLM-XComposer2 checkpoints."""
+
+
+def _local_model(model: str, source: str, quiet: bool) -> Path:
+    """A folder as given, or a repo id fetched through hub_cli's fetch (resumable, verified)."""
+    path = Path(model)
+    if path.exists():
+        return path
+    from hub_cli.fetch import is_repo_id
+
+    if not is_repo_id(model):
+        raise click.ClickException(f"{model}: no such folder (give a checkpoint folder or a repo id OWNER/NAME)")
+    from hub_cli.errors import HubCliError
+    from hub_cli.fetch import fetch
+
+    try:
+        return fetch(model, source=source, quiet=quiet,
+                     local_dir=Path.home() / ".cache" / "vllm-internvl" / "models" / model)
+    except HubCliError as exc:
+        raise click.ClickException(f"fetching {model}: {exc.message}")
+
+
+@main.command()
+@click.argument("model")
+@click.option("--work-dir", type=click.Path(path_type=Path), default=Path("./work_dir"), show_default=True,
+              help="Output folder (appears only when complete).")
+@click.option("--calib-dataset", default="wikitext2", show_default=True,
+              help="wikitext2, ptb, c4, pileval (through the datasets library), or a local .txt / .jsonl file.")
+@click.option("--calib-samples", type=click.IntRange(1), default=128, show_default=True)
+@click.option("--calib-seqlen", type=click.IntRange(2), default=2048, show_default=True)
+@click.option("--w-bits", type=int, default=4, show_default=True, help="Weight bits (only 4).")
+@click.option("--w-group-size", type=int, default=128, show_default=True, help="Input channels per scale.")
+@click.option("--batch-size", type=click.IntRange(1), default=1, show_default=True,
+              help="Calibration samples per forward chunk.")
+@click.option("--search-scale/--no-search-scale", default=False, show_default=True,
+              help="Search the smoothing ratio per group (also: --search-scale True/False).")
+@click.option("--device", default="cpu", show_default=True, help="cpu or cuda[:N] for the layer math.")
+@click.option("--dtype", type=click.Choice(["auto", "float16", "bfloat16"]), default="auto", show_default=True,
+              help="Scales and rewritten tensors; auto keeps the checkpoint's.")
+@click.option("--source", default="hf", show_default=True, help="Hub a repo id is fetched from (hub_cli fetch).")
+@click.option("--quiet", is_flag=True, help="No progress bar or notes.")
+def quantize(model: str, work_dir: Path, calib_dataset: str, calib_samples: int, calib_seqlen: int, w_bits: int,
+             w_group_size: int, batch_size: int, search_scale: bool, device: str, dtype: str, source: str,
+             quiet: bool) -> None:
+    """AWQ W4A16 of MODEL's language model (folder or repo id), layer by layer, resumable; vision stays 16-bit."""
+    from awq_tools.calib import CalibrationError
+    from awq_tools.quantize import QuantizeError, QuantizeSettings, quantize as run
+
+    folder = _local_model(model, source, quiet)
+    settings = QuantizeSettings(calib_dataset=calib_dataset, calib_samples=calib_samples, calib_seqlen=calib_seqlen,
+                                w_bits=w_bits, w_group_size=w_group_size, batch_size=batch_size,
+                                search_scale=search_scale, device=device, dtype=dtype)
+    try:
+        out = run(folder, work_dir, settings, quiet=quiet)
+    except (QuantizeError, CalibrationError) as exc:
+        raise click.ClickException(str(exc))
+    except KeyboardInterrupt:
+        click.echo("awq_tools quantize: interrupted; run the same command again to resume", err=True)
+        sys.exit(130)
+    if not quiet:
+        click.echo(f"wrote {out}")
 
 
 def _load_config(model: Path) -> dict:

@@ -1,0 +1,449 @@
+"""``awq_tools quantize``: stream a checkpoint's language model through AWQ one decoder layer at a time.
+
+What is in memory at once: one decoder layer (float32) and the calibration hidden states [samples, seqlen,
+hidden]; never the model. Each layer is read from the input shards, run on the calibration activations to
+collect statistics and the next layer's input (from the original float layer, as LMDeploy does), smoothed,
+RTN-quantized, and written as its own output shard. Everything outside the decoder layers (vision tower,
+projector, embeddings, final norm, LM head) is copied unchanged in chunks of at most ``REST_SHARD_BYTES``.
+
+Resuming: the work happens in a hidden sibling ``.<name>.partial`` of the output folder. After each layer its
+shard, the next layer's input activations and ``state.json`` are written (each atomically, in that order);
+a rerun with the same input and settings continues after the last finished layer. ``state.json`` holds a
+fingerprint of the input (every shard's header and size, config.json, the settings, the calibration ids) and a
+sha256 of each finished layer's input tensors, which a rerun re-reads and checks, so a changed input starts
+over instead of being mixed in. When the last layer is done the folder is completed (index, config,
+tokenizer and processor files, quant_report.json) and renamed to the output name in one step.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import shutil
+import sys
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from awq_tools.awq import (DEFAULT_ALPHA, ChannelStats, output_error, output_error_smoothed, pseudo_quantize,
+                           quantize_linear, search_ratio, smoothing_scales, weight_importance)
+from awq_tools.backbones import backbone_for, llm_config_of, llm_prefix_of, rotary_tables
+from awq_tools.shards import (INDEX_FILE, CheckpointIndex, save_shard_atomically, tensor_digest,
+                              write_json_atomically)
+from internvl_kernels import dequantize_awq
+from internvl_plugin.awq_checkpoint import find_quantization_config
+
+__all__ = ["QuantizeSettings", "QuantizeError", "quantize", "partial_dir_for"]
+
+FORMAT_VERSION = 1
+REST_SHARD_BYTES = 1 << 30
+SEARCH_TOKENS = 4096          # tokens per sub-block the scale search and the error report score on
+STATE_FILE = "state.json"
+_NOT_COPIED = {"config.json", INDEX_FILE, "tiny_build.json", "quant_config.json", "quantize_config.json",
+               "inputs_stats.pth", "outputs_stats.pth"}
+_DTYPES = {"float16": torch.float16, "fp16": torch.float16, "half": torch.float16, "bfloat16": torch.bfloat16,
+           "bf16": torch.bfloat16}
+
+
+class QuantizeError(ValueError):
+    """A bad input or setting: the message is one line naming the culprit."""
+
+
+@dataclass(frozen=True)
+class QuantizeSettings:
+    calib_dataset: str = "wikitext2"
+    calib_samples: int = 128
+    calib_seqlen: int = 2048
+    w_bits: int = 4
+    w_group_size: int = 128
+    batch_size: int = 1
+    search_scale: bool = False
+    device: str = "cpu"
+    dtype: str = "auto"
+
+
+def partial_dir_for(work_dir: Path) -> Path:
+    return work_dir.parent / f".{work_dir.name}.partial"
+
+
+def quantize(model: Path, work_dir: Path, settings: QuantizeSettings, *, quiet: bool = False,
+             log=None, smooth_only: bool = False) -> Path:
+    """Quantize ``model`` (a checkpoint folder) into ``work_dir``; returns ``work_dir``. Raises QuantizeError.
+
+    ``smooth_only``: write the smoothed 16-bit checkpoint instead (no quantization_config), to check that
+    folding the scales leaves the model's output unchanged.
+    """
+    log = log or (lambda msg: None if quiet else print(msg, file=sys.stderr))
+    job = _Job(Path(model), Path(work_dir), settings, quiet, log)
+    job.smooth_only = smooth_only
+    job.run()
+    return job.work_dir
+
+
+class _Job:
+    def __init__(self, model: Path, work_dir: Path, settings: QuantizeSettings, quiet: bool, log):
+        self.model, self.work_dir, self.s, self.quiet, self.log = model, work_dir, settings, quiet, log
+        self._validate()
+
+    # ------------------------------------------------------------------------------ checks before any write
+    def _validate(self) -> None:
+        from awq_tools.backbones import UnsupportedModel
+        from awq_tools.shards import BadCheckpoint
+
+        s, model = self.s, self.model
+        if s.w_bits != 4:
+            raise QuantizeError(f"--w-bits {s.w_bits}: only 4-bit weights are supported (AWQ gemm)")
+        if s.dtype not in ("auto", *_DTYPES):
+            raise QuantizeError(f"--dtype {s.dtype!r}: use auto, float16 or bfloat16")
+        if s.device.startswith("cuda") and not torch.cuda.is_available():
+            raise QuantizeError(f"--device {s.device}: no CUDA device here; use --device cpu")
+        config_file = model / "config.json"
+        if not model.is_dir():
+            raise QuantizeError(f"{model}: no such folder")
+        try:
+            self.config_bytes = config_file.read_bytes()
+            self.config = json.loads(self.config_bytes)
+        except FileNotFoundError:
+            raise QuantizeError(f"{config_file}: no such file") from None
+        except (UnicodeDecodeError, ValueError) as exc:
+            raise QuantizeError(f"{config_file}: not valid JSON ({exc})") from None
+        found = find_quantization_config(self.config, model)
+        if found is not None:
+            raise QuantizeError(f"{model}: already quantized ({found.file} "
+                                f"{(found.holder + '.') if found.holder else ''}quantization_config "
+                                f"quant_method={found.quant_method!r}); give the 16-bit checkpoint")
+        try:
+            self.backbone, self.shape = backbone_for(self.config)
+            self.index = CheckpointIndex(model)
+        except (UnsupportedModel, BadCheckpoint) as exc:
+            raise QuantizeError(f"{model}: {exc}" if not str(exc).startswith(str(model)) else str(exc)) from None
+        quantized = [n for n in self.index.tensors if n.endswith(".qweight")]
+        if quantized:
+            raise QuantizeError(f"{model}: already quantized (tensor {quantized[0]!r}); give the 16-bit checkpoint")
+        self.lcfg = llm_config_of(self.config)
+        self.prefix = llm_prefix_of(self.config)
+        g = s.w_group_size
+        if g <= 0:
+            raise QuantizeError(f"--w-group-size {g}: must be positive")
+        for name, (n, k) in self.backbone.linear_shapes(self.shape).items():
+            if k % g:
+                raise QuantizeError(f"--w-group-size {g} does not divide K={k} of {name} (in_features); "
+                                    f"pick a divisor of {k} such as {math.gcd(k, 128)}")
+            if n % 8:
+                raise QuantizeError(f"{name}: out_features {n} is not a multiple of 8; AWQ gemm cannot pack it")
+        for i in range(self.shape["layers"]):
+            for name, (n, k) in self.backbone.linear_shapes(self.shape).items():
+                self._expect(f"{self._layer_prefix(i)}{name}.weight", (n, k))
+            for norm in self.backbone.norms:
+                self._expect(f"{self._layer_prefix(i)}{norm}.weight", (self.shape["hidden"],))
+        self._expect(self.prefix + self.backbone.embed, (self.shape["vocab"], self.shape["hidden"]))
+        if self.work_dir.exists() and (not self.work_dir.is_dir() or any(self.work_dir.iterdir())):
+            raise QuantizeError(f"--work-dir {self.work_dir}: already exists and is not empty; remove it or pick "
+                                "another folder")
+        self.out_dtype = _DTYPES.get(s.dtype) or _DTYPES.get(str(self.lcfg.get("torch_dtype", "")), torch.float16)
+
+    def _expect(self, name: str, shape: tuple[int, ...]) -> None:
+        info = self.index.tensors.get(name)
+        if info is None:
+            raise QuantizeError(f"{self.model}: tensor {name!r} is missing from the checkpoint")
+        if info.shape != shape:
+            raise QuantizeError(f"{self.model}: tensor {name!r} has shape {list(info.shape)}, "
+                                f"config.json implies {list(shape)}")
+
+    def _layer_prefix(self, i: int) -> str:
+        return f"{self.prefix}model.layers.{i}."
+
+    # ------------------------------------------------------------------------------ the run
+    def run(self) -> None:
+        ids = self._calibration_ids()
+        fingerprint = self._fingerprint(ids)
+        partial = partial_dir_for(self.work_dir)
+        state = self._resume_state(partial, fingerprint)
+        if state is None:
+            if partial.exists():
+                shutil.rmtree(partial)
+            partial.mkdir(parents=True)
+            state = {"fingerprint": fingerprint, "rest_done": False, "rest_digest": None, "layers_done": 0,
+                     "layer_digests": [], "report": []}
+            write_json_atomically(state, partial / STATE_FILE)
+        self.partial, self.state = partial, state
+        plan = self._plan_shards()
+        if not state["rest_done"]:
+            self._copy_rest(plan)
+        hidden = self._layer_input(ids, state["layers_done"])
+        self._quantize_layers(hidden, plan)
+        self._finish(plan)
+
+    def _calibration_ids(self) -> torch.Tensor:
+        from transformers import AutoTokenizer
+
+        from awq_tools.calib import calibration_ids
+        from internvl_plugin.configs import register_configs
+
+        register_configs()
+        try:
+            tok = AutoTokenizer.from_pretrained(str(self.model), trust_remote_code=False)
+        except Exception as exc:  # noqa: BLE001 - any tokenizer failure is one line for the user
+            raise QuantizeError(f"{self.model}: cannot load the tokenizer ({str(exc).splitlines()[0][:200]})") from None
+        return calibration_ids(self.s.calib_dataset, tok, self.s.calib_samples, self.s.calib_seqlen)
+
+    def _fingerprint(self, ids: torch.Tensor) -> str:
+        h = hashlib.sha256(f"awq_tools/{FORMAT_VERSION}".encode())
+        h.update(self.index.fingerprint().encode())
+        h.update(self.config_bytes)
+        settings = asdict(self.s)
+        settings.pop("device")  # the same arithmetic, wherever it ran
+        h.update(json.dumps(settings, sort_keys=True).encode())
+        h.update(ids.numpy().tobytes())
+        h.update(b"smooth_only" if self.smooth_only else b"")
+        return h.hexdigest()
+
+    def _resume_state(self, partial: Path, fingerprint: str) -> dict | None:
+        state_file = partial / STATE_FILE
+        if not state_file.is_file():
+            return None
+        try:
+            state = json.loads(state_file.read_text())
+        except ValueError:
+            return None
+        if state.get("fingerprint") != fingerprint:
+            self.log(f"awq_tools quantize: {partial} was started with another input or settings; starting over")
+            return None
+        if state["rest_done"] and self._rest_digest(self._plan_shards()) != state["rest_digest"]:
+            self.log("awq_tools quantize: the input's non-layer tensors changed since the interrupted run; starting over")
+            return None
+        for i, digest in enumerate(state["layer_digests"]):
+            if tensor_digest(self.index.load(self._layer_names(i))) != digest:
+                self.log(f"awq_tools quantize: input layer {i} changed since the interrupted run; starting over")
+                return None
+        if state["layers_done"] and not (partial / _hidden_name(state["layers_done"])).is_file():
+            return None
+        if state["layers_done"] or state["rest_done"]:
+            self.log(f"awq_tools quantize: resuming after layer {state['layers_done']} of {self.shape['layers']}")
+        return state
+
+    # ------------------------------------------------------------------------------ shards
+    def _layer_names(self, i: int) -> list[str]:
+        p = self._layer_prefix(i)
+        return sorted(n for n in self.index.tensors if n.startswith(p))
+
+    def _rest_names(self) -> list[str]:
+        layers = f"{self.prefix}model.layers."
+        return sorted(n for n in self.index.tensors if not n.startswith(layers))
+
+    def _plan_shards(self) -> dict:
+        chunks, size = [[]], 0
+        for name in self._rest_names():
+            nbytes = self.index.tensors[name].nbytes
+            if chunks[-1] and size + nbytes > REST_SHARD_BYTES:
+                chunks.append([])
+                size = 0
+            chunks[-1].append(name)
+            size += nbytes
+        chunks = [c for c in chunks if c]
+        total = len(chunks) + self.shape["layers"]
+        names = [f"model-{i + 1:05d}-of-{total:05d}.safetensors" for i in range(total)]
+        return {"rest": list(zip(names, chunks)), "layers": names[len(chunks):]}
+
+    def _copy_rest(self, plan: dict) -> None:
+        digests = []
+        for fname, names in plan["rest"]:
+            tensors = self.index.load(names)
+            digests.append(tensor_digest(tensors))
+            save_shard_atomically(tensors, self.partial / fname)
+            del tensors
+        self.state["rest_done"] = True
+        self.state["rest_digest"] = _combine(digests)
+        write_json_atomically(self.state, self.partial / STATE_FILE)
+
+    def _rest_digest(self, plan: dict) -> str:
+        return _combine([tensor_digest(self.index.load(names)) for _, names in plan["rest"]])
+
+    def _layer_input(self, ids: torch.Tensor, layer: int) -> torch.Tensor:
+        if layer:
+            from safetensors.torch import load_file
+            return load_file(str(self.partial / _hidden_name(layer)))["hidden"]
+        name = self.prefix + self.backbone.embed
+        table = self.index.load([name])[name]
+        hidden = table[ids].float()
+        del table
+        return hidden
+
+    # ------------------------------------------------------------------------------ layers
+    def _quantize_layers(self, hidden: torch.Tensor, plan: dict) -> None:
+        from tqdm import tqdm
+
+        layers, start = self.shape["layers"], self.state["layers_done"]
+        seqlen = hidden.shape[1]
+        rope = rotary_tables(self.lcfg, self.shape, seqlen)
+        keep = max(1, min(hidden.shape[0], SEARCH_TOKENS // seqlen)) * seqlen
+        device = torch.device(self.s.device)
+        bar = tqdm(total=layers, initial=start, desc="awq_tools quantize", unit="layer", disable=self.quiet,
+                   file=sys.stderr, dynamic_ncols=True)
+        bb_linear0 = self.backbone.linears[0]
+        for i in range(start, layers):
+            names = self._layer_names(i)
+            raw = self.index.load(names)
+            digest = tensor_digest(raw)
+            p = self._layer_prefix(i)
+            w = {n[len(p):]: t.to(device=device, dtype=torch.float32) for n, t in raw.items()}
+            stored = {n[len(p):]: t for n, t in raw.items() if not n.endswith(".weight") or t.dim() == 1}
+            stored["__linear_dtype__"] = raw[p + bb_linear0 + ".weight"].dtype
+            del raw
+            stats: dict[str, ChannelStats] = {}
+
+            def observe(name, x):
+                stats.setdefault(name, ChannelStats()).update(x, keep)
+
+            out = torch.empty_like(hidden)
+            with torch.no_grad():
+                for b in range(0, hidden.shape[0], self.s.batch_size):
+                    chunk = hidden[b:b + self.s.batch_size].to(device)
+                    cos, sin = (t.to(device) for t in rope)
+                    out[b:b + self.s.batch_size] = self.backbone.forward(w, chunk, (cos, sin), self.shape,
+                                                                          observe).cpu()
+                tensors, report = self._quantize_layer(w, stats, rope, device, stored)
+            tensors = {p + n: t for n, t in tensors.items()}
+            save_shard_atomically(tensors, self.partial / plan["layers"][i])
+            from safetensors.torch import save_file
+            tmp = self.partial / (_hidden_name(i + 1) + ".tmp")
+            save_file({"hidden": out.contiguous()}, str(tmp))
+            tmp.replace(self.partial / _hidden_name(i + 1))
+            self.state["layers_done"] = i + 1
+            self.state["layer_digests"].append(digest)
+            self.state["report"].append({"layer": i, **report})
+            write_json_atomically(self.state, self.partial / STATE_FILE)
+            (self.partial / _hidden_name(i)).unlink(missing_ok=True)
+            hidden = out
+            del w, stats, tensors
+            bar.update(1)
+        bar.close()
+
+    def _quantize_layer(self, w: dict[str, torch.Tensor], stats: dict[str, ChannelStats], rope, device,
+                        stored: dict[str, torch.Tensor]):
+        """Smooth (norm groups, then fc groups), quantize every linear; the layer's output tensors and report."""
+        g, bb, shape = self.s.w_group_size, self.backbone, self.shape
+        original = {n: t.clone() for n, t in w.items()}
+        input_scale: dict[str, torch.Tensor] = {}
+        row_scale: dict[str, torch.Tensor] = {}
+        report: dict = {"groups": {}, "linears": {}}
+        for group in bb.norm_groups:
+            st = stats[group.linears[0]]
+            norm_w = w[group.norm + ".weight"]
+            weights = [w[n + ".weight"] for n in group.linears]
+            if self.s.search_scale:
+                x = st.inputs().to(device)
+
+                def run(trial, group=group, x=x):
+                    ww = dict(w, **{n + ".weight": t for n, t in zip(group.linears, trial)})
+                    if group.block == "attn":
+                        seq = rope[0].shape[0]
+                        xs = x.view(-1, seq, x.shape[-1])
+                        return bb.attention(ww, xs, tuple(t.to(device) for t in rope), shape)
+                    return bb.mlp(ww, x, shape)
+
+                ratio, s, _ = search_ratio(st.absmean.to(device), weights, g, run, norm_weight=norm_w)
+            else:
+                ratio = DEFAULT_ALPHA
+                s = smoothing_scales(st.absmax.to(device), weight_importance(weights, g), ratio, norm_w)
+            w[group.norm + ".weight"] = norm_w / s
+            for n in group.linears:
+                w[n + ".weight"] = w[n + ".weight"] * s
+                input_scale[n] = s
+            report["groups"][group.norm] = {"ratio": ratio}
+        for group in bb.fc_groups(shape):
+            st = stats[group.next]
+            rows = group.rows(shape)
+            weights = [w[group.next + ".weight"]]
+            if self.s.search_scale:
+                x = st.inputs().to(device)
+                ratio, s, _ = search_ratio(st.absmean.to(device), weights, g, lambda t, x=x: x @ t[0].t())
+            else:
+                ratio = DEFAULT_ALPHA
+                s = smoothing_scales(st.absmax.to(device), weight_importance(weights, g), ratio)
+            prev = w[group.prev + ".weight"].clone()
+            prev[rows] = prev[rows] / s[:, None]
+            w[group.prev + ".weight"] = prev
+            if group.prev + ".bias" in w:
+                bias = w[group.prev + ".bias"].clone()
+                bias[rows] = bias[rows] / s
+                w[group.prev + ".bias"] = bias
+            w[group.next + ".weight"] = w[group.next + ".weight"] * s
+            input_scale[group.next] = s
+            rs = torch.ones(prev.shape[0], device=prev.device)
+            rs[rows] = s
+            row_scale[group.prev] = rs
+            report["groups"][f"{group.prev}->{group.next}"] = {"ratio": ratio}
+        out: dict[str, torch.Tensor] = {}
+        weight_dtype = stored.pop("__linear_dtype__")
+        for n in bb.linears:
+            if self.smooth_only:
+                out[n + ".weight"] = w[n + ".weight"].to(weight_dtype).cpu()
+                continue
+            qweight, qzeros, scales = quantize_linear(w[n + ".weight"], g, self.out_dtype)
+            out.update({f"{n}.qweight": qweight.cpu(), f"{n}.qzeros": qzeros.cpu(), f"{n}.scales": scales.cpu()})
+            x = stats[n].inputs().to(device)
+            s = input_scale.get(n)
+            approx = dequantize_awq(qweight, qzeros, scales, g, dtype=torch.float32).t()
+            # the smoothed linear sees x / s: compare its output with the original x @ W^T
+            awq_err = output_error_smoothed(x, s, original[n + ".weight"], approx, row_scale.get(n))
+            rtn_err = output_error(x, original[n + ".weight"], pseudo_quantize(original[n + ".weight"], g))
+            report["linears"][n] = {"awq_rel_mse": awq_err, "rtn_rel_mse": rtn_err}
+        for name, t in w.items():
+            base = name.rsplit(".", 1)[0]
+            if base in bb.linears and name.endswith(".weight"):
+                continue
+            # rewritten norms and biases in the output dtype; everything else exactly as stored
+            out[name] = t.to(self.out_dtype).cpu() if not torch.equal(t, original[name]) else stored[name]
+        return out, report
+
+    # ------------------------------------------------------------------------------ the end
+    def _finish(self, plan: dict) -> None:
+        partial = self.partial
+        weight_map = {}
+        for fname, names in plan["rest"]:
+            weight_map.update({n: fname for n in names})
+        for i, fname in enumerate(plan["layers"]):
+            from safetensors import safe_open
+            with safe_open(str(partial / fname), framework="pt") as f:
+                weight_map.update({n: fname for n in f.keys()})
+        total = sum((partial / f).stat().st_size for f in set(weight_map.values()))
+        write_json_atomically({"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))},
+                              partial / INDEX_FILE)
+        config = json.loads(self.config_bytes)
+        quant = {"quant_method": "awq", "version": "gemm", "bits": 4, "group_size": self.s.w_group_size,
+                 "zero_point": True}
+        dtype_name = {torch.float16: "float16", torch.bfloat16: "bfloat16"}[self.out_dtype]
+        if self.prefix:
+            # LMDeploy's place (llm_config) and the top level, with the vision parts named (spec B1.10 step 5)
+            quant["modules_to_not_convert"] = ["vision_model", "mlp1"]
+            config["llm_config"]["quantization_config"] = dict(quant)
+            config["llm_config"]["torch_dtype"] = dtype_name
+        config["quantization_config"] = quant
+        config["torch_dtype"] = dtype_name
+        if self.smooth_only:
+            config.pop("quantization_config")
+            config.get("llm_config", {}).pop("quantization_config", None)
+        (partial / "config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
+        for f in sorted(self.model.iterdir()):
+            if f.is_file() and f.name not in _NOT_COPIED and not f.name.endswith((".safetensors", ".bin")):
+                shutil.copy2(f, partial / f.name)
+        report = {"settings": asdict(self.s), "backbone": self.backbone.name, "layers": self.state["report"]}
+        report["settings"].pop("device")
+        write_json_atomically(report, partial / "quant_report.json")
+        (partial / STATE_FILE).unlink()
+        for f in partial.glob("hidden-*.safetensors"):
+            f.unlink()
+        if self.work_dir.exists():
+            self.work_dir.rmdir()  # validated empty
+        partial.replace(self.work_dir)
+
+
+def _combine(digests: list[str]) -> str:
+    return hashlib.sha256("".join(digests).encode()).hexdigest()
+
+
+def _hidden_name(layer: int) -> str:
+    return f"hidden-{layer:05d}.safetensors"
