@@ -15,6 +15,7 @@ import contextlib
 import importlib.metadata as md
 import json
 import os
+import re
 import shlex
 import signal
 import subprocess
@@ -141,27 +142,66 @@ def running_server(argv: Sequence[str], env: dict[str, str], base_url: str, *, l
         stop_server(proc)
 
 
-class _Tail(threading.Thread):
-    """Copies the server's output to ours and keeps its lines, to name the cause when it fails to start."""
+# The first line of a failure in vLLM's output: an ERROR record (any process's prefix) or a bare traceback.
+_FAILURE_START = re.compile(r"^(?:\([\w.-]+ pid=\d+\)\s*)?(?:(?:ERROR|CRITICAL) \d|Traceback \(most recent call last\))")
 
-    def __init__(self, stream: IO[bytes]):
+
+class _Tail(threading.Thread):
+    """Copies the server's output to ours and keeps its lines, to name the cause when it fails to start.
+
+    With ``hold_failures``, everything from the first error record or traceback on is held back instead of
+    copied, until :meth:`release`: a server that stops while starting prints the same exception three times
+    (worker, engine core, API server) in some 200 lines, and :func:`run_server` shows the root cause's one line
+    instead (or releases them when it finds none, or when the server comes up after all).
+    """
+
+    def __init__(self, stream: IO[bytes], hold_failures: bool = False):
         super().__init__(daemon=True)
         self.stream = stream
         self.lines: collections.deque[str] = collections.deque(maxlen=2000)
+        self.held: list[bytes] = []
+        self._holding = hold_failures
+        self._lock = threading.Lock()
 
     def run(self) -> None:
-        out = sys.stdout.buffer if hasattr(sys.stdout, "buffer") else None
         for raw in iter(self.stream.readline, b""):
-            self.lines.append(raw.decode("utf-8", "replace"))
-            if out is not None:
-                out.write(raw)
-                out.flush()
-            else:
-                sys.stdout.write(self.lines[-1])
+            line = raw.decode("utf-8", "replace")
+            with self._lock:
+                self.lines.append(line)
+                if self._holding and (self.held or _FAILURE_START.match(line)):
+                    self.held.append(raw)
+                else:
+                    _write(raw)
+
+    def release(self) -> None:
+        """Copy what was held back and stop holding."""
+        with self._lock:
+            self._holding = False
+            for raw in self.held:
+                _write(raw)
+            self.held = []
 
 
-def _tee(proc: subprocess.Popen) -> _Tail:
-    tail = _Tail(proc.stdout)
+def _write(raw: bytes) -> None:
+    out = getattr(sys.stdout, "buffer", None)
+    if out is not None:
+        out.write(raw)
+        out.flush()
+    else:
+        sys.stdout.write(raw.decode("utf-8", "replace"))
+
+
+def _save_log(lines: Sequence[str]) -> str:
+    import tempfile
+
+    fd, path = tempfile.mkstemp(prefix="hub_cli-server-", suffix=".log")
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        f.writelines(lines)
+    return path
+
+
+def _tee(proc: subprocess.Popen, hold_failures: bool = False) -> _Tail:
+    tail = _Tail(proc.stdout, hold_failures)
     tail.start()
     return tail
 
@@ -174,7 +214,7 @@ def run_server(argv: Sequence[str], env: dict[str, str], base_url: str,
     engine core and workers together (SIGINT first, SIGKILL to the group if they linger).
     """
     proc = start_server(argv, env, log=subprocess.PIPE)
-    tail = _tee(proc)
+    tail = _tee(proc, hold_failures=True)
     stopping = False
 
     def stop(signum, _frame):
@@ -194,8 +234,15 @@ def run_server(argv: Sequence[str], env: dict[str, str], base_url: str,
             from hub_cli.checkpoint import engine_failure_line
 
             cause = engine_failure_line(tail.lines)
+            if cause and tail.held:  # the root cause stands for vLLM's tracebacks; they go to a file
+                path = _save_log(tail.lines)
+                print(f"hub_cli: vLLM's traceback ({len(tail.held)} lines) is not shown; the server's whole output: "
+                      f"{path}", file=sys.stderr)
+            else:
+                tail.release()
             print(f"hub_cli: {exc}" + (f": {cause}" if cause else ""), file=sys.stderr)
             return proc.returncode if proc.returncode not in (None, 0) else 1
+        tail.release()  # a server that came up anyway: nothing of its output is hidden
         if on_ready is not None:
             on_ready()
         while proc.poll() is None:

@@ -198,6 +198,51 @@ def test_engine_failure_line_from_a_vllm_log():
     assert engine_failure_line(["INFO all good", "RuntimeError: Engine core initialization failed."]) is None
 
 
+FAKE_SERVER = r"""
+import sys, time
+print("INFO 12-06 00:26:00 [api_server.py:1] starting", flush=True)
+print("(Worker pid=3) ERROR 12-06 00:26:24 [multiproc_executor.py:953] Traceback (most recent call last):")
+print("(Worker pid=3) ERROR 12-06 00:26:24 [multiproc_executor.py:953]   File 'x.py', line 1, in load_weights")
+print("(Worker pid=3) ERROR 12-06 00:26:24 [multiproc_executor.py:953] " + sys.argv[1])
+print("INFO 12-06 00:26:25 [core.py:1] shutting down")
+print("Traceback (most recent call last):")
+print("  File 'api_server.py', line 59, in <module>")
+print("RuntimeError: Engine core initialization failed. See root cause above. Failed core proc(s): {}", flush=True)
+sys.exit(1)
+"""
+RUN = ("import sys; from hub_cli.launch import run_server; "
+       "sys.exit(run_server([sys.executable, '-c', sys.argv[1], sys.argv[2]], {}, 'http://127.0.0.1:9'))")
+
+
+CAUSE = "ValueError: checkpoint tensor 'w' (shape [4]) cannot be loaded: no parameter named 'w'"
+WRAPPER = "Exception: WorkerProc initialization failed due to an exception in a background process. See stack trace"
+
+
+@pytest.mark.parametrize("error", [CAUSE, WRAPPER], ids=["cause", "no-cause"])
+def test_run_server_shows_the_cause_instead_of_the_tracebacks(tmp_path, error):
+    """A server that stops while starting: its INFO lines are copied, its tracebacks are held back and the root
+    cause's line comes last (the whole output in a file it names); with no cause found, nothing is hidden."""
+    import os
+
+    env = {**os.environ, "TMPDIR": str(tmp_path)}
+    proc = subprocess.run([sys.executable, "-c", RUN, FAKE_SERVER, error], capture_output=True, text=True,
+                          timeout=60, env=env)
+    assert proc.returncode == 1
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("hub_cli: vLLM server exited with code 1 before it became healthy"), proc.stderr
+    assert "starting" in proc.stdout
+    if error == CAUSE:
+        assert proc.stdout.strip().splitlines() == ["INFO 12-06 00:26:00 [api_server.py:1] starting"]
+        assert last.endswith(f"before it became healthy: {CAUSE}")
+        (log,) = tmp_path.glob("hub_cli-server-*.log")
+        assert f"the server's whole output: {log}" in proc.stderr and "shutting down" in log.read_text()
+        assert log.read_text().count("Traceback") == 2
+    else:  # only vLLM's wrappers, no root cause: everything is shown
+        assert last.endswith("before it became healthy")
+        assert proc.stdout.count("Traceback") == 2 and "shutting down" in proc.stdout
+        assert not list(tmp_path.glob("hub_cli-server-*.log"))
+
+
 def _wrong_shape(ckpt):
     tensors = _tensors(ckpt / "model.safetensors")
     name = next(k for k in sorted(tensors) if k.startswith("mlp1") and k.endswith("weight") and tensors[k].dim() == 2)
@@ -241,3 +286,9 @@ def test_engine_stops_and_serve_ends_with_one_line(ckpt, damage):
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("hub_cli: vLLM server exited with code 1 before it became healthy: ValueError: "), last
     assert re.search(pattern, last), last
+    # vLLM's three tracebacks of the same failure are not shown, the server's output up to them is
+    assert "Traceback" not in proc.stdout + proc.stderr and "ERROR" not in proc.stdout, proc.stdout[-3000:]
+    assert "INFO" in proc.stdout and "version 0.32" in proc.stdout, proc.stdout[:2000]
+    log = Path(re.search(r"the server's whole output: (\S+)", proc.stderr).group(1))
+    assert "Traceback (most recent call last)" in log.read_text()
+    log.unlink()
