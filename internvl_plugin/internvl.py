@@ -143,7 +143,13 @@ class InternVLMultiModalProcessor(BaseMultiModalProcessor[InternVLProcessingInfo
         # in one go. "<image>" is ordinary text, so replacing its token ids in place would keep the
         # tokenization of its neighbours as they were next to "<image>", which differs (sentencepiece
         # restarts at special tokens). Replacing in text space and re-encoding reproduces it exactly.
-        new_ids, result = self._apply_prompt_updates_via_text(token_ids, mm_prompt_updates)
+        # A leading BOS is set aside while decoding: sentencepiece tokenizers with a dummy "▁" prefix (Phi-3's
+        # Llama-2 tokenizer) strip that prefix when decoding only at the very start of the text, so
+        # "<s>" + "<image>\n..." would decode to "<s> <image>" and keep a "▁" the reference never has.
+        bos = self.info.get_tokenizer().bos_token_id
+        lead = list(token_ids[:1]) if bos is not None and len(token_ids) > 1 and token_ids[0] == bos else []
+        new_ids, result = self._apply_prompt_updates_via_text(list(token_ids[len(lead):]), mm_prompt_updates)
+        new_ids = lead + list(new_ids)
         placeholders = self._find_mm_placeholders(
             new_ids, self._matched_updates_from_result(mm_prompt_updates, result))
         return new_ids, placeholders

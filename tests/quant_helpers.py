@@ -32,10 +32,11 @@ from internvl_plugin.tiny import write_folder_atomically
 
 QUANT_LAYOUTS = ("ours", "lmdeploy", "autoawq")
 
-# nn.Linear weights inside the LLM decoder layers: InternLM2 and Qwen2 names (spec A2.3).
+# nn.Linear weights inside the LLM decoder layers: InternLM2, Qwen2/Llama and Phi-3 names (spec A2.3).
 DECODER_LINEAR = re.compile(
     r"^(?:language_model\.)?model\.layers\.\d+\."
-    r"(?:attention\.(?:wqkv|wo)|feed_forward\.w[123]|self_attn\.[qkvo]_proj|mlp\.(?:gate|up|down)_proj)\.weight$")
+    r"(?:attention\.(?:wqkv|wo)|feed_forward\.w[123]|self_attn\.(?:[qkvo]|qkv)_proj|mlp\.(?:gate|up|down|gate_up)_proj)"
+    r"\.weight$")
 WEIGHTS_FILE = "model.safetensors"
 
 
