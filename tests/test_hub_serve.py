@@ -157,12 +157,10 @@ def test_cpu_defaults_yield_to_the_user(model_2b):
     assert plan.env == {"VLLM_CPU_KVCACHE_SPACE": None}
 
 
-@pytest.mark.parametrize("policy", [4, 8])
-def test_quant_policy_refused_on_cpu(model_2b, policy):
-    with pytest.raises(UsageError) as info:
-        build_vllm_args(model_2b, on_cpu=True, quant_policy=policy)
-    message = info.value.message
-    assert f"--quant-policy {policy}" in message and "CPU" in message and "\n" not in message
+@pytest.mark.parametrize("policy,kv_dtype", [(4, "int4_per_token_head"), (8, "int8_per_token_head")])
+def test_quant_policy_on_cpu(model_2b, policy, kv_dtype):
+    """The same dtypes as on CUDA: the plugin's CPU attention backend implements them (test_kv_cpu_*.py)."""
+    assert _flags(build_vllm_args(model_2b, on_cpu=True, quant_policy=policy))["--kv-cache-dtype"] == kv_dtype
 
 
 def test_cache_max_entry_count_on_cpu(model_2b):
