@@ -56,7 +56,9 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, max(0, round(q / 100 * len(ordered)) - 1))]
 
 
-async def run_load(base: str, model: str, clients: int, duration: float, max_tokens: int) -> dict:
+async def run_load(base: str, model: str, clients: int, duration: float, max_tokens: int,
+                   pid: int | None = None, rss_every: float = 30.0) -> dict:
+    """The load; with `pid`, the server's process-tree RSS every `rss_every` seconds while it runs."""
     import httpx
 
     urls = [image_url(w, h, i) for i, (w, h) in enumerate(SIZES)]
@@ -86,15 +88,25 @@ async def run_load(base: str, model: str, clients: int, duration: float, max_tok
             if time.monotonic() >= deadline:
                 return
 
+    rss_samples: list[tuple[float, int]] = []
+
+    async def sample_rss(t0: float) -> None:
+        while True:
+            rss_samples.append((round(time.monotonic() - t0, 1), tree_rss(pid)))
+            await asyncio.sleep(rss_every)
+
     limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
     async with httpx.AsyncClient(base_url=base, timeout=600, limits=limits) as http:
         tasks = [asyncio.create_task(client(n, http)) for n in range(clients)]
         t0 = time.monotonic()
         deadline = t0 + duration
+        sampler = asyncio.create_task(sample_rss(t0)) if pid else None
         start_gate.set()
         await asyncio.gather(*tasks)
         wall = time.monotonic() - t0
-    return {"answered": len(latencies), "errors": errors, "wall_s": wall,
+        if sampler is not None:
+            sampler.cancel()
+    return {"answered": len(latencies), "errors": errors, "wall_s": wall, "rss_samples": rss_samples,
             "p50_s": percentile(latencies, 50), "p95_s": percentile(latencies, 95), "p99_s": percentile(latencies, 99),
             "throughput_rps": len(latencies) / wall if wall else 0.0}
 
@@ -150,6 +162,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", help="served model name (with --url)")
     parser.add_argument("--pid", type=int, help="the running server's PID, for RSS (with --url)")
     parser.add_argument("--max-rss-growth", type=float, default=0.10)
+    parser.add_argument("--rss-every", type=float, default=30.0, help="seconds between RSS samples during the load")
     parser.add_argument("--json", type=Path, help="also write the figures here")
     args = parser.parse_args(argv)
 
@@ -168,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
         rss_start = tree_rss(pid) if pid else None
         warm_up(base, model, args.max_tokens)
         rss_before = tree_rss(pid) if pid else None
-        result = asyncio.run(run_load(base, model, args.clients, args.duration, args.max_tokens))
+        result = asyncio.run(run_load(base, model, args.clients, args.duration, args.max_tokens, pid, args.rss_every))
         time.sleep(2)   # let the engine drop finished requests
         rss_after = tree_rss(pid) if pid else None
     finally:
@@ -187,6 +200,11 @@ def main(argv: list[str] | None = None) -> int:
         growth = rss_after / rss_before - 1
         print(f"server RSS (process tree): {rss_start / mib:.0f} MiB at start, {rss_before / mib:.0f} MiB after "
               f"warm-up, {rss_after / mib:.0f} MiB after the load ({growth:+.1%})")
+        samples = result["rss_samples"]
+        if samples:
+            print(f"server RSS during the load (every {args.rss_every:.0f} s): "
+                  + ", ".join(f"{t:.0f} s {b / mib:.0f}" for t, b in samples)
+                  + f" MiB; peak {max(b for _, b in samples) / mib:.0f} MiB")
     if args.json:
         args.json.write_text(json.dumps(result, indent=1))
     failed = bool(result["errors"]) or result["answered"] == 0

@@ -1,8 +1,8 @@
 """Media URL policy for vLLM's OpenAI server: an ASGI middleware that checks and fetches request images itself.
 
 Loaded with ``--middleware internvl_plugin.media_policy.MediaPolicyMiddleware`` (``hub_cli serve`` adds it).
-For every POST with a JSON body it finds each ``image_url`` (chat ``image_url`` parts, Responses
-``input_image``) and, before vLLM sees the request:
+For every POST with a JSON body it finds each image (chat ``image_url`` parts, Responses ``input_image``,
+Anthropic ``/v1/messages`` ``image`` blocks with a url or base64 source) and, before vLLM sees the request:
 
 * ``http(s)://``: resolves the host and refuses loopback, private, shared (CGNAT), link-local (cloud
   metadata), multicast, unspecified and reserved addresses unless allowed; connects only to the addresses it
@@ -309,8 +309,23 @@ def _check_url(url: str, policy: MediaPolicy) -> urllib.parse.SplitResult:
 # one request's images
 # ---------------------------------------------------------------------------------------------------------
 def _image_refs(node: Any) -> Iterator[tuple[dict, str]]:
-    """(container, key) of every image URL string in a request body, in document order."""
+    """(container, key) of every image URL string in a request body, in document order.
+
+    Anthropic ``/v1/messages`` image blocks (``{"type": "image", "source": ...}``, also inside ``tool_result``
+    content; vLLM 0.32 turns them into chat ``image_url`` parts): a ``url`` source is its ``url``; any other
+    source is base64, as vLLM reads it, and is checked as the data URL vLLM builds from it (a copy: nothing
+    to replace).
+    """
     if isinstance(node, dict):
+        source = node.get("source")
+        if node.get("type") == "image" and isinstance(source, dict):
+            if source.get("type") == "url":
+                if isinstance(source.get("url"), str):
+                    yield source, "url"
+            elif isinstance(source.get("data"), str):
+                media_type = source.get("media_type") or "image/jpeg"
+                yield {"url": f"data:{media_type};base64,{source['data']}"}, "url"
+            return
         for key, value in node.items():
             if key == "image_url":
                 if isinstance(value, str):

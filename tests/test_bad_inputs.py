@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from conftest import cli_server, free_port
+from conftest import cli_server, free_port, make_llm, release_llm
 from test_media_policy import Listener, png_header_only
 
 pytestmark = pytest.mark.slow
@@ -157,6 +157,27 @@ def test_allowed_host_url_and_its_errors(server, listeners):
     still_serving(client)
 
 
+def test_anthropic_messages_images_follow_the_policy(server, listeners):
+    """vLLM 0.32 also serves Anthropic's /v1/messages with images: the same checks apply there."""
+    client, _ = server
+    _, refused = listeners
+
+    def messages(source):
+        return client.post("/v1/messages", json={"model": "tiny", "max_tokens": 2, "messages": [{
+            "role": "user", "content": [{"type": "image", "source": source}, {"type": "text", "text": "hi"}]}]})
+
+    png = {"type": "base64", "media_type": "image/png"}
+    resp = messages(dict(png, data=base64.b64encode(PNG).decode()))
+    assert resp.status_code == 200, resp.text
+    assert resp.json()["usage"]["output_tokens"] == 2
+    assert_refused(messages(dict(png, data=base64.b64encode(png_header_only(40000, 40000)).decode())), 400,
+                   "image 1 (data URL): 40000x40000 is 1600000000 pixels")
+    assert_refused(messages({"type": "url", "url": refused.base + "/x.png"}), 400,
+                   f"image 1 ({refused.base}/x.png): refused address: 127.0.0.2 is loopback")
+    assert refused.connections == []
+    still_serving(client)
+
+
 def _odd_images():
     gif = io.BytesIO()
     frames = [Image.new("P", (40, 30), i) for i in range(3)]
@@ -206,3 +227,60 @@ def test_bad_requests(server, case):
     message = body["error"]["message"] if "error" in body else json.dumps(body)
     assert fragment.lower() in message.lower(), message
     still_serving(client)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# offline LLM(): no server, no middleware; vLLM's own errors, each naming its cause
+# ---------------------------------------------------------------------------------------------------------
+def test_offline_llm_bad_checkpoint_names_the_tensor(tiny_model, tmp_path, monkeypatch):
+    """A tensor of the wrong shape: LLM() raises the plugin's one-line ValueError naming the tensor (a truncated
+    safetensors file raises safetensors' own error, which names no file: hub_cli serve checks that first)."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    bad = tmp_path / "wrong-shape"
+    shutil.copytree(tiny_model("internvl2-2b"), bad)
+    tensors = load_file(bad / "model.safetensors")
+    tensors["mlp1.1.weight"] = tensors["mlp1.1.weight"][:, :-1].contiguous()
+    save_file(tensors, bad / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ValueError) as info:
+        try:
+            make_llm(bad)
+        finally:
+            from vllm.distributed import cleanup_dist_env_and_memory
+
+            cleanup_dist_env_and_memory()  # the half-built engine's process group, before the next LLM()
+    assert str(info.value).startswith("checkpoint tensor 'mlp1.1.weight' (shape [128, 127]) cannot be loaded: "
+                                      "Attempted to load weight (torch.Size([128, 127])) into parameter"), info.value
+
+
+@pytest.fixture(scope="module")
+def offline_llm(tiny_model, monkeypatch_module):
+    monkeypatch_module.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    llm = make_llm(tiny_model("internvl2-2b"))
+    yield llm
+    release_llm(llm)
+
+
+def test_offline_llm_bad_images_raise_a_clear_error(offline_llm):
+    from vllm import SamplingParams
+
+    def chat(url):
+        return offline_llm.chat([{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}},
+                                                               {"type": "text", "text": "hi"}]}],
+                                SamplingParams(max_tokens=2), use_tqdm=False)
+
+    cases = [  # (image URL, exception, message start)
+        (data_url(b"this is not a png at all" * 10), ValueError, "Failed to load image: cannot identify image file"),
+        (data_url(png_header_only(40000, 40000)), Image.DecompressionBombError,
+         "Image size (1600000000 pixels) exceeds limit of 178956970 pixels"),
+        ("file:///etc/passwd", RuntimeError, "Cannot load local files without `--allowed-local-media-path`"),
+    ]
+    for url, error, message in cases:
+        with pytest.raises(error) as info:
+            chat(url)
+        assert str(info.value).startswith(message), str(info.value)
+    out = chat(data_url(PNG))[0]   # the engine still answers
+    assert len(out.outputs[0].token_ids) == 2

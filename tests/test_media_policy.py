@@ -279,6 +279,56 @@ def test_http_image_becomes_a_data_url(listeners):
     assert body["input"][0]["image_url"] == "data:image/png;base64," + base64.b64encode(png()).decode()
 
 
+def anthropic_body(*sources, in_tool_result=False):
+    """An Anthropic /v1/messages request: one image block per source, optionally inside a tool_result."""
+    blocks = [{"type": "image", "source": src} for src in sources]
+    if in_tool_result:
+        blocks = [{"type": "tool_result", "tool_use_id": "t1", "content": blocks}]
+    return {"model": "m", "max_tokens": 4, "messages": [{"role": "user", "content": [
+        *blocks, {"type": "text", "text": "hi"}]}]}
+
+
+def b64_source(data: bytes, media_type="image/png"):
+    return {"type": "base64", "media_type": media_type, "data": base64.b64encode(data).decode()}
+
+
+@pytest.mark.parametrize("in_tool_result", [False, True], ids=["message", "tool-result"])
+def test_anthropic_image_blocks_are_checked(listeners, in_tool_result):
+    """/v1/messages image sources: base64 checked as the data URL vLLM builds, url fetched under the policy and
+    replaced by a data URL (vLLM passes a url source's url on as it is)."""
+    bomb = b64_source(png_header_only(40000, 40000))
+    with pytest.raises(MediaRefused, match=r"^image 2 \(data URL\): 40000x40000 is 1600000000 pixels"):
+        asyncio.run(resolve_images(anthropic_body(b64_source(png()), bomb, in_tool_result=in_tool_result),
+                                   MediaPolicy()))
+    with pytest.raises(MediaRefused, match=r"^image 1 \(data URL\): not an image"):
+        asyncio.run(resolve_images(anthropic_body({"data": base64.b64encode(b"junk" * 9).decode()},
+                                                  in_tool_result=in_tool_result), MediaPolicy()))
+    refused = listeners("127.0.0.2", {"/x.png": (200, {}, png())})
+    with pytest.raises(MediaRefused, match=r"^image 1 \(http://127\.0\.0\.2:\d+/x\.png\): refused address"):
+        asyncio.run(resolve_images(anthropic_body({"type": "url", "url": refused.base + "/x.png"},
+                                                  in_tool_result=in_tool_result), LOOPBACK_ALLOWED))
+    assert refused.connections == []
+    host = listeners(routes={"/a.png": (200, {}, png())})
+    body = anthropic_body(b64_source(png()), {"type": "url", "url": host.base + "/a.png"},
+                          in_tool_result=in_tool_result)
+    assert asyncio.run(resolve_images(body, LOOPBACK_ALLOWED)) is True
+    blocks = body["messages"][0]["content"]
+    blocks = blocks[0]["content"] if in_tool_result else blocks
+    assert blocks[0]["source"] == b64_source(png())       # checked, left as it was
+    assert blocks[1]["source"] == {"type": "url", "url": "data:image/png;base64," + base64.b64encode(png()).decode()}
+
+
+def test_vllm_032_reads_anthropic_image_sources_as_the_middleware_does():
+    """Fails when vLLM changes how /v1/messages image sources become image URLs."""
+    from vllm.entrypoints.anthropic.serving import AnthropicServingMessages as serving
+
+    assert serving._convert_image_source_to_url({"type": "url", "url": "data:image/png;base64,QQ=="}) == (
+        "data:image/png;base64,QQ==")
+    assert serving._convert_image_source_to_url({"type": "base64", "media_type": "image/gif", "data": "QQ=="}) == (
+        "data:image/gif;base64,QQ==")
+    assert serving._convert_image_source_to_url({"data": "QQ=="}) == "data:image/jpeg;base64,QQ=="
+
+
 def run_middleware(body: bytes, headers=(), app_args=None):
     seen = {}
 
