@@ -139,8 +139,11 @@ def engine_options(fn: Callable) -> Callable:
         click.option("--max-batch-size", type=click.IntRange(1), default=None,
                      help="Most sequences decoded together (vLLM --max-num-seqs)."),
         click.option("--trust-request-mm-kwargs", is_flag=True,
-                     help="Let requests carry mm_processor_kwargs such as max_dynamic_patch (clamped to 40 "
-                          "tiles). Off by default: trust your clients first."),
+                     help="Let requests carry mm_processor_kwargs such as max_dynamic_patch (up to "
+                          "--max-dynamic-patch tiles). Off by default: trust your clients first."),
+        click.option("--max-dynamic-patch", type=click.IntRange(1, 40), default=None,
+                     help="With --trust-request-mm-kwargs: the most tiles a request's max_dynamic_patch may ask "
+                          "for; vLLM's encoder cache is sized for it (default 40, or what fits --session-len)."),
         click.option("--allow-media-hosts", metavar="LIST", default=None,
                      help="Image URLs may also point at these host names, addresses or CIDR ranges (comma list, "
                           "e.g. images.lan,10.0.0.0/8). By default the server fetches public http(s) addresses "
@@ -188,7 +191,8 @@ def serve(model_or_repo: str, vllm_args: tuple[str, ...], server_name: str, serv
     for note in notes:
         click.echo(f"hub_cli serve: {note}", err=True)
     changes = {k: env.get(k) for k in ("VLLM_CPU_KVCACHE_SPACE", "VLLM_MEDIA_URL_ALLOW_REDIRECTS",
-                                       "VLLM_INTERNVL_MEDIA_ALLOW") if env.get(k) != os.environ.get(k)}
+                                       "VLLM_INTERNVL_MEDIA_ALLOW", "VLLM_INTERNVL_MAX_DYNAMIC_PATCH")
+               if env.get(k) != os.environ.get(k)}
     command = printable_command(argv, changes)
     if dry_run:
         click.echo(command)

@@ -29,6 +29,7 @@ from typing import Any
 
 from hub_cli.errors import NotFoundError, UsageError
 from hub_cli.fetch import is_repo_id
+from hub_cli.mm_budget import plan_mm_budget
 from internvl_plugin import media_policy
 from internvl_plugin.cpu_dtype import choose_cpu_dtype
 from internvl_plugin.awq_checkpoint import (METHOD_NAME, FoundQuantizationConfig, find_quantization_config,
@@ -159,7 +160,7 @@ def plan_server(model_dir: str | os.PathLike[str], *, server_name: str = DEFAULT
                 quant_policy: int = 0, model_format: str | None = None, model_name: str | None = None,
                 session_len: int | None = None, max_batch_size: int | None = None,
                 trust_request_mm_kwargs: bool = False, allow_media_hosts: str | None = None,
-                extra: Sequence[str] = (), on_cpu: bool | None = None,
+                max_dynamic_patch: int | None = None, extra: Sequence[str] = (), on_cpu: bool | None = None,
                 memory: MemoryInfo | None = None, environ: Mapping[str, str] | None = None) -> ServerPlan:
     """Map LMDeploy's serve flags onto vLLM's; raise UsageError for a request that cannot be honoured.
 
@@ -222,6 +223,8 @@ def plan_server(model_dir: str | os.PathLike[str], *, server_name: str = DEFAULT
 
     if trust_request_mm_kwargs and "--trust-request-mm-kwargs" not in given:
         args += ["--trust-request-mm-kwargs"]
+    plan_mm_budget(plan, config, max_dynamic_patch=max_dynamic_patch, session_len=session_len, given=given,
+                   trust_request_mm_kwargs=trust_request_mm_kwargs or "--trust-request-mm-kwargs" in given)
     plan_media_policy(plan, allow_media_hosts, given)
     if server_name not in ("127.0.0.1", "localhost", "::1") and "--api-key" not in given:
         notes.append(f"the server listens on {server_name} without authentication; add -- --api-key KEY "
@@ -502,7 +505,8 @@ def prepare_server(model_or_repo: str, *, host: str, port: int, source: str, rev
                    download_dir: Path | None, tp: int, cache_max_entry_count: float | None, quant_policy: str,
                    model_format: str | None, model_name: str | None, session_len: int | None,
                    max_batch_size: int | None, trust_request_mm_kwargs: bool,
-                   vllm_args: Sequence[str], allow_media_hosts: str | None = None, check: bool = True) -> tuple[ResolvedModel, str, list[str], dict[str, str], list[str]]:
+                   vllm_args: Sequence[str], allow_media_hosts: str | None = None, check: bool = True,
+                   max_dynamic_patch: int | None = None) -> tuple[ResolvedModel, str, list[str], dict[str, str], list[str]]:
     """What serve and chat share: resolve, check the checkpoint (unless ``check`` is false), probe, plan.
 
     Returns (model, served name, argv, env, notes).
@@ -521,7 +525,7 @@ def prepare_server(model_or_repo: str, *, host: str, port: int, source: str, rev
                        cache_max_entry_count=cache_max_entry_count, quant_policy=int(quant_policy),
                        model_format=model_format, model_name=served, session_len=session_len,
                        max_batch_size=max_batch_size, trust_request_mm_kwargs=trust_request_mm_kwargs,
-                       allow_media_hosts=allow_media_hosts, extra=vllm_args, on_cpu=on_cpu, memory=memory, environ=os.environ)
+                       allow_media_hosts=allow_media_hosts, max_dynamic_patch=max_dynamic_patch, extra=vllm_args, on_cpu=on_cpu, memory=memory, environ=os.environ)
     env = apply_env(server_env(), plan.env)
     return resolved, served, api_server_argv(plan.args), env, plan.notes
 

@@ -9,6 +9,7 @@ builds from ``llm_config`` (InternLM2, Qwen2, Llama, Phi-3).
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterable, Mapping, Sequence
 from functools import cached_property
 
@@ -36,6 +37,7 @@ from vllm.multimodal.processing import (
 )
 from vllm.sequence import IntermediateTensors
 
+from internvl_plugin.tile_budget import budget_from_env
 from internvl_plugin.internvl_image import TILING_KWARGS, Tiling, choose_grid, image_to_pixel_values, num_tiles
 
 IMG_START, IMG_END, IMG_CONTEXT = "<img>", "</img>", "<IMG_CONTEXT>"
@@ -78,7 +80,13 @@ class InternVLProcessingInfo(BaseProcessingInfo):
         return ImageSize(width=s * cols, height=s * rows)
 
     def get_max_image_tokens(self) -> int:
+        """Largest image, in tokens, that a request may bring: the server's tile budget when one is set
+        (requests may then raise max_dynamic_patch up to it), else the config's tiling. vLLM sizes its
+        encoder cache from this."""
         tiling = self.get_tiling()
+        budget = budget_from_env()
+        if budget is not None and tiling.max_num > 1 and budget > tiling.max_num:
+            tiling = dataclasses.replace(tiling, max_num=budget)
         size = self.get_image_size_with_most_features(tiling)
         return self.get_num_image_tokens(image_width=size.width, image_height=size.height, tiling=tiling)
 

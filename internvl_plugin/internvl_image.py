@@ -17,6 +17,8 @@ from typing import Any, Mapping
 import torch
 from PIL import Image
 
+from internvl_plugin.tile_budget import MAX_DYNAMIC_PATCH_ENV, MAX_TILES_LIMIT, budget_from_env
+
 __all__ = [
     "IMAGENET_MEAN",
     "IMAGENET_STD",
@@ -31,9 +33,6 @@ logger = logging.getLogger(__name__)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-# Upper bound for a per-request max_dynamic_patch: 40 tiles (+ thumbnail) is what InternVL's own
-# demos use for 4K inputs; more would let one request occupy a whole batch's token budget.
-MAX_TILES_LIMIT = 40
 TILING_KWARGS = ("max_dynamic_patch", "min_dynamic_patch", "dynamic_image_size", "use_thumbnail")
 
 
@@ -55,6 +54,12 @@ class Tiling:
         use_thumbnail = bool(overrides.get("use_thumbnail", config.use_thumbnail))
         min_num = _as_tile_count("min_dynamic_patch", overrides.get("min_dynamic_patch", config.min_dynamic_patch))
         max_num = _as_tile_count("max_dynamic_patch", overrides.get("max_dynamic_patch", config.max_dynamic_patch))
+        budget = budget_from_env()
+        asked = overrides.get("max_dynamic_patch")
+        if budget is not None and isinstance(asked, int) and asked > max(budget, config.max_dynamic_patch):
+            # vLLM's encoder cache holds images of at most this many tiles: say so instead of its 400
+            raise ValueError(f"max_dynamic_patch={asked} is over this server's limit of {budget} tiles "
+                             f"({MAX_DYNAMIC_PATCH_ENV}, hub_cli serve --max-dynamic-patch)")
         if max_num < min_num:
             raise ValueError(f"max_dynamic_patch={max_num} is smaller than min_dynamic_patch={min_num}")
         if not dynamic:
