@@ -325,7 +325,11 @@ class _Job:
                         stored: dict[str, torch.Tensor]):
         """Smooth (norm groups, then fc groups), quantize every linear; the layer's output tensors and report."""
         g, bb, shape = self.s.w_group_size, self.backbone, self.shape
-        original = {n: t.clone() for n, t in w.items()}
+        # only the small tensors are kept as they were: a linear's original weight is recovered exactly from the
+        # smoothed one (power-of-two scales), and its round-to-nearest error is taken before smoothing
+        original = {n: t.clone() for n, t in w.items() if t.dim() < 2}
+        rtn_err = {n: output_error(stats[n].inputs().to(device), w[n + ".weight"],
+                                   pseudo_quantize(w[n + ".weight"], g)) for n in bb.linears}
         input_scale: dict[str, torch.Tensor] = {}
         row_scale: dict[str, torch.Tensor] = {}
         report: dict = {"groups": {}, "linears": {}}
@@ -387,10 +391,15 @@ class _Job:
             x = stats[n].inputs().to(device)
             s = input_scale.get(n)
             approx = dequantize_awq(qweight, qzeros, scales, g, dtype=torch.float32).t()
+            weight = w[n + ".weight"]
+            if s is not None:
+                weight = weight / s
+            if n in row_scale:
+                weight = weight * row_scale[n][:, None]
             # the smoothed linear sees x / s: compare its output with the original x @ W^T
-            awq_err = output_error_smoothed(x, s, original[n + ".weight"], approx, row_scale.get(n))
-            rtn_err = output_error(x, original[n + ".weight"], pseudo_quantize(original[n + ".weight"], g))
-            report["linears"][n] = {"awq_rel_mse": awq_err, "rtn_rel_mse": rtn_err}
+            awq_err = output_error_smoothed(x, s, weight, approx, row_scale.get(n))
+            del weight
+            report["linears"][n] = {"awq_rel_mse": awq_err, "rtn_rel_mse": rtn_err[n]}
         for name, t in w.items():
             base = name.rsplit(".", 1)[0]
             if base in bb.linears and name.endswith(".weight"):

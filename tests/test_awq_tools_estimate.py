@@ -64,3 +64,34 @@ def test_estimate_uses_an_awq_checkpoints_group_size(tiny_model, tmp_path):
     assert group_size(str(side_file)) == 32
     assert group_size(str(lmdeploy), "--w-group-size", "128") == 128   # the flag wins
     assert group_size(str(tiny_model("internvl2-2b"))) == 128          # not quantized: the default
+
+
+def test_estimate_a_catalogue_model_reproduces_the_seeds_internvl2_26b_figures():
+    """The seed tutorial: InternVL2-26B W4A16 on a 24 GB slice is about 12 GB of fp16 ViT plus about 10 GB of
+    int4 LLM (spec internvl-and-quant.md B5.2); the estimate adds the LLM's fp16 embeddings and head."""
+    res = CliRunner().invoke(main, ["estimate", "OpenGVLab/InternVL2-26B", "--memory", "24GiB", "--json"])
+    assert res.exit_code == 0, res.output
+    est = json.loads(res.output)
+    assert est["catalogue"] == "OpenGVLab/InternVL2-26B"
+    assert 11.0e9 < est["w4a16"]["vision_bytes"] < 12.5e9                 # "about 12 GB ViT fp16"
+    assert 9.0e9 < est["w4a16_int4_linear_bytes"] < 10.5e9                # "about 10 GB LLM int4"
+    kv4 = est["w4a16"]["kv_bytes_per_token"]["4"]
+    assert kv4 == 2 * 48 * 8 * (128 // 2 + 4)                             # 51 KiB per token (B5.3)
+    free = est["memory_bytes"] - est["reserve_bytes"] - est["w4a16"]["total_bytes"]
+    assert est["max_session_tokens"]["w4a16"]["4"] == free // kv4 > 20000
+    assert est["max_session_tokens"]["fp16"] == {"0": 0, "8": 0, "4": 0}  # 47 GiB of fp16 weights never fit
+    table = CliRunner().invoke(main, ["estimate", "InternVL2-26B", "--memory", "24GiB"])
+    assert table.exit_code == 0 and "of which int4" in table.output
+    assert f"quant_policy 4: {free // kv4:,} tokens" in table.output and "does not fit" in table.output
+
+
+def test_estimate_memory_flag_and_unknown_names(tiny_model):
+    res = CliRunner().invoke(main, ["estimate", str(tiny_model("internvl2-2b")), "--memory", "2GiB", "--reserve",
+                                    "0", "--json"])
+    est = json.loads(res.output)
+    assert est["max_session_tokens"]["fp16"]["0"] == (2 * 2**30 - est["fp16"]["total_bytes"]) // \
+        est["fp16"]["kv_bytes_per_token"]["0"]
+    bad = CliRunner().invoke(main, ["estimate", "InternVL2-26B", "--memory", "lots"])
+    assert bad.exit_code == 2 and "'lots': give a size such as 24GiB" in bad.output
+    unknown = CliRunner().invoke(main, ["estimate", "OpenGVLab/InternVL9-1T"])
+    assert unknown.exit_code == 1 and "no such file" in unknown.output and "hub_cli models" in unknown.output

@@ -1,0 +1,144 @@
+"""Peak memory and wall time of ``awq_tools quantize`` on random checkpoints of real InternLM2 shapes.
+
+    python benchmarks/bench_quantize.py --shapes 1.8b,7b [--samples 4 --seqlen 256] [--root /tmp/bench-quantize]
+
+For each shape it writes a random bfloat16 InternLM2 checkpoint (plain ``InternLM2ForCausalLM``: the decoder
+layers are what is streamed; a vision tower would only add copied bytes), two layers per shard, generated shard
+by shard so the generator itself never holds the model; the tokenizer is the tiny InternLM2's (its ids index the
+real vocabulary). Then it runs ``awq_tools quantize`` in a child process and reports, from the same run:
+
+    peak RSS of the child (getrusage ru_maxrss)  vs  the checkpoint's bytes (what loading it whole takes)
+    wall time                                    vs  reading every input byte once (the IO floor)
+
+Exit 1 if the 7B run's peak RSS reaches 4 GiB. Timings on a shared machine are noisy; memory is not.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from internvl_plugin.tiny import build_tiny_model  # noqa: E402
+
+GiB = 1 << 30
+# (layers, hidden, heads, kv heads, ffn, vocab): internlm2-chat-1_8b and internlm2-7b (hub_cli/catalogue.py)
+SHAPES = {"1.8b": (24, 2048, 16, 8, 8192, 92544), "7b": (32, 4096, 32, 8, 14336, 92544)}
+LIMIT_7B = 4 * GiB
+
+
+def write_random_internlm2(out: Path, shape: tuple[int, ...], tokenizer_from: Path, seed: int = 0) -> int:
+    """A random bfloat16 InternLM2 checkpoint, two decoder layers per shard; returns its tensor bytes."""
+    layers, hidden, heads, kv, ffn, vocab = shape
+    head_dim = hidden // heads
+    out.mkdir(parents=True)
+    gen = torch.Generator().manual_seed(seed)
+
+    def rand(*s, std):
+        return (torch.randn(*s, generator=gen) * std).to(torch.bfloat16)
+
+    groups = [[("model.tok_embeddings.weight", (vocab, hidden), 1.0), ("output.weight", (vocab, hidden), 0.02),
+               ("model.norm.weight", (hidden,), None)]]
+    for i in range(0, layers, 2):
+        group = []
+        for j in (i, i + 1):
+            p = f"model.layers.{j}."
+            group += [(p + "attention.wqkv.weight", ((heads + 2 * kv) * head_dim, hidden), hidden ** -0.5),
+                      (p + "attention.wo.weight", (hidden, hidden), hidden ** -0.5),
+                      (p + "feed_forward.w1.weight", (ffn, hidden), hidden ** -0.5),
+                      (p + "feed_forward.w3.weight", (ffn, hidden), hidden ** -0.5),
+                      (p + "feed_forward.w2.weight", (hidden, ffn), ffn ** -0.5),
+                      (p + "attention_norm.weight", (hidden,), None), (p + "ffn_norm.weight", (hidden,), None)]
+        groups.append(group)
+    weight_map, total = {}, 0
+    for k, group in enumerate(groups):
+        fname = f"model-{k + 1:05d}-of-{len(groups):05d}.safetensors"
+        tensors = {name: (torch.ones(s, dtype=torch.bfloat16) if std is None else rand(*s, std=std))
+                   for name, s, std in group}
+        save_file(tensors, str(out / fname), metadata={"format": "pt"})
+        total += sum(t.numel() * 2 for t in tensors.values())
+        weight_map.update({name: fname for name in tensors})
+        del tensors
+    (out / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": total},
+                                                                  "weight_map": weight_map}))
+    config = json.loads((tokenizer_from / "config.json").read_text())
+    config.update(hidden_size=hidden, num_attention_heads=heads, num_key_value_heads=kv, intermediate_size=ffn,
+                  num_hidden_layers=layers, vocab_size=vocab)
+    (out / "config.json").write_text(json.dumps(config, indent=2))
+    for f in tokenizer_from.iterdir():
+        if f.name.startswith(("tokenizer", "special_tokens")):
+            shutil.copy2(f, out / f.name)
+    return total
+
+
+def read_floor(folder: Path) -> float:
+    """Seconds to read every shard once (drop nothing: the page cache is what the quantizer sees too)."""
+    start = time.perf_counter()
+    for f in sorted(folder.glob("*.safetensors")):
+        with open(f, "rb") as fh:
+            while fh.read(64 << 20):
+                pass
+    return time.perf_counter() - start
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--shapes", default="1.8b,7b")
+    ap.add_argument("--samples", type=int, default=4)
+    ap.add_argument("--seqlen", type=int, default=256)
+    ap.add_argument("--root", type=Path, default=Path("/tmp/bench-quantize"))
+    ap.add_argument("--keep", action="store_true", help="keep the generated checkpoints")
+    args = ap.parse_args()
+    corpus = REPO / "internvl_plugin" / "data" / "corpus.txt"
+    tiny = build_tiny_model("internlm2", args.root / "tiny-internlm2")
+    failed = False
+    for name in args.shapes.split(","):
+        src, out = args.root / f"internlm2-{name}", args.root / f"internlm2-{name}-w4a16"
+        for p in (src, out, out.parent / f".{out.name}.partial"):
+            shutil.rmtree(p, ignore_errors=True)
+        t0 = time.perf_counter()
+        nbytes = write_random_internlm2(src, SHAPES[name], tiny)
+        gen_s = time.perf_counter() - t0
+        floor = read_floor(src)
+        cmd = [sys.executable, "-m", "awq_tools.cli", "quantize", str(src), "--work-dir", str(out),
+               "--calib-dataset", str(corpus), "--calib-samples", str(args.samples), "--calib-seqlen",
+               str(args.seqlen), "--w-group-size", "128", "--quiet"]
+        before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+        t0 = time.perf_counter()
+        res = subprocess.run(cmd, capture_output=True, text=True)
+        wall = time.perf_counter() - t0
+        peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
+        if res.returncode:
+            print(res.stderr[-3000:])
+            return 1
+        if peak <= before * 1024:
+            print("warning: peak RSS not above an earlier child's; run one shape per invocation for exact figures")
+        out_bytes = sum(f.stat().st_size for f in out.glob("*.safetensors"))
+        print(f"internlm2-{name}: {SHAPES[name][0]} layers, checkpoint {nbytes / GiB:.2f} GiB bf16 "
+              f"(generated in {gen_s:.0f} s), output {out_bytes / GiB:.2f} GiB; calibration {args.samples} x "
+              f"{args.seqlen} tokens")
+        print(f"  peak RSS {peak / GiB:.2f} GiB = {peak / nbytes:.2f} x the checkpoint's bytes")
+        print(f"  wall {wall:.0f} s = {wall / max(floor, 1e-9):.1f} x reading the input once ({floor:.1f} s); "
+              f"{wall / SHAPES[name][0]:.1f} s per layer")
+        if name == "7b" and peak >= LIMIT_7B:
+            print(f"  FAIL: 7B peak RSS {peak / GiB:.2f} GiB >= 4 GiB")
+            failed = True
+        if not args.keep:
+            shutil.rmtree(src, ignore_errors=True)
+            shutil.rmtree(out, ignore_errors=True)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
