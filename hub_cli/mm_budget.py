@@ -2,7 +2,7 @@
 
 * ``--limit-mm-per-prompt``: vLLM's default is 999 items of each modality, which no session can hold;
   serve passes as many images of the config's largest tiling as fit in one session (at least 1, at
-  most 16) unless the user gives the flag after ``--``.
+  most 16), and one video for InternVL2 / 2.5, unless the user gives the flag after ``--``.
 * ``--max-dynamic-patch N`` (with ``--trust-request-mm-kwargs``): requests may raise their own
   ``max_dynamic_patch`` up to N. vLLM sizes its encoder cache at start-up from the largest image the
   processor reports, so serve sets ``VLLM_INTERNVL_MAX_DYNAMIC_PATCH=N`` for the plugin to report N tiles
@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 from typing import Any
 
@@ -38,9 +39,13 @@ def plan_mm_budget(plan: Any, config: Mapping[str, Any], *, max_dynamic_patch: i
     if "--limit-mm-per-prompt" not in given and session:
         image_tokens = (config_tiles + (1 if config_tiles > 1 and config.get("use_thumbnail") else 0)) * per_tile
         images = max(1, min(MAX_IMAGES_DEFAULT, session // max(image_tokens, 1)))
-        plan.args += ["--limit-mm-per-prompt", f'{{"image": {images}}}']
+        limits = {"image": images}
+        if config.get("ps_version") == "v2":   # InternVL2 / 2.5 take video (internvl_plugin/internvl_video.py)
+            limits["video"] = 1
+        plan.args += ["--limit-mm-per-prompt", json.dumps(limits)]
         plan.notes.append(f"up to {images} images a request: as many {config_tiles}-tile images as fill the "
-                          f"{session}-token session (-- --limit-mm-per-prompt '{{\"image\": N}}' to change)")
+                          f"{session}-token session (-- --limit-mm-per-prompt '{{\"image\": N}}' to change)"
+                          + (", and one video" if "video" in limits else ""))
 
     if not trust_request_mm_kwargs:
         return

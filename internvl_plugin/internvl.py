@@ -26,7 +26,7 @@ from vllm.model_executor.models.interfaces import MultiModalEmbeddings, Supports
 from vllm.model_executor.models.utils import AutoWeightsLoader, WeightsMapper, init_vllm_registered_model, maybe_prefix
 from vllm.multimodal import MULTIMODAL_REGISTRY
 from vllm.multimodal.inputs import MultiModalFieldConfig, MultiModalKwargsItems
-from vllm.multimodal.parse import ImageProcessorItems, ImageSize, MultiModalDataItems
+from vllm.multimodal.parse import ImageProcessorItems, ImageSize, MultiModalDataItems, VideoProcessorItems
 from vllm.multimodal.processing import (
     BaseDummyInputsBuilder,
     BaseMultiModalProcessor,
@@ -39,6 +39,8 @@ from vllm.sequence import IntermediateTensors
 
 from internvl_plugin.tile_budget import budget_from_env
 from internvl_plugin.internvl_image import TILING_KWARGS, Tiling, choose_grid, image_to_pixel_values, num_tiles
+from internvl_plugin.internvl_video import (MAX_FRAMES, VIDEO_PLACEHOLDER, frame_prefix, num_video_frames,
+                                            video_frames)
 
 IMG_START, IMG_END, IMG_CONTEXT = "<img>", "</img>", "<IMG_CONTEXT>"
 IMAGE_PLACEHOLDER = "<image>"
@@ -46,7 +48,19 @@ IMAGE_PLACEHOLDER = "<image>"
 
 class InternVLProcessingInfo(BaseProcessingInfo):
     def get_supported_mm_limits(self) -> Mapping[str, int | None]:
-        return {"image": None}
+        return {"image": None, "video": None} if self.supports_video else {"image": None}
+
+    @cached_property
+    def supports_video(self) -> bool:
+        # InternVL2 / 2.5 (pixel shuffle v2) were trained on frame sequences; InternVL-Chat-V1-5's v1 layout was not
+        return self.get_hf_config().ps_version == "v2"
+
+    def get_video_frames(self, total: int, mm_kwargs: Mapping[str, object] | None = None) -> int:
+        return num_video_frames(total, self.ctx.get_merged_mm_kwargs(dict(mm_kwargs or {})).get("num_frames"))
+
+    def get_max_video_frames(self, seq_len: int) -> int:
+        # the frames of one video must fit a sequence (each frame is one tile)
+        return max(1, min(MAX_FRAMES, seq_len // self.tokens_per_tile - 1))
 
     def get_supported_mm_processor_kwargs(self) -> dict[str, set[str]]:
         return {}  # our kwargs (max_dynamic_patch, ...) stay flat; there is no HF processor
@@ -54,7 +68,7 @@ class InternVLProcessingInfo(BaseProcessingInfo):
     def get_tiling(self, mm_kwargs: Mapping[str, object] | None = None) -> Tiling:
         """Config tiling merged with --mm-processor-kwargs and the request's mm_processor_kwargs."""
         merged = self.ctx.get_merged_mm_kwargs(dict(mm_kwargs or {}))
-        unknown = sorted(k for k in merged if k not in TILING_KWARGS and k != "return_tensors")
+        unknown = sorted(k for k in merged if k not in TILING_KWARGS and k not in ("return_tensors", "num_frames"))
         if unknown:
             raise ValueError(f"unsupported mm_processor_kwargs for InternVL: {unknown}; "
                              f"supported: {list(TILING_KWARGS)}")
@@ -91,7 +105,10 @@ class InternVLProcessingInfo(BaseProcessingInfo):
         return self.get_num_image_tokens(image_width=size.width, image_height=size.height, tiling=tiling)
 
     def get_mm_max_tokens_per_item(self, seq_len: int, mm_counts: Mapping[str, int]) -> Mapping[str, int]:
-        return {"image": self.get_max_image_tokens()}
+        limits = {"image": self.get_max_image_tokens()}
+        if self.supports_video:
+            limits["video"] = self.get_max_video_frames(seq_len) * self.tokens_per_tile
+        return limits
 
     @cached_property
     def special_token_ids(self) -> dict[str, int]:
@@ -104,32 +121,56 @@ class InternVLProcessingInfo(BaseProcessingInfo):
 
 class InternVLDummyInputsBuilder(BaseDummyInputsBuilder[InternVLProcessingInfo]):
     def get_dummy_text(self, mm_counts: Mapping[str, int]) -> str:
-        return IMAGE_PLACEHOLDER * mm_counts.get("image", 0)
+        return IMAGE_PLACEHOLDER * mm_counts.get("image", 0) + VIDEO_PLACEHOLDER * mm_counts.get("video", 0)
 
     def get_dummy_mm_data(self, seq_len: int, mm_counts: Mapping[str, int],
                           mm_options: MultiModalDummyOptions):
         size = self.info.get_image_size_with_most_features()
-        return {"image": self._get_dummy_images(width=size.width, height=size.height,
+        data = {"image": self._get_dummy_images(width=size.width, height=size.height,
                                                 num_images=mm_counts.get("image", 0),
                                                 overrides=mm_options.get("image"))}
+        if mm_counts.get("video", 0):
+            side = self.info.get_tiling().image_size
+            data["video"] = self._get_dummy_videos(width=side, height=side, num_videos=mm_counts["video"],
+                                                   num_frames=self.info.get_max_video_frames(seq_len),
+                                                   overrides=mm_options.get("video"))
+        return data
 
 
 class InternVLMultiModalProcessor(BaseMultiModalProcessor[InternVLProcessingInfo]):
     def _call_hf_processor(self, hf_data: Mapping[str, object], hf_kwargs: Mapping[str, object]) -> BatchFeature:
         tiling = self.info.get_tiling(hf_kwargs)
         tiles = [image_to_pixel_values(_as_pil(img), tiling) for img in hf_data.get("images", [])]
-        return BatchFeature({
+        out = {
             "pixel_values_flat": torch.cat(tiles) if tiles else torch.empty(0, 3, tiling.image_size, tiling.image_size),
             "image_num_patches": torch.tensor([t.shape[0] for t in tiles], dtype=torch.long),
-        })
+        }
+        videos = hf_data.get("videos", [])
+        if videos:
+            if not self.info.supports_video:
+                raise ValueError("this InternVL model (pixel shuffle v1, InternVL-Chat-V1-5 style) takes images, "
+                                 "not video; InternVL2 and 2.5 take video")
+            # one tile per frame, as InternVL's load_video(max_num=1)
+            one_tile = dataclasses.replace(tiling, min_num=1, max_num=1)
+            num_frames = self.info.ctx.get_merged_mm_kwargs(dict(hf_kwargs)).get("num_frames")
+            clips = [torch.cat([image_to_pixel_values(f, one_tile) for f in video_frames(v, num_frames)])
+                     for v in videos]
+            out["pixel_values_flat_video"] = torch.cat(clips)
+            out["video_num_patches"] = torch.tensor([c.shape[0] for c in clips], dtype=torch.long)
+        return BatchFeature(out)
 
     def _get_mm_fields_config(self, hf_inputs: BatchFeature,
                               hf_processor_mm_kwargs: Mapping[str, object]) -> Mapping[str, MultiModalFieldConfig]:
         num_patches = hf_inputs.get("image_num_patches", torch.empty(0, dtype=torch.long))
-        return {
+        fields = {
             "pixel_values_flat": MultiModalFieldConfig.flat_from_sizes("image", num_patches),
             "image_num_patches": MultiModalFieldConfig.batched("image", keep_on_cpu=True),
         }
+        if "video_num_patches" in hf_inputs:
+            fields["pixel_values_flat_video"] = MultiModalFieldConfig.flat_from_sizes(
+                "video", hf_inputs["video_num_patches"])
+            fields["video_num_patches"] = MultiModalFieldConfig.batched("video", keep_on_cpu=True)
+        return fields
 
     def _get_prompt_updates(self, mm_items: MultiModalDataItems, hf_processor_mm_kwargs: Mapping[str, object],
                             out_mm_kwargs: MultiModalKwargsItems) -> Sequence[PromptUpdate]:
@@ -142,8 +183,24 @@ class InternVLMultiModalProcessor(BaseMultiModalProcessor[InternVLProcessingInfo
             full = [ids[IMG_START]] + [ids[IMG_CONTEXT]] * n + [ids[IMG_END]]
             return PromptUpdateDetails.select_token_id(full, ids[IMG_CONTEXT])
 
-        target = self.info.get_tokenizer().encode(IMAGE_PLACEHOLDER, add_special_tokens=False)
-        return [PromptReplacement(modality="image", target=target, replacement=expand)]
+        tokenizer = self.info.get_tokenizer()
+        target = tokenizer.encode(IMAGE_PLACEHOLDER, add_special_tokens=False)
+        updates = [PromptReplacement(modality="image", target=target, replacement=expand)]
+        if not self.info.supports_video:
+            return updates
+        block = IMG_START + IMG_CONTEXT * self.info.tokens_per_tile + IMG_END
+
+        def expand_video(item_idx: int) -> PromptUpdateDetails:
+            total = mm_items.get_items("video", VideoProcessorItems).get_num_frames(item_idx)
+            frames = self.info.get_video_frames(total, hf_processor_mm_kwargs)
+            text = "\n".join(frame_prefix(i + 1) + block for i in range(frames))
+            # encoded after a special token, as the text will be in the expanded prompt: a dummy-prefix
+            # tokenizer (Phi-3) would otherwise start "Frame1" with a "▁" the prompt does not have
+            full = tokenizer.encode(IMG_END + text, add_special_tokens=False)[1:]
+            return PromptUpdateDetails.select_token_id(full, ids[IMG_CONTEXT])
+
+        video_target = tokenizer.encode(VIDEO_PLACEHOLDER, add_special_tokens=False)
+        return updates + [PromptReplacement(modality="video", target=video_target, replacement=expand_video)]
 
     def _apply_prompt_updates(self, token_ids, mm_prompt_updates):
         # Overrides a protected hook of vLLM 0.32's BaseMultiModalProcessor (checked by
@@ -156,11 +213,33 @@ class InternVLMultiModalProcessor(BaseMultiModalProcessor[InternVLProcessingInfo
         # "<s>" + "<image>\n..." would decode to "<s> <image>" and keep a "▁" the reference never has.
         bos = self.info.get_tokenizer().bos_token_id
         lead = list(token_ids[:1]) if bos is not None and len(token_ids) > 1 and token_ids[0] == bos else []
-        new_ids, result = self._apply_prompt_updates_via_text(list(token_ids[len(lead):]), mm_prompt_updates)
+        rest = self._number_first_image(list(token_ids[len(lead):]))
+        new_ids, result = self._apply_prompt_updates_via_text(rest, mm_prompt_updates)
         new_ids = lead + list(new_ids)
         placeholders = self._find_mm_placeholders(
             new_ids, self._matched_updates_from_result(mm_prompt_updates, result))
         return new_ids, placeholders
+
+
+    def _number_first_image(self, token_ids: list[int]) -> list[int]:
+        """"<image>\nImage-2: <image>" -> "Image-1: <image>\nImage-2: <image>".
+
+        vLLM asks for each chat image's placeholder before it knows how many follow, so the first one is a
+        bare "<image>" (right for a single image, as InternVL's chat() writes it) and only the later ones
+        are numbered (get_placeholder_str); once a second image is there, the first gets its number too,
+        as in InternVL's multi-image prompts."""
+        first, second = numbered_image(1), numbered_image(2)
+        if not token_ids or IMAGE_PLACEHOLDER + "\n" + second not in (text := self.info.get_tokenizer().decode(token_ids)):
+            return token_ids
+        if first in text:
+            return token_ids
+        text = text.replace(IMAGE_PLACEHOLDER + "\n" + second, first + "\n" + second, 1)
+        return self.info.get_tokenizer().encode(text, add_special_tokens=False)
+
+
+def numbered_image(i: int) -> str:
+    """The placeholder of the i-th image (1-based) of a multi-image prompt, as InternVL writes it."""
+    return f"Image-{i}: {IMAGE_PLACEHOLDER}"
 
 
 def _as_pil(image: object) -> Image.Image:
@@ -200,8 +279,10 @@ class InternVLChatModel(nn.Module, SupportsMultiModal, SupportsPP):
     @classmethod
     def get_placeholder_str(cls, modality: str, i: int) -> str | None:
         if modality.startswith("image"):
-            return IMAGE_PLACEHOLDER
-        raise ValueError(f"InternVL accepts images only, not {modality}")
+            return IMAGE_PLACEHOLDER if i <= 1 else numbered_image(i)
+        if modality.startswith("video"):
+            return VIDEO_PLACEHOLDER
+        raise ValueError(f"InternVL accepts images and video, not {modality}")
 
     def __init__(self, *, vllm_config: VllmConfig, prefix: str = "") -> None:
         super().__init__()
@@ -238,15 +319,21 @@ class InternVLChatModel(nn.Module, SupportsMultiModal, SupportsPP):
         return self.mlp1(pixel_shuffle(vit, self.config.downsample_ratio, self.config.ps_version))
 
     def embed_multimodal(self, **kwargs: object) -> MultiModalEmbeddings:
-        pixel_values = kwargs.get("pixel_values_flat")
-        if pixel_values is None:
-            return []
-        num_patches = kwargs["image_num_patches"]
+        # vLLM hands over one modality at a time; keep the kwargs' order if it ever sends both
+        embeddings: list[torch.Tensor] = []
+        for key in kwargs:
+            if key == "pixel_values_flat":
+                embeddings += self._embed_items(kwargs[key], kwargs["image_num_patches"])
+            elif key == "pixel_values_flat_video":
+                embeddings += self._embed_items(kwargs[key], kwargs["video_num_patches"])
+        return tuple(embeddings)
+
+    def _embed_items(self, pixel_values: object, num_patches: object) -> list[torch.Tensor]:
         num_patches = num_patches.tolist() if isinstance(num_patches, torch.Tensor) else list(num_patches)
         if isinstance(pixel_values, (list, tuple)):
             pixel_values = torch.cat(list(pixel_values))
         embeds = self.extract_feature(pixel_values).reshape(-1, self.llm_hidden_size)
-        return tuple(embeds.split([n * self.num_image_token for n in num_patches]))
+        return list(embeds.split([n * self.num_image_token for n in num_patches]))
 
     def forward(self, input_ids: torch.Tensor | None, positions: torch.Tensor,
                 intermediate_tensors: IntermediateTensors | None = None,

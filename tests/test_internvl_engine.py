@@ -84,8 +84,10 @@ def test_chat_matches_reference(vl_engine, ref, n_images):
     images = IMAGES[:n_images]
     content = [{"type": "image_pil", "image_pil": im} for im in images] + [{"type": "text", "text": "What is in this picture?"}]
     out = llm.chat([{"role": "user", "content": content}], _sampling(), use_tqdm=False)[0]
-    # vLLM puts one "<image>" line per image before the text; InternVL's chat() expands them in order
-    question = "".join("<image>\n" for _ in images) + "What is in this picture?"
+    # one image: "<image>\n" before the text, as InternVL's chat() writes it; more: "Image-1: <image>\n..." as
+    # InternVL's multi-image prompts number them
+    question = ("<image>\n" if len(images) == 1 else "".join(f"Image-{i + 1}: <image>\n" for i in range(len(images)))) \
+        + "What is in this picture?"
     num_patches = [ref_load_image(im, None, reference.config).shape[0] for im in images]
     prompt = ref_build_prompt(question, num_patches, reference.config)
     ids = tok(prompt).input_ids

@@ -49,7 +49,7 @@ def test_serve_sizes_the_budget_and_the_image_count(model_4b):
     plan = plan_server(model_4b, trust_request_mm_kwargs=True, session_len=4096, on_cpu=True)
     # 4096 tokens hold 4096 // 256 - 1 = 15 tiles + thumbnail; 4096 // (7 * 256) = 2 images of the config's 6 tiles
     assert plan.env[MAX_DYNAMIC_PATCH_ENV] == "15"
-    assert json.loads(_flag(plan.args, "--limit-mm-per-prompt")) == {"image": 2}
+    assert json.loads(_flag(plan.args, "--limit-mm-per-prompt")) == {"image": 2, "video": 1}
     assert any("up to 15 tiles" in n and "4096 image tokens" in n for n in plan.notes)
 
     plan = plan_server(model_4b, trust_request_mm_kwargs=True, max_dynamic_patch=12, on_cpu=True,
@@ -58,7 +58,7 @@ def test_serve_sizes_the_budget_and_the_image_count(model_4b):
     assert plan.args.count("--limit-mm-per-prompt") == 1 and _flag(plan.args, "--limit-mm-per-prompt") == '{"image": 5}'
 
     plan = plan_server(model_4b, on_cpu=True)  # session = max_position_embeddings 131072: the cap of 16 images
-    assert MAX_DYNAMIC_PATCH_ENV not in plan.env and json.loads(_flag(plan.args, "--limit-mm-per-prompt")) == {"image": 16}
+    assert MAX_DYNAMIC_PATCH_ENV not in plan.env and json.loads(_flag(plan.args, "--limit-mm-per-prompt")) == {"image": 16, "video": 1}
     with pytest.raises(UsageError, match="--max-dynamic-patch .* needs --trust-request-mm-kwargs"):
         plan_server(model_4b, max_dynamic_patch=12, on_cpu=True)
 
