@@ -293,8 +293,8 @@ def chat(model_or_url: str, vllm_args: tuple[str, ...], images: tuple[str, ...],
               help="Key for a server started with --api-key (default: OPENAI_API_KEY). Never printed.")
 @click.option("--limit-images", type=click.IntRange(1), default=None,
               help="Images the server takes per request (its --limit-mm-per-prompt); older images are left out "
-                   "of a request beyond it. Default: read from the arguments after '--', else learned from the "
-                   "server's first refusal.")
+                   "of a request beyond it. Default: the limit of the server webui starts, else learned from "
+                   "the server's first refusal.")
 @click.option("--system", default="", help="Initial system prompt (editable in the page).")
 @click.option("--max-tokens", type=click.IntRange(1, 8192), default=512, show_default=True,
               help="Initial 'max new tokens' slider value.")

@@ -67,12 +67,15 @@ def _free_port() -> int:
 
 @contextlib.contextmanager
 def local_server(model_or_repo: str, options: dict[str, Any], vllm_args: tuple[str, ...],
-                 echo=print) -> Iterator[tuple[str, str]]:
-    """``hub_cli serve``'s server for a folder or repo id on a free loopback port; yields (base URL, served name).
+                 echo=print) -> Iterator[tuple[str, str, int | None]]:
+    """``hub_cli serve``'s server for a folder or repo id on a free loopback port.
+
+    Yields (base URL, served name, the image limit in its ``--limit-mm-per-prompt``, None if it has none).
 
     Its output goes to a log file (named when it fails to start, deleted after a clean run)."""
     from hub_cli.launch import running_server
     from hub_cli.serve import prepare_server
+    from hub_cli.webui_chat import image_limit_from_args
 
     port = _free_port()
     resolved, served, argv, env, notes = prepare_server(model_or_repo, host="127.0.0.1", port=port,
@@ -88,7 +91,7 @@ def local_server(model_or_repo: str, options: dict[str, Any], vllm_args: tuple[s
         try:
             with running_server(argv, env, base, log=log):
                 echo(f"hub_cli webui: vLLM ready at {base}/v1")
-                yield base, served
+                yield base, served, image_limit_from_args(argv)
         except (RuntimeError, TimeoutError) as exc:
             log.flush()
             from hub_cli.checkpoint import engine_failure_line
@@ -219,7 +222,6 @@ def run(model_or_url: str, vllm_args: tuple[str, ...], *, server_name: str, serv
 
     from hub_cli.chat import api_base_url
     from hub_cli.errors import HubCliError
-    from hub_cli.webui_chat import image_limit_from_args
 
     def fail(message: str, code: int) -> int:
         echo(f"hub_cli webui: error: {message}")
@@ -229,16 +231,22 @@ def run(model_or_url: str, vllm_args: tuple[str, ...], *, server_name: str, serv
 
     if importlib.util.find_spec("gradio") is None:   # checked before a server starts; imported later (seconds)
         return fail(f"the web UI needs gradio: {INSTALL_HINT}", 2)
+    import signal
+
+    def interrupt(signum, frame):   # SIGTERM as Ctrl-C, so that the server this page started is stopped too
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, interrupt)
     remote = model_or_url.startswith(("http://", "https://"))
     if remote and vllm_args:
         return fail("arguments after '--' go to a server that webui starts; a URL is already running", 2)
     with contextlib.ExitStack() as stack:
         url, served = model_or_url, model_name
         if not remote:
-            limit_images = limit_images or image_limit_from_args(vllm_args)
             try:
-                url, served = stack.enter_context(local_server(model_or_url, dict(options, model_name=model_name),
-                                                               vllm_args, echo=echo))
+                url, served, server_limit = stack.enter_context(
+                    local_server(model_or_url, dict(options, model_name=model_name), vllm_args, echo=echo))
+                limit_images = limit_images or server_limit
             except HubCliError as exc:
                 return fail(exc.message, exc.exit_code)
             except RuntimeError as exc:

@@ -187,8 +187,8 @@ class Conversation:
                 seen += 1
                 if seen <= keep:
                     parts.insert(0, {"type": "image_url", "image_url": {"url": image_url_for(path)}})
-                else:
-                    parts.insert(0, {"type": "text", "text": "(an earlier image, not sent again)\n"})
+                elif turn is not pending[-1]:   # the new turn's extra images are simply not sent (a note says so)
+                    parts.insert(0, {"type": "text", "text": "(an earlier image, not sent again)"})
             contents.insert(0, [*parts, {"type": "text", "text": turn.text}] if parts else turn.text)
         for turn, content in zip(pending, contents):
             messages.append({"role": "user", "content": content})

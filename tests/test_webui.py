@@ -86,6 +86,7 @@ def test_requests_keep_the_newest_images_within_the_limit(tmp_path):
     # more new images than the limit: only the last ones go
     messages, notes = conv.messages("", "many", [b, c, d], limit=2)
     assert _images_per_message(messages) == [0, 0, 0, 0, 2]
+    assert [p["type"] for p in messages[-1]["content"]] == ["image_url", "image_url", "text"]   # no stand-in text
     assert "only the last 2 of the 3 images you just added sent" in notes[0]
     assert "2 image(s) from earlier turns" in notes[0]
     # no limit known: everything goes, no note

@@ -1,0 +1,330 @@
+"""hub_cli webui in a real headless Chromium (Debian's chromium + chromium-driver, through selenium), over the tiny
+InternVL served the way hub_cli serve serves it (one server for the module, started by the webui command itself).
+
+The page: an uploaded PNG and a question get a streamed answer whose prompt token count is the tiling formula's
+(the image goes unchanged); images dropped on the box beyond the server's limit are left out with a note; a
+garbage file is an error message in the chat and the page goes on; the tile budget slider changes the count as the
+formula says; Stop ends the request on the server; Reset clears the history (the next prompt has no earlier turn).
+Without the browser, against the same server: the image limit learned from the server's refusal, and
+``hub_cli serve --webui`` opening the page. The screenshot of the first answer is written to
+$VLLM_INTERNVL_WEBUI_SCREENSHOT when set (docs/webui.png was made that way)."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from conftest import free_port
+
+pytestmark = pytest.mark.slow
+
+HUB_CLI = Path(sys.executable).with_name("hub_cli")
+CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
+MAX_TOKENS = 12
+SERVED = "tiny-internvl2-2b"
+
+
+def _png(path: Path, w: int, h: int, color) -> Path:
+    Image.new("RGB", (w, h), color).save(path)
+    return path
+
+
+def _expected_prompt_tokens(model_dir, images, text, max_num=None):
+    """The reference prompt's length: InternVL's template, each image's tiles x 256 context tokens."""
+    from transformers import AutoTokenizer
+
+    from internvl_plugin import register
+    from reference import ref_build_prompt, ref_num_tiles
+
+    register()
+    tok = AutoTokenizer.from_pretrained(str(model_dir))
+    # one image: "<image>\n" before the text, as InternVL's chat() writes it; more: "Image-1: <image>\n..."
+    question = ("<image>\n" if len(images) == 1 else "".join(f"Image-{i + 1}: <image>\n" for i in range(len(images)))) \
+        + text
+    tiles = [ref_num_tiles(im.width, im.height, max_num, model_dir) for im in images]
+    return len(tok(ref_build_prompt(question, tiles, model_dir)).input_ids)
+
+
+@pytest.fixture(scope="module")
+def page(tmp_path_factory):
+    """(page URL, vLLM base URL, model folder, log) of `hub_cli webui MODEL` with a 2-image limit."""
+    from internvl_plugin.tiny import build_tiny_model
+
+    root = tmp_path_factory.mktemp("webui")
+    model = build_tiny_model("internvl2-2b", root / "tiny-internvl2-2b")
+    port = free_port()
+    log = root / "webui.log"
+    argv = [HUB_CLI, "webui", model, "--model-name", SERVED, "--server-port", port, "--trust-request-mm-kwargs",
+            "--session-len", "4096",
+            "--max-batch-size", "4", "--max-tokens", MAX_TOKENS, "--temperature", "0",
+            "--", "--limit-mm-per-prompt", '{"image": 2}']
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("VLLM_ENABLE_V1_MULTIPROCESSING", "VLLM_PLUGINS", "VLLM_CPU_KVCACHE_SPACE")}
+    proc = subprocess.Popen([str(a) for a in argv], stdout=open(log, "w"), stderr=subprocess.STDOUT, env=env,
+                            start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 400
+    try:
+        while f"open {url}" not in log.read_text():
+            assert proc.poll() is None, f"hub_cli webui exited early:\n{log.read_text()[-3000:]}"
+            assert time.monotonic() < deadline, f"page never up:\n{log.read_text()[-3000:]}"
+            time.sleep(0.5)
+        api = re.search(r"vLLM ready at (http://127\.0\.0\.1:\d+)/v1", log.read_text()).group(1)
+        yield url, api, model, log
+    finally:
+        proc.send_signal(signal.SIGTERM)   # as a service manager would stop it: the vLLM it started goes too
+        try:
+            proc.wait(timeout=90)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    with pytest.raises(OSError):
+        urllib.request.urlopen(api + "/health", timeout=5)
+
+
+@pytest.fixture(scope="module")
+def browser(page):
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+    from selenium.webdriver.common.by import By
+
+    assert shutil.which(CHROMIUM) and shutil.which(CHROMEDRIVER), "run bash scripts/setup.sh (Debian chromium)"
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu",
+                "--window-size=1280,960"):
+        options.add_argument(arg)
+    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+    driver.get(page[0])
+    _wait(lambda: driver.find_elements(By.CSS_SELECTOR, "#box textarea"), 60, "the page to load")
+    yield driver
+    driver.quit()
+
+
+def _wait(condition, timeout, what):
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        assert time.monotonic() < deadline, f"timed out waiting for {what}: {value!r}"
+        time.sleep(0.1)
+
+
+def _text(driver, css):
+    from selenium.webdriver.common.by import By
+
+    return [e.text for e in driver.find_elements(By.CSS_SELECTOR, css)]
+
+
+def _usage(driver):
+    return _text(driver, "#usage")[0]
+
+
+def _send(driver, text, files=(), drop=()):
+    """Attach ``files`` through the file picker and ``drop`` by a drag-and-drop on the box, then type and Enter."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+
+    before = _usage(driver)
+    if files:
+        picker = driver.find_element(By.CSS_SELECTOR, "#box input[type=file]")
+        driver.execute_script("arguments[0].value = ''", picker)   # chromedriver adds to a 'multiple' input's list
+        picker.send_keys("\n".join(str(f) for f in files))
+    for path in drop:
+        driver.execute_script("""
+            const [b64, name, target] = arguments;
+            const bytes = Uint8Array.from(atob(b64), c => c.charCodeAt(0));
+            const data = new DataTransfer();
+            data.items.add(new File([bytes], name, {type: 'image/png'}));
+            for (const type of ['dragenter', 'dragover', 'drop'])
+                target.dispatchEvent(new DragEvent(type, {bubbles: true, cancelable: true, dataTransfer: data}));
+        """, base64.b64encode(Path(path).read_bytes()).decode(), Path(path).name,
+            driver.find_element(By.CSS_SELECTOR, "#box textarea"))
+    want = len(files) + len(drop)
+    _wait(lambda: len(driver.find_elements(By.CSS_SELECTOR, "#box .thumbnail-item")) == want, 30, "previews")
+    box = driver.find_element(By.CSS_SELECTOR, "#box textarea")
+    box.send_keys(text)
+    box.send_keys(Keys.ENTER)
+    return before
+
+
+def _bubbles(driver):
+    return _text(driver, "#chat [data-testid=bot]")
+
+
+def _set_slider(driver, elem_id, value):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+
+    field = driver.find_element(By.CSS_SELECTOR, f"#{elem_id} input[type=number]")
+    field.send_keys(Keys.CONTROL, "a")
+    field.send_keys(str(value), Keys.TAB)
+    _wait(lambda: field.get_attribute("value") == str(value), 10, f"{elem_id} = {value}")
+
+
+def _prompt_tokens(driver, before):
+    text = _wait(lambda: (u := _usage(driver)) != before and u.startswith("Last reply") and u, 120, "the answer")
+    prompt, answer = map(int, re.search(r"prompt (\d+) tokens, answer (\d+) tokens", text).groups())
+    assert 1 <= answer <= MAX_TOKENS
+    return prompt
+
+
+def test_image_question_streams_an_answer(browser, page, tmp_path):
+    _, _, model, _ = page
+    # every text the last answer bubble shows, recorded by the page itself as it changes
+    browser.execute_script("""
+        window.seen = [];
+        new MutationObserver(() => {
+            const bots = document.querySelectorAll('#chat [data-testid=bot]');
+            const text = bots.length ? bots[bots.length - 1].innerText : '';
+            if (text && window.seen[window.seen.length - 1] !== text) window.seen.push(text);
+        }).observe(document.querySelector('#chat'), {subtree: true, childList: true, characterData: true});
+    """)
+    green = _png(tmp_path / "green.png", 640, 480, (10, 200, 30))
+    before = _send(browser, "What is in the picture?", files=[green])
+    prompt = _prompt_tokens(browser, before)
+    # 640x480 -> 3x2 tiles + thumbnail at the model's max_dynamic_patch 6: the image went unchanged
+    assert prompt == _expected_prompt_tokens(model, [Image.open(green)], "What is in the picture?")
+    answer = _bubbles(browser)[-1]
+    seen = [t for t in browser.execute_script("return window.seen") if t != "..."]
+    assert seen[-1] == answer and len(seen) >= 2, seen            # it grew on the page: streamed
+    assert all(answer.startswith(t) for t in seen), seen
+    assert "What is in the picture?" in _text(browser, "#chat [data-testid=user]")[-1]
+    shot = tmp_path / "webui.png"
+    browser.save_screenshot(str(shot))
+    assert Image.open(shot).size[0] >= 1000
+    if os.environ.get("VLLM_INTERNVL_WEBUI_SCREENSHOT"):
+        shutil.copyfile(shot, os.environ["VLLM_INTERNVL_WEBUI_SCREENSHOT"])
+
+
+def test_dropped_images_beyond_the_limit_are_left_out_with_a_note(browser, tmp_path):
+    red = _png(tmp_path / "red.png", 300, 200, (220, 20, 20))
+    blue = _png(tmp_path / "blue.png", 200, 300, (20, 20, 220))
+    before = _send(browser, "And these two?", drop=[red, blue])
+    _prompt_tokens(browser, before)   # answered: the request kept to 2 images
+    assert ("ℹ️ The server takes at most 2 image(s) per request: 1 image(s) from earlier turns left out of this "
+            "request.") in _bubbles(browser)
+
+
+def test_garbage_file_is_an_error_and_the_page_goes_on(browser, tmp_path):
+    garbage = tmp_path / "garbage.png"
+    garbage.write_bytes(b"this is not a png at all" * 20)
+    before = _send(browser, "What is this?", files=[garbage])
+    error = _wait(lambda: [b for b in _bubbles(browser) if b.startswith("⚠️")], 60, "the error message")
+    assert error == ["⚠️ The server answered HTTP 400: image 2 (data URL): not an image in a supported format"]
+    assert _usage(browser) == "The last message failed; the chat goes on."
+    before = _send(browser, "Still there?")
+    _prompt_tokens(browser, before)
+
+
+def test_stop_ends_the_request_on_the_server(browser, page):
+    from selenium.webdriver.common.by import By
+
+    _, api, _, _ = page
+    browser.find_element(By.ID, "reset").click()   # a short prompt, so that 3900 new tokens fit the 4096 context
+    _wait(lambda: not _bubbles(browser), 10, "an empty chat")
+    _set_slider(browser, "max_tokens", 3900)   # greedy on the random model: no end of sequence before the limit
+    try:
+        _send(browser, "Tell me a long story.")
+        _wait(lambda: (b := _bubbles(browser)) and len(b[-1]) > 20, 60, "a partial answer")
+        assert not _bubbles(browser)[-1].startswith("⚠️")
+        assert _running(api) == 1
+        browser.find_element(By.ID, "stop").click()
+        _wait(lambda: _running(api) == 0, 10, "vLLM to abort the request")
+        _wait(lambda: _usage(browser).startswith("Stopped"), 10, "the page to say so")
+        frozen = _bubbles(browser)[-1]
+        time.sleep(1)
+        assert _bubbles(browser)[-1] == frozen
+    finally:
+        _set_slider(browser, "max_tokens", MAX_TOKENS)
+
+
+def _running(api):
+    metrics = urllib.request.urlopen(api + "/metrics", timeout=10).read().decode()
+    return sum(float(v) for v in re.findall(r"^vllm:num_requests_running\{[^}]*\} (\S+)$", metrics, re.M))
+
+
+def test_reset_clears_the_history_and_tile_budget_counts(browser, page, tmp_path):
+    from selenium.webdriver.common.by import By
+
+    _, _, model, _ = page
+    browser.find_element(By.ID, "reset").click()
+    _wait(lambda: not _bubbles(browser) and not _text(browser, "#chat [data-testid=user]"), 10, "an empty chat")
+    assert _usage(browser) == ""
+    before = _send(browser, "hi")
+    assert _prompt_tokens(browser, before) == _expected_prompt_tokens(model, [], "hi")   # no earlier turn sent
+    browser.find_element(By.ID, "reset").click()
+    _wait(lambda: not _bubbles(browser), 10, "an empty chat")
+    _set_slider(browser, "tiles", 2)
+    wide = _png(tmp_path / "wide.png", 900, 300, (200, 200, 20))
+    before = _send(browser, "Describe.", files=[wide])
+    assert _prompt_tokens(browser, before) == _expected_prompt_tokens(model, [Image.open(wide)], "Describe.", 2)
+
+
+def test_image_limit_learned_from_the_server(page, tmp_path):
+    """A server whose limit the page was not told: the refusal's number is used and the request sent again."""
+    import openai
+
+    from hub_cli.webui import connect
+    from hub_cli.webui_chat import Conversation, Settings
+
+    _, api, model, _ = page
+    info, client = connect(api)
+    assert info.image_limit is None and info.tile_key == "max_dynamic_patch" and info.tile_default == 6
+    assert info.model == SERVED
+    paths = [_png(tmp_path / f"{i}.png", 64, 64, (i * 80, 0, 0)) for i in range(3)]
+    conv = Conversation()
+
+    async def run():
+        return [u async for u in conv.reply(client, info, "three?", paths, Settings(max_tokens=2, temperature=0))]
+
+    updates = asyncio.run(run())
+    assert updates[-1].error is None and updates[-1].done and info.image_limit == 2
+    assert "only the last 2 of the 3 images you just added sent" in updates[-1].notes[0]
+    assert updates[-1].usage["prompt_tokens"] == _expected_prompt_tokens(
+        model, [Image.open(p) for p in paths[1:]], "three?")
+    assert isinstance(client, openai.AsyncOpenAI)
+
+
+def test_serve_webui_opens_the_page_beside_the_server(page, monkeypatch):
+    """`hub_cli serve --webui`: once the server is healthy the page comes up on --webui-port (the server here is
+    the module's; run_server is replaced by one that only reports it healthy)."""
+    import gradio
+    from click.testing import CliRunner
+
+    import hub_cli.launch
+    from hub_cli.cli import main
+
+    _, api, model, _ = page
+    port, webui_port = int(api.rsplit(":", 1)[1]), free_port()
+    seen = {}
+
+    def healthy_at_once(argv, env, base, on_ready=None):
+        on_ready()
+        with urllib.request.urlopen(f"http://127.0.0.1:{webui_port}/", timeout=30) as resp:
+            seen["status"], seen["html"] = resp.status, resp.read().decode()
+        gradio.close_all()
+        return 0
+
+    monkeypatch.setattr(hub_cli.launch, "run_server", healthy_at_once)
+    result = CliRunner().invoke(main, ["serve", str(model), "--model-name", SERVED, "--server-port", str(port),
+                                       "--session-len", "4096",
+                                       "--webui", "--webui-port", str(webui_port), "--",
+                                       "--limit-mm-per-prompt", '{"image": 2}'])
+    assert result.exit_code == 0, result.output
+    assert seen["status"] == 200 and f"vllm-internvl: {SERVED}" in seen["html"]
+    assert "images per request: at most 2" in seen["html"]
