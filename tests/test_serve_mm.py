@@ -6,8 +6,8 @@ a request with ``max_dynamic_patch: 12`` and a 4000x100 image (13 tiles, 3328 im
 image the processor reports. Now serve sets the budget (``--max-dynamic-patch``, default 40 or what fits the
 session) for the plugin to report, a request within it is served, one above it gets a one-line 400 naming
 the limit, and ``--limit-mm-per-prompt`` defaults to what fits one session. One real server of the tiny
-Mini-InternVL-4B (Phi-3) layout, through the openai client: an image chat whose usage equals the
-reference prompt's token count.
+Mini-InternVL-4B (Phi-3) layout, through the openai client: an image chat and an mp4 video_url chat whose usage equals the
+reference prompt's token count; a corrupt video is a 400 and the server goes on serving.
 """
 
 from __future__ import annotations
@@ -123,4 +123,32 @@ def test_request_within_the_budget_is_served_and_one_above_is_a_clear_400(served
     assert err.value.status_code == 400
     assert "max_dynamic_patch=13 is over this server's limit of 12 tiles" in str(err.value)
     assert "encoder cache" not in str(err.value)
+    assert _chat(base, _png_url(64, 48)).usage.completion_tokens == 4   # still serving
+
+
+@pytest.mark.slow
+def test_served_video_url_and_a_corrupt_video(served_4b, model_4b, tmp_path):
+    import numpy as np
+    import openai
+    from reference import ref_build_prompt
+    from test_internvl_video import mp4_bytes
+    from transformers import AutoTokenizer
+
+    base, _ = served_4b
+    client = openai.OpenAI(base_url=base + "/v1", api_key="unused", max_retries=0, timeout=300)
+
+    def video_chat(url):
+        return client.chat.completions.create(model="tiny-4b", max_tokens=4, temperature=0, messages=[
+            {"role": "user", "content": [{"type": "video_url", "video_url": {"url": url}},
+                                         {"type": "text", "text": "What happens?"}]}])
+
+    clip = np.random.default_rng(1).integers(0, 256, (6, 96, 128, 3), dtype=np.uint8)
+    resp = video_chat("data:video/mp4;base64," + base64.b64encode(mp4_bytes(clip, tmp_path)).decode())
+    tok = AutoTokenizer.from_pretrained(str(model_4b))
+    question = "".join(f"Frame{i + 1}: <image>\n" for i in range(6)) + "What happens?"
+    assert resp.usage.prompt_tokens == len(tok(ref_build_prompt(question, [1] * 6, model_4b)).input_ids)
+    for bad in (b"\x00\x00\x00\x18ftypmp42 this is not a video", b""):
+        with pytest.raises(openai.BadRequestError) as err:
+            video_chat("data:video/mp4;base64," + base64.b64encode(bad).decode())
+        assert err.value.status_code == 400
     assert _chat(base, _png_url(64, 48)).usage.completion_tokens == 4   # still serving
