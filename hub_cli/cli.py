@@ -324,14 +324,16 @@ def webui(model_or_url: str, vllm_args: tuple[str, ...], server_name: str, serve
 @main.command()
 @click.option("--host", default=DEFAULT_HOST, show_default=True, help="Address to bind.")
 @click.option("--port", "--server-port", type=click.IntRange(1, 65535), default=DEFAULT_PORT, show_default=True)
-@click.option("--layout", type=click.Choice(["internvl2-2b", "internvl2-1b", "internvl-chat-v1-5", "internvl2_5-2b"]),
+@click.option("--layout", type=click.Choice(["internvl2-2b", "internvl2-1b", "internvl-chat-v1-5", "internvl2_5-2b",
+                                             "xcomposer2-vl-1.8b", "xcomposer2-vl-7b", "xcomposer2-7b",
+                                             "xcomposer2-4khd", "xcomposer2d5"]),
               default="internvl2-2b", show_default=True, help="Which real model's layout the tiny model copies.")
 @click.option("--cache-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Where the tiny checkpoint is built (default ~/.cache/vllm-internvl/demo).")
 @click.option("--allow-media-hosts", metavar="LIST", default=None,
               help="As for serve: image URLs may also point at these hosts, addresses or CIDR ranges.")
 def demo(host: str, port: int, layout: str, cache_dir: Path | None, allow_media_hosts: str | None) -> None:
-    """Build a tiny InternVL (random weights) and serve it with vLLM's OpenAI-compatible server."""
+    """Build a tiny InternVL or InternLM-XComposer2 (random weights) and serve it with vLLM's OpenAI-compatible server."""
     from hub_cli.demo import default_cache_dir, demo_server, ready_message
     from hub_cli.errors import HubCliError
     from hub_cli.launch import connect_host, run_server, server_env
