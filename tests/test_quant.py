@@ -98,10 +98,11 @@ def test_bad_quant_config_is_one_clear_line(awq_model, tmp_path, monkeypatch, fi
     assert re.search(rf"(^|\n|, ){METHOD_NAME}: {message}[^\n]*", str(info.value)), str(info.value)
 
 
-@pytest.mark.parametrize("kv_cache_dtype", ["int4_per_token_head", "int8_per_token_head"])
+@pytest.mark.parametrize("kv_cache_dtype", ["fp8_per_token_head"])
 def test_unsupported_kv_cache_dtype_is_refused(awq_model, monkeypatch, kv_cache_dtype):
-    """vLLM's CPU attention backend lacks int4_per_token_head and computes int8_per_token_head wrongly,
-    yet vLLM builds an engine with either; the method refuses them while that backend is in use."""
+    """vLLM builds a CPU engine with a KV dtype its CPU attention does not implement (it computes
+    int8_per_token_head wrongly, hence the plugin's backend for int8/int4); the method refuses one that the
+    backend in use (the plugin's, test_kv_cpu_format.py) does not list."""
     from vllm.distributed import cleanup_dist_env_and_memory
 
     monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
@@ -109,7 +110,8 @@ def test_unsupported_kv_cache_dtype_is_refused(awq_model, monkeypatch, kv_cache_
     try:
         with pytest.raises(ValueError, match=rf"^{METHOD_NAME}: --kv-cache-dtype {kv_cache_dtype} is not "
                                              r"implemented by the CPU_ATTN attention backend in use "
-                                             r"\(it implements: auto, fp8, fp8_e4m3, fp8_e5m2\)$"):
+                                             r"\(it implements: auto, fp8, fp8_e4m3, fp8_e5m2, "
+                                             r"int8_per_token_head, int4_per_token_head\)$"):
             make_llm(quant, kv_cache_dtype=kv_cache_dtype)
     finally:
         cleanup_dist_env_and_memory()
