@@ -9,9 +9,10 @@
   scales and zero points take ⌈K/g⌉·N·3/2 more bytes a linear, 0.09 bits per weight at g = 128 (about
   220 MB for InternVL2-26B's language model: 146M groups x 1.5 bytes).
 * KV cache per token = 2 (K and V) × layers × kv_heads × bytes per head, where bytes per head is
-  ``D·2`` (quant_policy 0, fp16), ``D + 4`` (quant_policy 8: int8 data + fp16 scale and zero) or
-  ``D/2 + 4`` (quant_policy 4: packed int4 + fp16 scale and zero; vLLM's int4_per_token_head has the same
-  count with one fp32 word).
+  ``D·2`` (quant_policy 0, fp16), ``D + 4`` (quant_policy 8: vLLM's int8_per_token_head, int8 data + one fp32
+  scale) or ``D/2 + 4`` (quant_policy 4: vLLM's int4_per_token_head, packed int4 + one fp32 scale holding the
+  zero point; LMDeploy's fp16 scale and zero take the same 4 bytes). These are the bytes of the page vLLM
+  allocates (the KV blocks the engine reports equal the cache memory over these bytes, on CPU and GPU).
 
 Public surface: :class:`LLMShape`, :class:`VisionShape`, :func:`awq_linear_bytes`,
 :func:`kv_bytes_per_token`, :func:`estimate_weights` and :func:`estimate_from_config` (reads a checkpoint's
