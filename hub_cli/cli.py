@@ -197,6 +197,14 @@ def serve(model_or_repo: str, vllm_args: tuple[str, ...], server_name: str, serv
     if dry_run:
         click.echo(command)
         return
+    if webui:
+        from hub_cli.webui import GradioMissing, require_gradio
+
+        try:
+            require_gradio()
+        except GradioMissing as exc:
+            click.echo(f"hub_cli serve: error: --webui: {exc}", err=True)
+            sys.exit(2)
     click.echo(f"hub_cli serve: starting vLLM for {resolved.path}:\n  {command}", err=True)
     base = f"http://{connect_host(server_name)}:{server_port}"
 
@@ -207,7 +215,7 @@ def serve(model_or_repo: str, vllm_args: tuple[str, ...], server_name: str, serv
             from hub_cli.webui_chat import image_limit_from_args
 
             launch_in_background(base, served, server_name=server_name, server_port=webui_port,
-                                 image_limit=image_limit_from_args(vllm_args))
+                                 image_limit=image_limit_from_args(argv), echo=lambda m: click.echo(m, err=True))
 
     sys.exit(run_server(argv, env, base, on_ready=on_ready))
 

@@ -22,8 +22,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-__all__ = ["DEFAULT_WEBUI_PORT", "GradioMissing", "build_app", "connect", "local_server", "launch",
-           "launch_in_background"]
+__all__ = ["DEFAULT_WEBUI_PORT", "GradioMissing", "require_gradio", "build_app", "connect", "local_server", "launch",
+           "launch_in_background", "run"]
 
 DEFAULT_WEBUI_PORT = 6006            # LMDeploy's serve gradio default
 INSTALL_HINT = "pip install 'vllm-internvl[webui]'"
@@ -207,11 +207,25 @@ def launch(app, *, server_name: str, server_port: int, block: bool = True) -> st
     return url
 
 
+def require_gradio() -> None:
+    """Raise :class:`GradioMissing` (one line, with the install command) unless gradio can be imported."""
+    import importlib.util
+
+    if importlib.util.find_spec("gradio") is None:
+        raise GradioMissing(f"the web UI needs gradio: {INSTALL_HINT}")
+
+
 def launch_in_background(server_url: str, served_name: str, *, server_name: str, server_port: int,
-                         api_key: str = "EMPTY", image_limit: int | None = None) -> str:
-    """For ``hub_cli serve --webui``: the page for a server that just became healthy, without blocking."""
-    info, client = connect(server_url, api_key=api_key, model=served_name, image_limit=image_limit)
-    return launch(build_app(info, client), server_name=server_name, server_port=server_port, block=False)
+                         api_key: str = "EMPTY", image_limit: int | None = None, echo=print) -> str | None:
+    """For ``hub_cli serve --webui``: the page for a server that just became healthy, without blocking.
+
+    A failure (the port taken, ...) is one line and the API server goes on; returns the page's URL or None."""
+    try:
+        info, client = connect(server_url, api_key=api_key, model=served_name, image_limit=image_limit)
+        return launch(build_app(info, client), server_name=server_name, server_port=server_port, block=False)
+    except Exception as exc:   # the server is up and serving: the page is an extra
+        echo(f"hub_cli serve: --webui: error: {' '.join(f'{type(exc).__name__}: {exc}'.split())}")
+        return None
 
 
 def run(model_or_url: str, vllm_args: tuple[str, ...], *, server_name: str, server_port: int, api_key: str,
@@ -227,10 +241,10 @@ def run(model_or_url: str, vllm_args: tuple[str, ...], *, server_name: str, serv
         echo(f"hub_cli webui: error: {message}")
         return code
 
-    import importlib.util
-
-    if importlib.util.find_spec("gradio") is None:   # checked before a server starts; imported later (seconds)
-        return fail(f"the web UI needs gradio: {INSTALL_HINT}", 2)
+    try:
+        require_gradio()   # checked before a server starts; imported later (seconds)
+    except GradioMissing as exc:
+        return fail(str(exc), 2)
     import signal
 
     def interrupt(signum, frame):   # SIGTERM as Ctrl-C, so that the server this page started is stopped too
