@@ -15,9 +15,12 @@ from safetensors.torch import load_file
 LOGPROB_ATOL = 1e-4
 MAX_TOKENS = 8
 CASES = [("xcomposer2-vl-1.8b", "ours", 64), ("xcomposer2-4khd", "lmdeploy", 32)]
+# the 4KHD/LMDeploy case is a second engine: outside the default CI budget (-m "not slow")
+PARAMS = [pytest.param(c, id="-".join(map(str, c)), marks=[pytest.mark.slow] if c[0] == "xcomposer2-4khd" else [])
+          for c in CASES]
 
 
-@pytest.fixture(scope="module", params=CASES, ids=["-".join(map(str, c)) for c in CASES])
+@pytest.fixture(scope="module", params=PARAMS)
 def awq_engine(request, awq_model, monkeypatch_module):
     monkeypatch_module.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     layout, producer, group = request.param

@@ -236,3 +236,21 @@ def test_hd_layout_order():
             tile = (r // n) * w + col // n
             assert torch.equal(rows[base + r * (w * n + 1) + col], merged(1 + tile, r % n, col % n))
         assert torch.equal(rows[base + r * (w * n + 1) + w * n], sub.flatten())
+
+
+def test_processor_hooks_exist_in_vllm():
+    """xcomposer2.py overrides BaseMultiModalProcessor.apply (fixing 2.5's multi-image hd_num into the
+    request's kwargs with dataclasses.replace) and _apply_prompt_updates (segment-wise encoding), as in
+    vLLM 0.32; test_plugin.py checks the helpers _apply_prompt_updates calls. A rename would silently stop them."""
+    import dataclasses
+    import inspect
+
+    from vllm.multimodal.processing import BaseMultiModalProcessor
+    from vllm.multimodal.processing.inputs import ProcessorInputs
+
+    from internvl_plugin.xcomposer2 import XComposer2MultiModalProcessor
+
+    assert list(inspect.signature(BaseMultiModalProcessor.apply).parameters) == ["self", "inputs", "timing_ctx"]
+    assert "hf_processor_mm_kwargs" in {f.name for f in dataclasses.fields(ProcessorInputs)}
+    for name in ("apply", "_apply_prompt_updates", "_call_hf_processor"):
+        assert getattr(XComposer2MultiModalProcessor, name) is not getattr(BaseMultiModalProcessor, name), name
