@@ -179,9 +179,13 @@ def build_app(info, client, *, system: str = "", max_tokens: int = 512, temperat
 
         submitted = box.submit(respond, [box, chat, conv, sys_box, max_tok, temp, topp, tile],
                                [chat, box, conv, usage])
-        stop.click(lambda: "Stopped: the answer so far stays in the history.", None, usage, cancels=[submitted])
-        reset.click(on_reset, conv, [chat, box, conv, usage], cancels=[submitted])
-        chat.clear(on_reset, conv, [chat, box, conv, usage], cancels=[submitted])   # the chat's own bin icon
+        # Stop and Reset skip the queue: they must act at once, whatever is streaming
+        stop.click(lambda: "Stopped: the answer so far stays in the history.", None, usage, cancels=[submitted],
+                   queue=False, show_progress="hidden")
+        reset.click(on_reset, conv, [chat, box, conv, usage], cancels=[submitted], queue=False,
+                    show_progress="hidden")
+        chat.clear(on_reset, conv, [chat, box, conv, usage], cancels=[submitted], queue=False,
+                   show_progress="hidden")   # the chat's own bin icon
     return app
 
 
