@@ -35,6 +35,7 @@ from vllm.multimodal.processing import (
     PromptUpdate,
     PromptUpdateDetails,
 )
+from vllm.exceptions import VLLMValidationError
 from vllm.sequence import IntermediateTensors
 
 from internvl_plugin.tile_budget import budget_from_env
@@ -44,6 +45,8 @@ from internvl_plugin.internvl_video import (MAX_FRAMES, VIDEO_PLACEHOLDER, frame
 
 IMG_START, IMG_END, IMG_CONTEXT = "<img>", "</img>", "<IMG_CONTEXT>"
 IMAGE_PLACEHOLDER = "<image>"
+NO_VIDEO_MESSAGE = ("this InternVL model (pixel shuffle v1, InternVL-Chat-V1-5 style) takes images, not video; "
+                    "InternVL2 and 2.5 take video")
 
 
 class InternVLProcessingInfo(BaseProcessingInfo):
@@ -54,6 +57,12 @@ class InternVLProcessingInfo(BaseProcessingInfo):
     def supports_video(self) -> bool:
         # InternVL2 / 2.5 (pixel shuffle v2) were trained on frame sequences; InternVL-Chat-V1-5's v1 layout was not
         return self.get_hf_config().ps_version == "v2"
+
+    def validate_num_items(self, modality: str, num_items: int) -> None:
+        if modality == "video" and num_items > 0 and not self.supports_video:
+            # vLLM's own answer would be "At most 0 video(s) may be provided in one prompt."
+            raise VLLMValidationError(NO_VIDEO_MESSAGE, parameter=modality)
+        super().validate_num_items(modality, num_items)
 
     def get_video_frames(self, total: int, mm_kwargs: Mapping[str, object] | None = None) -> int:
         return num_video_frames(total, self.ctx.get_merged_mm_kwargs(dict(mm_kwargs or {})).get("num_frames"))
@@ -148,8 +157,7 @@ class InternVLMultiModalProcessor(BaseMultiModalProcessor[InternVLProcessingInfo
         videos = hf_data.get("videos", [])
         if videos:
             if not self.info.supports_video:
-                raise ValueError("this InternVL model (pixel shuffle v1, InternVL-Chat-V1-5 style) takes images, "
-                                 "not video; InternVL2 and 2.5 take video")
+                raise ValueError(NO_VIDEO_MESSAGE)
             # one tile per frame, as InternVL's load_video(max_num=1)
             one_tile = dataclasses.replace(tiling, min_num=1, max_num=1)
             num_frames = self.info.ctx.get_merged_mm_kwargs(dict(hf_kwargs)).get("num_frames")

@@ -31,6 +31,24 @@ def internvl_frame_indices(total, num_segments):
     return [int(seg / 2 + np.round(seg * i)) for i in range(num_segments)]
 
 
+def test_a_v1_model_refuses_video_in_one_line(tiny_model, monkeypatch):
+    """InternVL-Chat-V1-5 (pixel shuffle v1) takes no video. First in the file: its engine is gone before the
+    module's shared engine starts (in-process engines run one at a time)."""
+    from vllm import SamplingParams
+
+    monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    llm = make_llm(tiny_model("internvl-chat-v1-5"), max_model_len=2048, limit_mm_per_prompt={"image": 1})
+    try:
+        with pytest.raises(Exception, match=r"^this InternVL model \(pixel shuffle v1, InternVL-Chat-V1-5 style\) "
+                                            r"takes images, not video; InternVL2 and 2.5 take video"):
+            llm.generate({"prompt": "<video>\nx", "multi_modal_data": {"video": CLIP}}, SamplingParams(max_tokens=2),
+                         use_tqdm=False)
+        assert len(llm.generate({"prompt": "hello"}, SamplingParams(max_tokens=2, ignore_eos=True),
+                                use_tqdm=False)[0].outputs[0].token_ids) == 2
+    finally:
+        release_llm(llm)
+
+
 @pytest.fixture(scope="module")
 def engine(tiny_model, monkeypatch_module):
     from transformers import AutoTokenizer
