@@ -88,9 +88,14 @@ def smoothing_scales(act: torch.Tensor, importance: torch.Tensor, alpha: float,
 
 
 def pseudo_quantize(weight: torch.Tensor, group_size: int) -> torch.Tensor:
-    """RTN round trip of an [N, K] weight, in float32: exactly what the packed checkpoint dequantizes to."""
-    qweight, qzeros, scales = quantize_awq(weight.float(), group_size, scale_dtype=torch.float32)
-    return dequantize_awq(qweight, qzeros, scales, group_size, dtype=torch.float32).t()
+    """RTN round trip of an [N, K] weight in float32, without packing: the same arithmetic as
+    ``internvl_kernels.quantize_awq`` then ``dequantize_awq`` with float32 scales (checked equal in the tests)."""
+    n, k = weight.shape
+    w = weight.float().reshape(n, k // group_size, group_size)
+    scale = (w.amax(-1, keepdim=True) - w.amin(-1, keepdim=True)).clamp(min=1e-5) / 15
+    zero = (-torch.round(w.amin(-1, keepdim=True) / scale)).clamp(0, 15)
+    q = (torch.round(w / scale) + zero).clamp(0, 15)
+    return ((q - zero) * scale).reshape(n, k)
 
 
 def search_ratio(act_mean: torch.Tensor, weights: list[torch.Tensor], group_size: int, run,

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import resource
 import shutil
 import subprocess
@@ -44,9 +45,17 @@ def write_random_internlm2(out: Path, shape: tuple[int, ...], tokenizer_from: Pa
     head_dim = hidden // heads
     out.mkdir(parents=True)
     gen = torch.Generator().manual_seed(seed)
+    # drawing 7.5e9 normal numbers takes many minutes on 2 cores; a pool of 2^24 of them, read from a random
+    # offset per tensor, gives values of the same distribution at copy speed (the quantizer's cost does not
+    # depend on them)
+    pool = torch.randn(1 << 24, generator=gen).to(torch.bfloat16)
 
     def rand(*s, std):
-        return (torch.randn(*s, generator=gen) * std).to(torch.bfloat16)
+        n = math.prod(s)
+        start = int(torch.randint(0, pool.numel(), (1,), generator=gen))
+        reps = -(-(start + n) // pool.numel())
+        flat = pool.repeat(reps)[start:start + n] if reps > 1 else pool[start:start + n]
+        return (flat.reshape(s) * std).to(torch.bfloat16)
 
     groups = [[("model.tok_embeddings.weight", (vocab, hidden), 1.0), ("output.weight", (vocab, hidden), 0.02),
                ("model.norm.weight", (hidden,), None)]]

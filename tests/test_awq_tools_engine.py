@@ -1,4 +1,4 @@
-"""awq_tools quantize output in real vLLM (CPU): tiny InternVL on InternLM2 and Qwen2, quantized by the CLI.
+"""awq_tools quantize output in real vLLM (CPU): tiny InternVL on InternLM2, Qwen2 and Phi-3, quantized by the CLI.
 
 * the plugin's awq_w4a16 (picked by the checkpoint's quant_method "awq"), float32: greedy tokens equal the
   plain-PyTorch reference built from the written weights dequantized ((q - z) * s), prompt logprobs within 1e-4;
@@ -28,7 +28,8 @@ BF16_LOGPROB_ATOL = 0.25  # tests/test_quant_cpu_engine.py: 1.6x the largest bfl
 CORPUS = Path(__file__).resolve().parents[1] / "internvl_plugin" / "data" / "corpus.txt"
 
 # (tiny layout, vLLM quantization argument, dtype)
-CASES = [("internvl2-2b", None, "float32"), ("internvl2-1b", None, "float32"), ("internvl2-2b", "awq", "bfloat16")]
+CASES = [("internvl2-2b", None, "float32"), ("internvl2-1b", None, "float32"), ("mini-internvl-4b", None, "float32"),
+         ("internvl2-2b", "awq", "bfloat16")]
 
 
 def dequantized_folder(src: Path, dst: Path) -> Path:

@@ -329,3 +329,11 @@ def test_named_dataset_through_datasets_and_the_fake_hub(tiny_model, tmp_path):
     assert len(lines) == 1 and "dataset 'wikitext2' (Salesforce/wikitext) cannot be loaded" in lines[0] \
         and "local .txt or .jsonl" in lines[0], res.stderr
     assert not (tmp_path / "out").exists() and not (tmp_path / ".out.partial").exists()
+
+
+def test_pseudo_quantize_is_the_packed_round_trip():
+    from internvl_kernels import dequantize_awq, quantize_awq
+
+    w = torch.randn(64, 256, generator=torch.Generator().manual_seed(1)) * 3
+    packed = dequantize_awq(*quantize_awq(w, 64, scale_dtype=torch.float32), 64, dtype=torch.float32).t()
+    assert torch.equal(pseudo_quantize(w, 64), packed)
