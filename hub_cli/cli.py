@@ -333,7 +333,7 @@ def webui(model_or_url: str, vllm_args: tuple[str, ...], server_name: str, serve
 @click.option("--host", default=DEFAULT_HOST, show_default=True, help="Address to bind.")
 @click.option("--port", "--server-port", type=click.IntRange(1, 65535), default=DEFAULT_PORT, show_default=True)
 @click.option("--layout", type=click.Choice(["internvl2-2b", "internvl2-1b", "internvl-chat-v1-5", "internvl2_5-2b",
-                                             "xcomposer2-vl-1.8b", "xcomposer2-vl-7b", "xcomposer2-7b",
+                                             "mini-internvl-4b", "internvl2-40b", "xcomposer2-vl-1.8b", "xcomposer2-vl-7b", "xcomposer2-7b",
                                              "xcomposer2-4khd", "xcomposer2d5"]),
               default="internvl2-2b", show_default=True, help="Which real model's layout the tiny model copies.")
 @click.option("--cache-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
