@@ -275,7 +275,8 @@ class CPUKVQuantAttentionImpl(CPUAttentionBackendImpl):
         n_tok = attn_metadata.num_actual_tokens
         block_size = kv_cache.shape[2]
         ids, local_table = used_blocks(attn_metadata.block_table, attn_metadata.seq_lens, block_size)
-        key_16, value_16 = read_blocks(self.kv_format, kv_cache.index_select(0, ids), self.head_size, query.dtype)
+        # kv_cache[ids], not index_select: about 10x faster for these wide rows (torch 2.13 CPU)
+        key_16, value_16 = read_blocks(self.kv_format, kv_cache[ids], self.head_size, query.dtype)
         # the kernel's cache layout depends on its ISA (AMX packs K), so vLLM's own writer fills the scratch
         scratch = torch.empty((ids.numel(), self.num_kv_heads, 2 * block_size, self.head_size), dtype=query.dtype)
         key_cache, value_cache = scratch.chunk(2, dim=2)
