@@ -25,6 +25,8 @@ from typing import Any
 
 import torch
 
+from internvl_plugin.tiny import _linear, _norm, _qwen2_weights
+
 __all__ = ["BACKBONES", "write_backbone"]
 
 BACKBONES = ("phi3", "llama")
@@ -90,14 +92,6 @@ def _llama_config(vocab_size: int, eos_id: int, tiny_llm: dict[str, Any]) -> dic
 
 # ---------------------------------------------------------------- weights
 
-def _linear(gen, out_f, in_f, gain=1.0):
-    return torch.randn(out_f, in_f, generator=gen) * (gain / in_f ** 0.5)
-
-
-def _norm(gen, n):
-    return 1.0 + 0.1 * torch.randn(n, generator=gen)
-
-
 def _phi3_weights(cfg, gen) -> dict[str, torch.Tensor]:
     h, inter, vocab = cfg["hidden_size"], cfg["intermediate_size"], cfg["vocab_size"]
     kv = cfg["num_key_value_heads"] * (h // cfg["num_attention_heads"])
@@ -116,21 +110,8 @@ def _phi3_weights(cfg, gen) -> dict[str, torch.Tensor]:
 
 
 def _llama_weights(cfg, gen) -> dict[str, torch.Tensor]:
-    h, inter, vocab = cfg["hidden_size"], cfg["intermediate_size"], cfg["vocab_size"]
-    kv = cfg["num_key_value_heads"] * (h // cfg["num_attention_heads"])
-    w = {"model.embed_tokens.weight": torch.randn(vocab, h, generator=gen)}
-    for i in range(cfg["num_hidden_layers"]):
-        p = f"model.layers.{i}."
-        for name, out_f in (("q_proj", h), ("k_proj", kv), ("v_proj", kv), ("o_proj", h)):
-            w[p + f"self_attn.{name}.weight"] = _linear(gen, out_f, h)
-        w[p + "mlp.gate_proj.weight"] = _linear(gen, inter, h)
-        w[p + "mlp.up_proj.weight"] = _linear(gen, inter, h)
-        w[p + "mlp.down_proj.weight"] = _linear(gen, h, inter)
-        w[p + "input_layernorm.weight"] = _norm(gen, h)
-        w[p + "post_attention_layernorm.weight"] = _norm(gen, h)
-    w["model.norm.weight"] = _norm(gen, h)
-    w["lm_head.weight"] = _linear(gen, vocab, h, gain=3.0)
-    return w
+    # Qwen2's names and shapes without its q/k/v biases (attention_bias false)
+    return {k: v for k, v in _qwen2_weights(cfg, gen).items() if not k.endswith("_proj.bias")}
 
 
 # ---------------------------------------------------------------- tokenizers

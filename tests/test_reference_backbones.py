@@ -88,9 +88,58 @@ def test_llama_decoder_matches_transformers():
     _compare(hf, cfg, 29)
 
 
-@pytest.mark.parametrize("layout", ["mini-internvl-4b", "internvl2-40b"])
-def test_tiny_layout_loads_into_the_reference(tiny_model, layout):
-    """Every checkpoint tensor has its place in the reference and none is missing (load_reference is strict)."""
-    ref = load_reference(tiny_model(layout))
-    expected_cls = {"mini-internvl-4b": "Phi3ForCausalLMRef", "internvl2-40b": "LlamaForCausalLMRef"}[layout]
-    assert type(ref.language_model).__name__ == expected_cls
+LAYOUT_FACTS = {
+    # layout: (reference class, weight names that must be there, names that must not, llm_config facts)
+    "mini-internvl-4b": ("Phi3ForCausalLMRef",
+                         ["language_model.model.layers.1.self_attn.qkv_proj.weight",
+                          "language_model.model.layers.0.mlp.gate_up_proj.weight", "language_model.lm_head.weight"],
+                         ["language_model.model.layers.0.self_attn.q_proj.weight"],
+                         {"architectures": ["Phi3ForCausalLM"], "model_type": "phi3", "hidden_size": 192,
+                          "num_attention_heads": 2, "num_key_value_heads": 2, "original_max_position_embeddings": 4096,
+                          "max_position_embeddings": 131072, "sliding_window": 262144}),
+    "internvl2-40b": ("LlamaForCausalLMRef",
+                      ["language_model.model.layers.1.self_attn.k_proj.weight",
+                       "language_model.model.layers.0.mlp.gate_proj.weight", "language_model.lm_head.weight"],
+                      ["language_model.model.layers.0.self_attn.q_proj.bias"],
+                      {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "rope_theta": 5000000.0,
+                       "num_attention_heads": 4, "num_key_value_heads": 1, "attention_bias": False}),
+}
+
+
+@pytest.mark.parametrize("layout", sorted(LAYOUT_FACTS))
+def test_tiny_layout_is_real_and_loads_into_the_reference(tiny_model, layout):
+    """Real config keys, weight names and tokenizer layout; every checkpoint tensor has its place in the
+    reference and none is missing (load_reference is strict)."""
+    import json
+
+    from safetensors import safe_open
+    from transformers import AutoTokenizer
+
+    path = tiny_model(layout)
+    ref_cls, present, absent, llm_facts = LAYOUT_FACTS[layout]
+    cfg = json.loads((path / "config.json").read_text())
+    assert cfg["ps_version"] == "v2" and cfg["template"] == {"mini-internvl-4b": "phi3-chat",
+                                                               "internvl2-40b": "Hermes-2"}[layout]
+    assert cfg["vision_config"]["qk_normalization"] == (layout == "internvl2-40b")   # InternViT-6B style for 40B
+    for key, value in llm_facts.items():
+        assert cfg["llm_config"][key] == value, key
+    with safe_open(str(path / "model.safetensors"), "pt") as f:
+        names = set(f.keys())
+    assert set(present) <= names and not set(absent) & names
+
+    tok = AutoTokenizer.from_pretrained(str(path))
+    text = "<|user|>\nhi<|end|>" if layout == "mini-internvl-4b" else "<|im_start|>user\nhi<|im_end|>"
+    ids = tok(text).input_ids
+    if layout == "mini-internvl-4b":   # Llama-2 sentencepiece: <s> = 1 added; Phi-3's chat tokens one id each
+        assert tok.convert_ids_to_tokens(ids[:2]) == ["<s>", "<|user|>"] and "<|end|>" in tok.convert_ids_to_tokens(ids)
+        assert cfg["llm_config"]["eos_token_id"] == tok.convert_tokens_to_ids("<|end|>")
+        assert cfg["llm_config"]["rope_scaling"]["type"] == "su"
+    else:                              # Yi: <|startoftext|> = 1 never added, ChatML tokens are pieces of the model
+        assert tok.convert_tokens_to_ids(["<unk>", "<|startoftext|>", "<|endoftext|>"]) == [0, 1, 2]
+        assert tok.convert_ids_to_tokens(ids[:1]) == ["<|im_start|>"] and tok.convert_tokens_to_ids("<|im_start|>") < 10
+        assert cfg["llm_config"]["eos_token_id"] == tok.convert_tokens_to_ids("<|im_end|>")
+        assert not tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False).startswith("<|startoftext|>")
+    assert len(tok) == cfg["llm_config"]["vocab_size"]
+
+    ref = load_reference(path)
+    assert type(ref.language_model).__name__ == ref_cls
