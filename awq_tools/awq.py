@@ -115,9 +115,12 @@ def search_ratio(act_mean: torch.Tensor, weights: list[torch.Tensor], group_size
     return SEARCH_RATIOS[best], best_s, losses
 
 
-def quantize_linear(weight: torch.Tensor, group_size: int, scale_dtype: torch.dtype):
-    """(qweight, qzeros, scales) of a (smoothed) [N, K] weight in the AWQ gemm layout."""
-    return quantize_awq(weight.float(), group_size, scale_dtype=scale_dtype)
+def quantize_linear(weight: torch.Tensor, group_size: int, scale_dtype: torch.dtype, rows_per_chunk: int = 2048):
+    """(qweight, qzeros, scales) of a (smoothed) [N, K] weight in the AWQ gemm layout. Output rows are quantized
+    in chunks (multiples of 8: one packed column each) so the packer's temporaries stay small for 7B+ layers."""
+    parts = [quantize_awq(weight[i:i + rows_per_chunk].float(), group_size, scale_dtype=scale_dtype)
+             for i in range(0, weight.shape[0], rows_per_chunk)]
+    return tuple(torch.cat([p[j] for p in parts], dim=1) for j in range(3))
 
 
 def output_error_smoothed(x: torch.Tensor, s: torch.Tensor | None, weight: torch.Tensor, approx: torch.Tensor,

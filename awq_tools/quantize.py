@@ -39,7 +39,8 @@ __all__ = ["QuantizeSettings", "QuantizeError", "quantize", "partial_dir_for"]
 
 FORMAT_VERSION = 1
 REST_SHARD_BYTES = 1 << 30
-SEARCH_TOKENS = 4096          # tokens per sub-block the scale search and the error report score on
+SEARCH_TOKENS = 4096          # tokens per sub-block the scale search scores on
+REPORT_TOKENS = 256           # tokens per linear the error report scores on (without --search-scale)
 STATE_FILE = "state.json"
 _NOT_COPIED = {"config.json", INDEX_FILE, "tiny_build.json", "quant_config.json", "quantize_config.json",
                "inputs_stats.pth", "outputs_stats.pth"}
@@ -278,7 +279,8 @@ class _Job:
         layers, start = self.shape["layers"], self.state["layers_done"]
         seqlen = hidden.shape[1]
         rope = rotary_tables(self.lcfg, self.shape, seqlen)
-        keep = max(1, min(hidden.shape[0], SEARCH_TOKENS // seqlen)) * seqlen
+        keep = max(1, min(hidden.shape[0], SEARCH_TOKENS // seqlen)) * seqlen if self.s.search_scale \
+            else min(REPORT_TOKENS, hidden.shape[0] * seqlen)
         device = torch.device(self.s.device)
         bar = tqdm(total=layers, initial=start, desc="awq_tools quantize", unit="layer", disable=self.quiet,
                    file=sys.stderr, dynamic_ncols=True)
@@ -288,9 +290,11 @@ class _Job:
             raw = self.index.load(names)
             digest = tensor_digest(raw)
             p = self._layer_prefix(i)
-            w = {n[len(p):]: t.to(device=device, dtype=torch.float32) for n, t in raw.items()}
             stored = {n[len(p):]: t for n, t in raw.items() if not n.endswith(".weight") or t.dim() == 1}
             stored["__linear_dtype__"] = raw[p + bb_linear0 + ".weight"].dtype
+            w = {}
+            for n in names:  # one tensor at a time: never the 16-bit and the float32 layer at once
+                w[n[len(p):]] = raw.pop(n).to(device=device, dtype=torch.float32)
             del raw
             stats: dict[str, ChannelStats] = {}
 
@@ -353,8 +357,9 @@ class _Job:
                 ratio = DEFAULT_ALPHA
                 s = smoothing_scales(st.absmax.to(device), weight_importance(weights, g), ratio, norm_w)
             w[group.norm + ".weight"] = norm_w / s
+            del weights
             for n in group.linears:
-                w[n + ".weight"] = w[n + ".weight"] * s
+                w[n + ".weight"].mul_(s)  # in place: no second copy of a large linear
                 input_scale[n] = s
             report["groups"][group.norm] = {"ratio": ratio}
         for group in bb.fc_groups(shape):
@@ -367,14 +372,12 @@ class _Job:
             else:
                 ratio = DEFAULT_ALPHA
                 s = smoothing_scales(st.absmax.to(device), weight_importance(weights, g), ratio)
-            prev = w[group.prev + ".weight"].clone()
-            prev[rows] = prev[rows] / s[:, None]
-            w[group.prev + ".weight"] = prev
+            del weights
+            prev = w[group.prev + ".weight"]
+            prev[rows].div_(s[:, None])
             if group.prev + ".bias" in w:
-                bias = w[group.prev + ".bias"].clone()
-                bias[rows] = bias[rows] / s
-                w[group.prev + ".bias"] = bias
-            w[group.next + ".weight"] = w[group.next + ".weight"] * s
+                w[group.prev + ".bias"][rows].div_(s)
+            w[group.next + ".weight"].mul_(s)
             input_scale[group.next] = s
             rs = torch.ones(prev.shape[0], device=prev.device)
             rs[rows] = s

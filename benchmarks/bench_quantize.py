@@ -107,6 +107,9 @@ def main() -> int:
     ap.add_argument("--samples", type=int, default=4)
     ap.add_argument("--seqlen", type=int, default=256)
     ap.add_argument("--root", type=Path, default=Path("/tmp/bench-quantize"))
+    ap.add_argument("--layers", type=int, default=None,
+                    help="decoder layers (default: the real count); every layer has the same shape, so the peak "
+                         "memory of a few is the peak of all")
     ap.add_argument("--keep", action="store_true", help="keep the generated checkpoints")
     args = ap.parse_args()
     corpus = REPO / "internvl_plugin" / "data" / "corpus.txt"
@@ -117,7 +120,8 @@ def main() -> int:
         for p in (src, out, out.parent / f".{out.name}.partial"):
             shutil.rmtree(p, ignore_errors=True)
         t0 = time.perf_counter()
-        nbytes = write_random_internlm2(src, SHAPES[name], tiny)
+        shape = SHAPES[name] if args.layers is None else (args.layers, *SHAPES[name][1:])
+        nbytes = write_random_internlm2(src, shape, tiny)
         gen_s = time.perf_counter() - t0
         floor = read_floor(src)
         cmd = [sys.executable, "-m", "awq_tools.cli", "quantize", str(src), "--work-dir", str(out),
@@ -134,12 +138,12 @@ def main() -> int:
         if peak <= before * 1024:
             print("warning: peak RSS not above an earlier child's; run one shape per invocation for exact figures")
         out_bytes = sum(f.stat().st_size for f in out.glob("*.safetensors"))
-        print(f"internlm2-{name}: {SHAPES[name][0]} layers, checkpoint {nbytes / GiB:.2f} GiB bf16 "
+        print(f"internlm2-{name}: {shape[0]} layers, checkpoint {nbytes / GiB:.2f} GiB bf16 "
               f"(generated in {gen_s:.0f} s), output {out_bytes / GiB:.2f} GiB; calibration {args.samples} x "
               f"{args.seqlen} tokens")
         print(f"  peak RSS {peak / GiB:.2f} GiB = {peak / nbytes:.2f} x the checkpoint's bytes")
         print(f"  wall {wall:.0f} s = {wall / max(floor, 1e-9):.1f} x reading the input once ({floor:.1f} s); "
-              f"{wall / SHAPES[name][0]:.1f} s per layer")
+              f"{wall / shape[0]:.1f} s per layer")
         if name == "7b" and peak >= LIMIT_7B:
             print(f"  FAIL: 7B peak RSS {peak / GiB:.2f} GiB >= 4 GiB")
             failed = True
