@@ -80,11 +80,15 @@ def test_compose_command_is_what_hub_cli_serve_runs(service, tmp_path, monkeypat
     weights = estimate_from_config(CONFIG_26B).total_bytes / 4                  # per GPU
     util = (weights + 0.5 * (79 * GiB - weights) + 1.5 * GiB) / (80 * GiB)      # LMDeploy's KV share, README formula
     assert 0.5 < util < 0.95
-    assert shlex.split(printed) == [
+    words = shlex.split(printed)
+    # serve sizes the image limit to the session itself (as many config-sized images as fit, 1..16)
+    limit = words[words.index("--limit-mm-per-prompt") + 1]
+    assert 1 <= json.loads(limit)["image"] <= 16
+    assert words == [
         "python", "-m", "vllm.entrypoints.openai.api_server", "--model", str(folder), "--host", "0.0.0.0",
         "--port", "23333", "--served-model-name", "OpenGVLab/InternVL2-26B", "--tensor-parallel-size", "4",
-        "--gpu-memory-utilization", f"{util:.3f}", "--middleware", hub_cli.serve.MEDIA_MIDDLEWARE,
-        "--allowed-media-domains", hub_cli.serve.NO_VLLM_FETCH_DOMAIN]
+        "--gpu-memory-utilization", f"{util:.3f}", "--limit-mm-per-prompt", limit,
+        "--middleware", hub_cli.serve.MEDIA_MIDDLEWARE, "--allowed-media-domains", hub_cli.serve.NO_VLLM_FETCH_DOMAIN]
 
 
 def test_dockerfile_is_the_pinned_vllm_image_with_the_readme_install():
