@@ -120,6 +120,12 @@ class _Job:
             self.index = CheckpointIndex(model)
         except (UnsupportedModel, BadCheckpoint) as exc:
             raise QuantizeError(f"{model}: {exc}" if not str(exc).startswith(str(model)) else str(exc)) from None
+        plora = [n for n in self.index.tensors if ".Plora_" in n]
+        if plora:
+            # folding smoothing scales into Partial-LoRA (xcomposer2.md §8) is not implemented: refuse rather
+            # than quantize a model whose float output the scales would change
+            raise QuantizeError(f"{model}: XComposer2 Partial-LoRA tensors (e.g. {plora[0]!r}) are not supported "
+                                "by awq_tools quantize yet")
         quantized = [n for n in self.index.tensors if n.endswith(".qweight")]
         if quantized:
             raise QuantizeError(f"{model}: already quantized (tensor {quantized[0]!r}); give the 16-bit checkpoint")
