@@ -212,7 +212,7 @@ def plan_server(model_dir: str | os.PathLike[str], *, server_name: str = DEFAULT
         element = _DTYPE_BYTES.get(choice.dtype, 2)
         weights = _weight_bytes(config, model_dir, quant_cfg, element)
         _plan_cpu_memory(plan, config, weights, cache_max_entry_count, session_len, tp, memory, environ, given,
-                         element)
+                         element, quant_policy)
         if "--dtype" not in given:
             args += ["--dtype", choice.dtype]
             notes.append(f"--dtype {choice.reason}")
@@ -393,12 +393,15 @@ def _weight_bytes(config: Mapping[str, Any], model_dir: Path, quant_cfg: FoundQu
     return size * element // FP16_BYTES, f"size of the weight files{in_dtype and ' (stored 16-bit)' + in_dtype}"
 
 
-def _kv_bytes_per_token(config: Mapping[str, Any], element: int = 2) -> int | None:
+def _kv_bytes_per_token(config: Mapping[str, Any], element: int = 2, quant_policy: int = 0) -> int | None:
     from internvl_plugin.memory import FP16_BYTES, LLMShape, kv_bytes_per_token
 
     llm = config.get("llm_config") or config.get("text_config") or config
     try:
-        return kv_bytes_per_token(LLMShape.from_hf_config(llm), 0) * element // FP16_BYTES
+        shape = LLMShape.from_hf_config(llm)
+        if quant_policy:  # int8/int4 pages whatever the model's dtype
+            return kv_bytes_per_token(shape, quant_policy)
+        return kv_bytes_per_token(shape, 0) * element // FP16_BYTES
     except (KeyError, TypeError, ValueError, ZeroDivisionError):
         return None
 
@@ -420,9 +423,9 @@ def _gib(n: float) -> str:
 
 def _plan_cpu_memory(plan: ServerPlan, config: Mapping[str, Any], weights: tuple[int, str],
                      ratio: float | None, session_len: int | None, tp: int, memory: MemoryInfo | None,
-                     environ: Mapping[str, str], given: set[str], element: int = 2) -> None:
+                     environ: Mapping[str, str], given: set[str], element: int = 2, quant_policy: int = 0) -> None:
     """CPU: the KV cache is sized in bytes (vLLM's VLLM_CPU_KVCACHE_SPACE / --kv-cache-memory-bytes), in the
-    model's dtype (`element` bytes: vLLM's CPU KV cache takes it).
+    model's dtype (`element` bytes: vLLM's CPU KV cache takes it) or the quant policy's int8/int4 format.
 
     vLLM reads VLLM_CPU_KVCACHE_SPACE after the arguments and lets it win, so whenever a size is given as an
     argument the variable is removed from the server's environment.
@@ -455,7 +458,7 @@ def _plan_cpu_memory(plan: ServerPlan, config: Mapping[str, Any], weights: tuple
         return
     # LMDeploy's default (0.8 of free memory) would reserve most of the machine's RAM up front; instead hold
     # one full-length session, at least 1 GiB.
-    per_token = _kv_bytes_per_token(config, element)
+    per_token = _kv_bytes_per_token(config, element, quant_policy)
     tokens = session_len or _max_positions(config)
     gib = max(1, math.ceil(per_token * tokens / GiB)) if per_token and tokens else 1
     plan.env["VLLM_CPU_KVCACHE_SPACE"] = str(gib)

@@ -190,6 +190,12 @@ def test_cpu_memory_is_sized_in_the_chosen_dtype(model_2b, tmp_path, monkeypatch
     assert any("float32: bfloat16 would be emulated" in n for n in plan.notes)
     for extra in (["--dtype", "bfloat16"], ["--dtype=bfloat16"]):  # the user's dtype sizes it
         assert plan_server(model_2b, on_cpu=True, extra=extra).env == {"VLLM_CPU_KVCACHE_SPACE": "3"}
+    # a quantized KV cache (--quant-policy 8/4) is sized in its own format, whatever the model's dtype
+    from internvl_plugin.memory import LLMShape, kv_bytes_per_token
+    for policy in (8, 4):
+        per_token = kv_bytes_per_token(LLMShape.from_hf_config(LLM_2B), policy)
+        assert plan_server(model_2b, on_cpu=True, quant_policy=policy).env == {
+            "VLLM_CPU_KVCACHE_SPACE": str(math.ceil(32768 * per_token / GiB))} != plan.env
 
     memory = MemoryInfo(free_bytes=20 * GiB, total_bytes=24 * GiB, device="cpu")
 
