@@ -18,6 +18,7 @@ import contextlib
 import os
 import socket
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,7 @@ __all__ = ["DEFAULT_WEBUI_PORT", "GradioMissing", "require_gradio", "build_app",
            "launch_in_background", "run"]
 
 DEFAULT_WEBUI_PORT = 6006            # LMDeploy's serve gradio default
+UPDATE_EVERY_S = 0.1                 # streamed answers reach the page at most this often
 INSTALL_HINT = "pip install 'vllm-internvl[webui]'"
 # offline pages: no font downloads (gradio's default theme links Google Fonts), no analytics calls
 _FONTS = ["ui-sans-serif", "system-ui", "sans-serif"]
@@ -152,8 +154,14 @@ def build_app(info, client, *, system: str = "", max_tokens: int = 512, temperat
             yield history, None, state, ""
             settings = Settings(system=system_text or "", max_tokens=n_tokens, temperature=temperature_,
                                 top_p=top_p_, tiles=tiles_ if info.tile_key else None)
-            shown_notes = 0
+            shown_notes, shown_at = 0, 0.0
             async for update in state.reply(client, info, text, paths, settings):
+                # Each page update sends and renders the whole chat: at most ~10 a second, or a long answer makes the
+                # page fall behind the server (and Stop would come after the server had finished).
+                if not (update.done or update.error or len(update.notes) > shown_notes) \
+                        and time.monotonic() - shown_at < UPDATE_EVERY_S:
+                    continue
+                shown_at = time.monotonic()
                 for note in update.notes[shown_notes:]:   # notes go above the answer they concern
                     history.insert(len(history) - 1, {"role": "assistant", "content": f"ℹ️ {note}"})
                 shown_notes = len(update.notes)

@@ -125,9 +125,9 @@ def _wait(condition, timeout, what):
 
 
 def _text(driver, css):
-    from selenium.webdriver.common.by import By
-
-    return [e.text for e in driver.find_elements(By.CSS_SELECTOR, css)]
+    """The visible text of each element matching ``css``, read in one go (gradio re-renders under us)."""
+    return driver.execute_script(
+        "return Array.from(document.querySelectorAll(arguments[0])).map(e => e.innerText.trim())", css)
 
 
 def _usage(driver):
@@ -192,7 +192,7 @@ def test_image_question_streams_an_answer(browser, page, tmp_path):
         window.seen = [];
         new MutationObserver(() => {
             const bots = document.querySelectorAll('#chat [data-testid=bot]');
-            const text = bots.length ? bots[bots.length - 1].innerText : '';
+            const text = bots.length ? bots[bots.length - 1].innerText.trim() : '';
             if (text && window.seen[window.seen.length - 1] !== text) window.seen.push(text);
         }).observe(document.querySelector('#chat'), {subtree: true, childList: true, characterData: true});
     """)
