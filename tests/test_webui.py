@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import click
+import pytest
 from PIL import Image
 
 from conftest import free_port
@@ -136,3 +137,59 @@ def test_missing_gradio_is_one_line(monkeypatch):
                      model_name=None, limit_images=None, system="", max_tokens=8, temperature=0, top_p=1,
                      options={}, echo=lines.append)
     assert code == 2 and lines == ["hub_cli webui: error: the web UI needs gradio: pip install 'vllm-internvl[webui]'"]
+
+
+class _FakeModels:
+    def __init__(self, ids, root):
+        self.ids, self.root = ids, root
+
+    def list(self):
+        from types import SimpleNamespace
+
+        return SimpleNamespace(data=[SimpleNamespace(id=i, root=self.root) for i in self.ids])
+
+
+class _FakeChat:
+    def __init__(self, refuse):
+        self.refuse, self.requests = refuse, []
+        self.completions = self
+
+    def create(self, **request):
+        import httpx
+        import openai
+
+        self.requests.append(request)
+        if self.refuse:
+            response = httpx.Response(400, request=httpx.Request("POST", "http://127.0.0.1/v1/chat/completions"))
+            raise openai.BadRequestError("Per-request mm_processor_kwargs are disabled by default", response=response,
+                                         body={"message": "Per-request mm_processor_kwargs are disabled by default"})
+        return None
+
+
+def _fake_client(root, refuse):
+    from types import SimpleNamespace
+
+    return SimpleNamespace(base_url="http://127.0.0.1:1/v1/", models=_FakeModels(["m"], str(root)),
+                           chat=_FakeChat(refuse))
+
+
+def test_tile_slider_only_where_the_server_takes_per_request_kwargs(tmp_path):
+    import json
+
+    from hub_cli.webui_chat import probe_server
+
+    (tmp_path / "config.json").write_text(json.dumps({"architectures": ["InternVLChatModel"], "max_dynamic_patch": 12}))
+    client = _fake_client(tmp_path, refuse=False)
+    info = probe_server(client)
+    assert (info.model, info.tile_key, info.tile_default, info.notes) == ("m", "max_dynamic_patch", 12, [])
+    assert client.chat.requests[0]["extra_body"] == {"mm_processor_kwargs": {"max_dynamic_patch": 12}}
+    assert client.chat.requests[0]["max_tokens"] == 1
+    info = probe_server(_fake_client(tmp_path, refuse=True))
+    assert info.tile_key is None and "--trust-request-mm-kwargs" in info.notes[0]
+    # XComposer2's tile budget is hd_num
+    (tmp_path / "config.json").write_text(json.dumps({"architectures": ["InternLMXComposer2ForCausalLM"],
+                                                      "hd_num": 25}))
+    assert probe_server(_fake_client(tmp_path, refuse=False)).tile_key == "hd_num"
+    # a served model the page was told to use must exist
+    with pytest.raises(ValueError, match=r"^the server does not serve 'other'; it serves: m$"):
+        probe_server(_fake_client(tmp_path, refuse=False), "other")
