@@ -26,6 +26,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from tqdm import tqdm
 
 from awq_tools.awq import (DEFAULT_ALPHA, ChannelStats, output_error, output_error_smoothed, pseudo_quantize,
                            quantize_linear, search_ratio, smoothing_scales, weight_importance)
@@ -270,7 +273,6 @@ class _Job:
 
     def _layer_input(self, ids: torch.Tensor, layer: int) -> torch.Tensor:
         if layer:
-            from safetensors.torch import load_file
             return load_file(str(self.partial / _hidden_name(layer)))["hidden"]
         name = self.prefix + self.backbone.embed
         table = self.index.load([name])[name]
@@ -280,8 +282,6 @@ class _Job:
 
     # ------------------------------------------------------------------------------ layers
     def _quantize_layers(self, hidden: torch.Tensor, plan: dict) -> None:
-        from tqdm import tqdm
-
         layers, start = self.shape["layers"], self.state["layers_done"]
         seqlen = hidden.shape[1]
         rope = rotary_tables(self.lcfg, self.shape, seqlen)
@@ -317,7 +317,6 @@ class _Job:
                 tensors, report = self._quantize_layer(w, stats, rope, device, stored)
             tensors = {p + n: t for n, t in tensors.items()}
             save_shard_atomically(tensors, self.partial / plan["layers"][i])
-            from safetensors.torch import save_file
             tmp = self.partial / (_hidden_name(i + 1) + ".tmp")
             save_file({"hidden": out.contiguous()}, str(tmp))
             tmp.replace(self.partial / _hidden_name(i + 1))
@@ -424,7 +423,6 @@ class _Job:
         for fname, names in plan["rest"]:
             weight_map.update({n: fname for n in names})
         for i, fname in enumerate(plan["layers"]):
-            from safetensors import safe_open
             with safe_open(str(partial / fname), framework="pt") as f:
                 weight_map.update({n: fname for n in f.keys()})
         total = sum((partial / f).stat().st_size for f in set(weight_map.values()))
