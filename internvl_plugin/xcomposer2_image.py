@@ -132,13 +132,15 @@ def infer_variant(config: Any) -> str:
         if explicit not in VARIANTS:
             raise ValueError(f"xcomposer_variant={explicit!r} is not one of {VARIANTS}")
         return explicit
-    # 4KHD is the release whose config.json names InternLM2ForCausalLM, and LMDeploy's first rule:
-    # max_length 16384. VL-7B / VL-1.8B / 7B carry img_size; 2.5 has neither.
-    if getattr(config, "max_length", None) == 16384 or getattr(config, "declared_architecture", None) == \
-            "InternLM2ForCausalLM":
+    # 4KHD is the release whose config.json names InternLM2ForCausalLM; VL-7B / VL-1.8B / 7B carry
+    # img_size; LMDeploy's first 4KHD rule (max_length 16384) covers a 4KHD config whose architecture was
+    # overridden; 2.5 has none of these.
+    if getattr(config, "declared_architecture", None) == "InternLM2ForCausalLM":
         return "4khd"
     if getattr(config, "img_size", None):
         return "vl"
+    if getattr(config, "max_length", None) == 16384:
+        return "4khd"
     return "2.5"
 
 

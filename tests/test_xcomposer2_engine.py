@@ -21,7 +21,7 @@ from reference.xcomposer2 import IMAGE_TOKEN, PLACEHOLDER, load_xcomposer2_refer
 
 LOGPROB_ATOL = 1e-4  # float32 on both sides
 MAX_TOKENS = 8
-CHUNK = 8  # a chunk boundary lands inside the first image of every image prompt here
+CHUNK = 32  # prefill chunk; _lead() puts a chunk boundary inside the first image of the generate prompts
 LAYOUTS = ("xcomposer2-vl-1.8b", "xcomposer2-7b", "xcomposer2-4khd", "xcomposer2d5")
 IMAGES = [random_image(120, 90, 1), random_image(70, 200, 2)]
 # the issue's table of sizes (W x H); the tiny HD layouts use 56-px tiles, so the counts differ from the
@@ -70,7 +70,8 @@ def _counts(ref, images, hd_num=None):
 def test_generate_matches_reference(xc_engine, n_images):
     _, _, llm, ref, tok = xc_engine
     images = IMAGES[:n_images]
-    prompt = "".join(f"Image{i + 1} {PLACEHOLDER}; " for i in range(n_images)) + "Describe the image in detail."
+    lead = _lead(tok, _counts(ref, images[:1])[0]) if images else ""
+    prompt = lead + "".join(f"Image{i + 1} {PLACEHOLDER}; " for i in range(n_images)) + "Describe the image in detail."
     request = {"prompt": prompt}
     if images:
         request["multi_modal_data"] = {"image": images if n_images > 1 else images[0]}
@@ -79,9 +80,19 @@ def test_generate_matches_reference(xc_engine, n_images):
     ids = ref_build_ids(tok, prompt, _counts(ref, images, hd_num), ref.image_token_id)
     _compare(out, ref, ids, images, hd_num)
     if n_images:
-        # the chunk boundaries fall inside an image block: the mask of each chunk is its own part
+        # a chunk boundary falls inside the first image block: each chunk's mask is its own part
         mask = torch.tensor(ids) == ref.image_token_id
-        assert any(mask[k - 1] and mask[k] for k in range(CHUNK, len(ids), CHUNK))
+        assert mask[CHUNK - 1] and mask[CHUNK]
+
+
+def _lead(tok, rows):
+    """Text before the first image such that the image rows straddle position CHUNK."""
+    for k in range(40):
+        lead = "Look closely. " * k
+        before = len(tok(lead + "Image1 ").input_ids)
+        if before < CHUNK < before + rows:
+            return lead
+    raise AssertionError("no lead text puts a chunk boundary inside the image")
 
 
 def test_multi_turn_chat_matches_reference(xc_engine):
@@ -126,14 +137,15 @@ def test_hd_token_counts_through_the_engine(xc_engine):
         assert list(out.prompt_token_ids).count(ref.image_token_id) == ref.grid ** 2  # squash: always one crop
         return
     n = ref.grid // 2
-    got, want = {}, {}
-    for w, h in HD_SIZES:
-        out = llm.generate({"prompt": PLACEHOLDER, "multi_modal_data": {"image": random_image(w, h, 4)}},
-                           _sampling(max_tokens=1, prompt_logprobs=None), use_tqdm=False)[0]
-        got[(w, h)] = len(out.prompt_token_ids) - 1  # all but the BOS are image rows
-        hh, ww = ref.preprocess(random_image(w, h, 4))[1]
+    images = {size: random_image(*size, 4) for size in HD_SIZES}
+    outs = llm.generate([{"prompt": PLACEHOLDER, "multi_modal_data": {"image": im}} for im in images.values()],
+                        _sampling(max_tokens=1, prompt_logprobs=None), use_tqdm=False)
+    got = {size: len(out.prompt_token_ids) - 1 for size, out in zip(images, outs)}  # all but the BOS: image rows
+    want = {}
+    for size, image in images.items():
+        hh, ww = ref.preprocess(image)[1]
         assert hh * ww <= ref.default_hd_num
-        want[(w, h)] = (hh * ww + 1) * n * n + 1 + (hh + 1) * n
+        want[size] = (hh * ww + 1) * n * n + 1 + (hh + 1) * n
     assert got == want
     # a per-request hd_num reaches the processor and the model (full comparison at hd_num=4)
     image = random_image(1920, 1080, 5)

@@ -254,3 +254,25 @@ def test_processor_hooks_exist_in_vllm():
     assert "hf_processor_mm_kwargs" in {f.name for f in dataclasses.fields(ProcessorInputs)}
     for name in ("apply", "_apply_prompt_updates", "_call_hf_processor"):
         assert getattr(XComposer2MultiModalProcessor, name) is not getattr(BaseMultiModalProcessor, name), name
+
+
+def test_config_dispatch_and_variant(tiny_model):
+    """No remote code runs; 4KHD's declared InternLM2ForCausalLM goes to the XComposer2 class when its
+    auto_map names it, a plain InternLM2 checkpoint keeps vLLM's InternLM2ForCausalLM."""
+    from transformers import AutoConfig
+
+    from internvl_plugin.configs import register_configs
+    from internvl_plugin.xcomposer2_image import infer_variant
+
+    register_configs()
+    want = {"xcomposer2-vl-1.8b": "vl", "xcomposer2-7b": "vl", "xcomposer2-4khd": "4khd", "xcomposer2d5": "2.5"}
+    for layout, variant in want.items():
+        cfg = AutoConfig.from_pretrained(str(tiny_model(layout)), trust_remote_code=False)
+        assert cfg.architectures == ["InternLMXComposer2ForCausalLM"], layout
+        assert infer_variant(cfg) == variant, layout
+    plain = AutoConfig.from_pretrained(str(tiny_model("internlm2")), trust_remote_code=False)
+    assert plain.architectures == ["InternLM2ForCausalLM"]
+    hd = AutoConfig.from_pretrained(str(tiny_model("xcomposer2-4khd")), trust_remote_code=False)
+    assert hd.declared_architecture == "InternLM2ForCausalLM"
+    hd.xcomposer_variant = "2.5"  # what hf_overrides={"xcomposer_variant": ...} sets
+    assert infer_variant(hd) == "2.5"
