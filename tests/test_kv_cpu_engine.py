@@ -88,11 +88,17 @@ def run_engine(path: Path, kv_cache_dtype: str, prompts, dtype: str = "bfloat16"
             "cached_tokens": cached,
             "blocks": llm.llm_engine.vllm_config.cache_config.num_gpu_blocks,
             "hf_config": llm.llm_engine.vllm_config.model_config.hf_text_config.to_dict(),
+            "isa": sorted(set(llm.apply_model(_layer_isas)[0])),
         }
     finally:
         del llm                     # before the process groups go (the engine's finalizer uses them)
         gc.collect()
         cleanup_dist_env_and_memory()
+
+
+def _layer_isas(model) -> list[str]:
+    """The kernel ISA vLLM chose for each attention layer (runs in the worker)."""
+    return [m.isa for m in model.modules() if hasattr(m, "isa")]
 
 
 @pytest.fixture(scope="module", params=MODELS)
@@ -185,7 +191,7 @@ def test_tensor_parallel_2(tiny_model, tmp_path):
     got = json.loads(lines[-1][len("RESULT "):])
     diff = (torch.tensor(got["int4_per_token_head"]) - torch.tensor(got["auto"])).abs()
     print(f"\nTP=2 internlm2 int4: mean |dlogprob| {diff.mean():.4f}, max {diff.max():.4f}")
-    assert diff.mean() <= MEAN_BOUND["int4_per_token_head"]
+    assert diff.mean() <= SENSITIVE_BOUND["int4_per_token_head"]       # TP=1 on the same model: 0.110
 
 
 # ------------------------------------------------------------------------------------------ against a simulation
@@ -254,3 +260,23 @@ def test_engine_drift_is_the_formats(tiny_model, monkeypatch):
         got = (engine[kv] - engine["auto"]).abs().mean().item()
         print(f"\ninternlm2 float32 {kv}: engine mean |dlogprob| {got:.4f}, simulation {simulated:.4f}")
         assert abs(got - simulated) <= 0.05 * simulated + 0.001
+
+
+def test_runs_where_the_cpu_has_neither_avx512_nor_amx(tiny_model, monkeypatch):
+    """vLLM picks its kernels from what torch reports; reporting an AVX2-only CPU gives the "vec" kernels, where
+    vLLM's own int8_per_token_head stops ("FP8 KV cache on CPU requires x86 with AVX-512 or AMX") and ours runs."""
+    from vllm.v1.attention.backends.cpu_attn import _get_attn_isa
+
+    monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", str(KV_SPACE_GIB))
+    monkeypatch.setattr(torch.cpu, "_is_avx512_supported", lambda: False)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    with pytest.raises(NotImplementedError, match="AVX-512 or AMX"):
+        _get_attn_isa(torch.float32, BLOCK_SIZE, 32, "int8_per_token_head")
+    path = tiny_model("internlm2")
+    prompts = prompts_for("internlm2", path)[:2]
+    got = {kv: run_engine(path, kv, prompts, "float32", again=False) for kv in ("auto", "int8_per_token_head")}
+    assert got["int8_per_token_head"]["isa"] == ["vec"]
+    diff = (torch.tensor(sum(got["int8_per_token_head"]["logprobs"], []))
+            - torch.tensor(sum(got["auto"]["logprobs"], []))).abs()
+    assert diff.mean() <= MEAN_BOUND["int8_per_token_head"]
