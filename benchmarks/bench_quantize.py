@@ -91,6 +91,14 @@ def write_random_internlm2(out: Path, shape: tuple[int, ...], tokenizer_from: Pa
     return total
 
 
+def full_model_bytes(shape: tuple[int, ...]) -> int:
+    """bf16 bytes of the InternLM2 of this shape with all its layers."""
+    layers, hidden, heads, kv, ffn, vocab = shape
+    head_dim = hidden // heads
+    per_layer = (heads + 2 * kv) * head_dim * hidden + hidden * hidden + 3 * ffn * hidden + 2 * hidden
+    return 2 * (2 * vocab * hidden + hidden + layers * per_layer)
+
+
 def read_floor(folder: Path) -> float:
     """Seconds to read every shard once (drop nothing: the page cache is what the quantizer sees too)."""
     start = time.perf_counter()
@@ -141,7 +149,9 @@ def main() -> int:
         print(f"internlm2-{name}: {shape[0]} layers, checkpoint {nbytes / GiB:.2f} GiB bf16 "
               f"(generated in {gen_s:.0f} s), output {out_bytes / GiB:.2f} GiB; calibration {args.samples} x "
               f"{args.seqlen} tokens")
-        print(f"  peak RSS {peak / GiB:.2f} GiB = {peak / nbytes:.2f} x the checkpoint's bytes")
+        full = full_model_bytes(SHAPES[name])
+        print(f"  peak RSS {peak / GiB:.2f} GiB = {peak / full:.2f} x the bytes of the whole {SHAPES[name][0]}-layer "
+              f"model ({full / GiB:.2f} GiB bf16, what loading it whole takes)")
         print(f"  wall {wall:.0f} s = {wall / max(floor, 1e-9):.1f} x reading the input once ({floor:.1f} s); "
               f"{wall / shape[0]:.1f} s per layer")
         if name == "7b" and peak >= LIMIT_7B:
