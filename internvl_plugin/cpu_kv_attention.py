@@ -194,10 +194,14 @@ def used_blocks(block_table: torch.Tensor, seq_lens: torch.Tensor, block_size: i
 # The vLLM backend (vLLM 0.32 CPU_ATTN classes, subclassed)
 # ---------------------------------------------------------------------------------------------------------
 from vllm import _custom_ops as ops  # noqa: E402
+from vllm.logger import init_logger  # noqa: E402
 from vllm.v1.attention.backend import AttentionType  # noqa: E402
 from vllm.v1.attention.backends.cpu_attn import (  # noqa: E402
     CPUAttentionBackend, CPUAttentionBackendImpl, CPUAttentionMetadataBuilder)
 from vllm.v1.kv_cache_interface import AttentionSpec, KVQuantMode  # noqa: E402
+
+# a "vllm." name: vLLM configures (handler, level) only its own logger tree
+logger = init_logger(f"vllm.{__name__}")
 
 _MODES = {KVQuantMode.INT8_PER_TOKEN_HEAD: "int8_per_token_head",
           KVQuantMode.INT4_PER_TOKEN_HEAD: "int4_per_token_head"}
@@ -259,6 +263,8 @@ class CPUKVQuantAttentionImpl(CPUAttentionBackendImpl):
         if self.kv_format:
             check_head_size(self.kv_format, head_size)
             self.kv_cache_dtype = self.kv_format
+            logger.info_once(f"{self.kv_format} KV cache on CPU: written and read by the plugin's "
+                             "CPUKVQuantAttentionBackend (vLLM's own CPU attention has no such cache)")
 
     def do_kv_cache_update(self, layer, key, value, kv_cache, slot_mapping) -> None:
         if self.kv_format is None:
