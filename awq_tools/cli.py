@@ -44,7 +44,7 @@ def main() -> None:
     """AWQ W4A16 tools for InternVL / InternLM-XComposer2 checkpoints."""
 
 
-def _local_model(model: str, source: str, quiet: bool) -> Path:
+def _local_model(model: str, source: str, quiet: bool, download_dir: Path | None = None) -> Path:
     """A folder as given, or a repo id fetched through hub_cli's fetch (resumable, verified)."""
     path = Path(model)
     if path.exists():
@@ -58,7 +58,7 @@ def _local_model(model: str, source: str, quiet: bool) -> Path:
 
     try:
         return fetch(model, source=source, quiet=quiet,
-                     local_dir=Path.home() / ".cache" / "vllm-internvl" / "models" / model)
+                     local_dir=(download_dir or Path.home() / ".cache" / "vllm-internvl" / "models") / model)
     except HubCliError as exc:
         raise click.ClickException(f"fetching {model}: {exc.message}")
 
@@ -81,15 +81,17 @@ def _local_model(model: str, source: str, quiet: bool) -> Path:
 @click.option("--dtype", type=click.Choice(["auto", "float16", "bfloat16"]), default="auto", show_default=True,
               help="Scales and rewritten tensors; auto keeps the checkpoint's.")
 @click.option("--source", default="hf", show_default=True, help="Hub a repo id is fetched from (hub_cli fetch).")
+@click.option("--download-dir", type=click.Path(path_type=Path), default=None,
+              help="Where a repo id is fetched to (default ~/.cache/vllm-internvl/models/OWNER/NAME).")
 @click.option("--quiet", is_flag=True, help="No progress bar or notes.")
 def quantize(model: str, work_dir: Path, calib_dataset: str, calib_samples: int, calib_seqlen: int, w_bits: int,
              w_group_size: int, batch_size: int, search_scale: bool, device: str, dtype: str, source: str,
-             quiet: bool) -> None:
+             download_dir: Path | None, quiet: bool) -> None:
     """AWQ W4A16 of MODEL's language model (folder or repo id), layer by layer, resumable; vision stays 16-bit."""
     from awq_tools.calib import CalibrationError
     from awq_tools.quantize import QuantizeError, QuantizeSettings, quantize as run
 
-    folder = _local_model(model, source, quiet)
+    folder = _local_model(model, source, quiet, download_dir)
     settings = QuantizeSettings(calib_dataset=calib_dataset, calib_samples=calib_samples, calib_seqlen=calib_seqlen,
                                 w_bits=w_bits, w_group_size=w_group_size, batch_size=batch_size,
                                 search_scale=search_scale, device=device, dtype=dtype)

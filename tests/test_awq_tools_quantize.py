@@ -346,3 +346,21 @@ def test_pseudo_quantize_is_the_packed_round_trip():
     w = torch.randn(64, 256, generator=torch.Generator().manual_seed(1)) * 3
     packed = dequantize_awq(*quantize_awq(w, 64, scale_dtype=torch.float32), 64, dtype=torch.float32).t()
     assert torch.equal(pseudo_quantize(w, 64), packed)
+
+
+def test_a_repo_id_is_fetched_first(tiny_model, tmp_path, monkeypatch):
+    from fakehub import FakeHub
+
+    shutil.copytree(tiny_model("internlm2"), tmp_path / "repos" / "owner" / "tiny" / "main")
+    with FakeHub(tmp_path / "repos") as hub:
+        monkeypatch.setenv("HF_ENDPOINT", hub.hf_endpoint)
+        monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+        import huggingface_hub.constants
+
+        monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)  # read at import (conftest: on)
+        res = CliRunner().invoke(main, ["quantize", "owner/tiny", "--download-dir", str(tmp_path / "dl"),
+                                        "--work-dir", str(tmp_path / "out"), *SMALL, "--quiet"])
+        assert res.exit_code == 0, res.output
+        assert hub.requests(kind="file", method="GET")
+    assert (tmp_path / "dl" / "owner" / "tiny" / "config.json").is_file()
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["quantization_config"]["group_size"] == 32
