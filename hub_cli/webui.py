@@ -175,7 +175,7 @@ def build_app(info, client, *, system: str = "", max_tokens: int = 512, temperat
                     yield history, gr.skip(), state, "The last message failed; the chat goes on."
                     return
                 history[-1] = {"role": "assistant", "content": update.answer or "..."}
-                status = ""
+                status = gr.skip()   # left alone while streaming: Stop's message must not be overwritten
                 if update.usage:
                     status = (f"Last reply: prompt {update.usage['prompt_tokens']} tokens, "
                               f"answer {update.usage['completion_tokens']} tokens.")
