@@ -23,7 +23,7 @@ from vllm.config import VllmConfig
 from vllm.config.multimodal import MultiModalDummyOptions
 from vllm.model_executor.models.intern_vit import InternVisionModel
 from vllm.model_executor.models.interfaces import MultiModalEmbeddings, SupportsMultiModal, SupportsPP
-from vllm.model_executor.models.utils import AutoWeightsLoader, WeightsMapper, init_vllm_registered_model, maybe_prefix
+from vllm.model_executor.models.utils import WeightsMapper, init_vllm_registered_model, maybe_prefix
 from vllm.multimodal import MULTIMODAL_REGISTRY
 from vllm.multimodal.inputs import MultiModalFieldConfig, MultiModalKwargsItems
 from vllm.multimodal.parse import ImageProcessorItems, ImageSize, MultiModalDataItems, VideoProcessorItems
@@ -39,6 +39,7 @@ from vllm.exceptions import VLLMValidationError
 from vllm.sequence import IntermediateTensors
 
 from internvl_plugin.tile_budget import budget_from_env
+from internvl_plugin.weights import load_weights_naming_culprit
 from internvl_plugin.internvl_image import TILING_KWARGS, Tiling, choose_grid, image_to_pixel_values, num_tiles
 from internvl_plugin.internvl_video import (MAX_FRAMES, VIDEO_PLACEHOLDER, frame_prefix, num_video_frames,
                                             video_frames)
@@ -356,21 +357,4 @@ class InternVLChatModel(nn.Module, SupportsMultiModal, SupportsPP):
         return self.language_model.compute_logits(hidden_states)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
-        # vLLM's loaders say "Attempted to load weight (torch.Size(...)) into parameter" or list every parameter
-        # of a module, without the checkpoint's tensor name; the loaders consume one tensor at a time, so the
-        # last one handed over is the culprit.
-        current: list[tuple[str, tuple[int, ...]]] = []
-
-        def tracked() -> Iterable[tuple[str, torch.Tensor]]:
-            for name, tensor in weights:
-                current[:] = [(name, tuple(tensor.shape))]
-                yield name, tensor
-
-        try:
-            return AutoWeightsLoader(self).load_weights(tracked(), mapper=self.hf_to_vllm_mapper)
-        except (AssertionError, ValueError, KeyError) as exc:
-            if not current:
-                raise
-            name, shape = current[0]
-            reason = str(exc).split(". The available", 1)[0].strip() or type(exc).__name__
-            raise ValueError(f"checkpoint tensor {name!r} (shape {list(shape)}) cannot be loaded: {reason}") from exc
+        return load_weights_naming_culprit(self, weights, self.hf_to_vllm_mapper)

@@ -41,7 +41,7 @@ from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead, 
 from vllm.model_executor.models.clip import CLIPVisionModel
 from vllm.model_executor.models.interfaces import MultiModalEmbeddings, SupportsMultiModal, SupportsQuant
 from vllm.model_executor.models.internlm2 import InternLM2Attention
-from vllm.model_executor.models.utils import AutoWeightsLoader, WeightsMapper, make_layers, maybe_prefix
+from vllm.model_executor.models.utils import WeightsMapper, make_layers, maybe_prefix
 from vllm.multimodal import MULTIMODAL_REGISTRY
 from vllm.multimodal.inputs import MultiModalFieldConfig, MultiModalKwargsItems
 from vllm.multimodal.parse import ImageProcessorItems, ImageSize, MultiModalDataItems
@@ -50,6 +50,7 @@ from vllm.multimodal.processing import (BaseDummyInputsBuilder, BaseMultiModalPr
 from vllm.sequence import IntermediateTensors
 
 from internvl_plugin.internvl import _as_pil
+from internvl_plugin.weights import load_weights_naming_culprit
 from internvl_plugin.xcomposer2_image import XComposer2Layout, hd_layout, image_to_pixel_values
 
 logger = logging.getLogger(__name__)
@@ -184,11 +185,19 @@ class XComposer2MultiModalProcessor(BaseMultiModalProcessor[XComposer2Processing
 
 # ---------------------------------------------------------------------------------------- Partial-LoRA
 
-def _lora_term(layer: nn.Module, x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-    return layer.Plora_B(layer.Plora_A(x.index_select(0, rows)))
+class _PartialLoRA:
+    """The forward shared by the three Partial-LoRA linears: the base output, plus
+    scale * B(A(x)) on the image rows only (``rows``: their indices in this forward's tokens)."""
+
+    def forward(self, x: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+        out, _ = super().forward(x)
+        if rows is not None:
+            lora = self.Plora_B(self.Plora_A(x.index_select(0, rows)))
+            out = out.index_add(0, rows, lora, alpha=self.plora_scale)
+        return out
 
 
-class PLoRAQKVParallelLinear(QKVParallelLinear):
+class PLoRAQKVParallelLinear(_PartialLoRA, QKVParallelLinear):
     """wqkv with its Partial-LoRA; B is a QKV layer itself so TP shards its rows like the base."""
 
     def __init__(self, hidden: int, head_dim: int, heads: int, kv_heads: int, rank: int, scale: float,
@@ -199,12 +208,6 @@ class PLoRAQKVParallelLinear(QKVParallelLinear):
         self.Plora_B = QKVParallelLinear(rank, head_dim, heads, kv_heads, bias=False, quant_config=None,
                                          prefix=f"{prefix}.Plora_B", return_bias=False)
         self.plora_scale = scale
-
-    def forward(self, x: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
-        out, _ = super().forward(x)
-        if rows is not None:
-            out = out.index_add(0, rows, _lora_term(self, x, rows), alpha=self.plora_scale)
-        return out
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> Iterable[str]:
         # QKVParallelLinear.load_weights hands every tensor a shard id, which the Plora children's
@@ -221,7 +224,7 @@ class PLoRAQKVParallelLinear(QKVParallelLinear):
         yield from super().load_weights(own)
 
 
-class PLoRAColumnParallelLinear(ColumnParallelLinear):
+class PLoRAColumnParallelLinear(_PartialLoRA, ColumnParallelLinear):
     """w1 / w3 (output-sharded) with A replicated and B sharded like the base."""
 
     def __init__(self, in_f: int, out_f: int, rank: int, scale: float, quant_config, prefix: str):
@@ -232,14 +235,8 @@ class PLoRAColumnParallelLinear(ColumnParallelLinear):
                                             return_bias=False)
         self.plora_scale = scale
 
-    def forward(self, x: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
-        out, _ = super().forward(x)
-        if rows is not None:
-            out = out.index_add(0, rows, _lora_term(self, x, rows), alpha=self.plora_scale)
-        return out
 
-
-class PLoRARowParallelLinear(RowParallelLinear):
+class PLoRARowParallelLinear(_PartialLoRA, RowParallelLinear):
     """wo / w2 (input-sharded): A sharded along its input and reduced, B replicated."""
 
     def __init__(self, in_f: int, out_f: int, rank: int, scale: float, quant_config, prefix: str):
@@ -249,12 +246,6 @@ class PLoRARowParallelLinear(RowParallelLinear):
         self.Plora_B = ReplicatedLinear(rank, out_f, bias=False, quant_config=None, prefix=f"{prefix}.Plora_B",
                                         return_bias=False)
         self.plora_scale = scale
-
-    def forward(self, x: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
-        out, _ = super().forward(x)
-        if rows is not None:
-            out = out.index_add(0, rows, _lora_term(self, x, rows), alpha=self.plora_scale)
-        return out
 
 
 class XComposer2Attention(InternLM2Attention):
@@ -469,7 +460,6 @@ class InternLMXComposer2ForCausalLM(nn.Module, SupportsMultiModal, SupportsQuant
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         pos_name = "vit.vision_tower.vision_model.embeddings.position_embedding.weight"
         rows_needed = self.layout.grid ** 2 + 1
-        current: list[tuple[str, tuple[int, ...]]] = []
 
         def prepared() -> Iterable[tuple[str, torch.Tensor]]:
             for name, tensor in weights:
@@ -477,17 +467,9 @@ class InternLMXComposer2ForCausalLM(nn.Module, SupportsMultiModal, SupportsQuant
                     continue
                 if name == pos_name and tensor.shape[0] != rows_needed:
                     tensor = interpolate_position_table(tensor, self.layout.grid)
-                current[:] = [(name, tuple(tensor.shape))]
                 yield name, tensor
 
-        try:
-            return AutoWeightsLoader(self).load_weights(prepared(), mapper=self.hf_to_vllm_mapper)
-        except (AssertionError, ValueError, KeyError) as exc:
-            if not current:
-                raise
-            name, shape = current[0]
-            reason = str(exc).split(". The available", 1)[0].strip() or type(exc).__name__
-            raise ValueError(f"checkpoint tensor {name!r} (shape {list(shape)}) cannot be loaded: {reason}") from exc
+        return load_weights_naming_culprit(self, prepared(), self.hf_to_vllm_mapper)
 
 
 def interpolate_position_table(table: torch.Tensor, grid: int) -> torch.Tensor:
