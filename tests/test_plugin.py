@@ -146,3 +146,18 @@ def test_processor_hooks_exist_in_vllm():
     for name, params in expected.items():
         assert list(inspect.signature(getattr(BaseMultiModalProcessor, name)).parameters) == params, name
     assert InternVLMultiModalProcessor._apply_prompt_updates is not BaseMultiModalProcessor._apply_prompt_updates
+
+
+def test_processing_info_hook_exists_in_vllm():
+    """internvl.py overrides BaseProcessingInfo.validate_num_items (vLLM 0.32) to refuse video on
+    pixel-shuffle-v1 models in one line; if vLLM renames it or stops calling it on each request's items,
+    the override would silently stop applying."""
+    import inspect
+
+    from vllm.multimodal.processing import BaseProcessingInfo, context
+
+    from internvl_plugin.internvl import InternVLProcessingInfo
+
+    assert list(inspect.signature(BaseProcessingInfo.validate_num_items).parameters) == ["self", "modality", "num_items"]
+    assert InternVLProcessingInfo.validate_num_items is not BaseProcessingInfo.validate_num_items
+    assert "self.validate_num_items(modality, len(items))" in inspect.getsource(context)
