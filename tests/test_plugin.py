@@ -98,6 +98,19 @@ def test_chat_template_fallback_reads_config_template(tiny_model, tmp_path):
     assert fallback_for_model(str(tmp_path)) is None
 
 
+def test_hermes2_fallback_starts_without_bos():
+    """InternVL's Hermes-2 prompt starts at <|im_start|>: a Yi tokenizer's <|startoftext|> BOS must not be
+    prepended by the fallback template (vLLM tokenizes a rendered chat without special tokens)."""
+    import jinja2
+
+    from internvl_plugin.chat_templates import template_path
+
+    text = jinja2.Environment().from_string(template_path("Hermes-2").read_text()).render(
+        messages=[{"role": "user", "content": "hi"}], add_generation_prompt=True, bos_token="<|startoftext|>")
+    assert text.startswith("<|im_start|>system\n") and "<|startoftext|>" not in text
+    assert text.endswith("<|im_start|>user\nhi<|im_end|><|im_start|>assistant\n")
+
+
 @pytest.mark.parametrize("layout", ["internlm2"])
 def test_text_only_internlm2_runs_without_remote_code(tiny_model, layout, monkeypatch):
     monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
