@@ -1,0 +1,30 @@
+"""awq_tools eval through its CLI: perplexity of the quantized tiny InternVL2-1B and of its 16-bit baseline, each
+equal to the plain-PyTorch reference's on the same windows (float32, relative 1e-4). Its own module so that the
+engines of test_awq_tools_engine.py are released before these two start."""
+
+from __future__ import annotations
+
+import json
+
+from click.testing import CliRunner
+from test_awq_tools_engine import CORPUS, _reference_perplexity, awq_tools_checkpoint  # noqa: F401 - fixture
+
+from awq_tools.cli import main
+
+
+def test_eval_cli_prints_model_and_baseline(awq_tools_checkpoint, tiny_model, monkeypatch):
+    from transformers import AutoTokenizer
+
+    from awq_tools.calib import evaluation_ids
+
+    monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    quant, dense = awq_tools_checkpoint("internvl2-1b")
+    original = tiny_model("internvl2-1b")
+    res = CliRunner().invoke(main, ["eval", str(quant), "--baseline", str(original), "--dataset", str(CORPUS),
+                                    "--seqlen", "48", "--max-samples", "3", "--dtype", "float32", "--json"])
+    assert res.exit_code == 0, res.output
+    model_ppl, base_ppl = json.loads(res.output[res.output.index("[\n  {"):])
+    windows = evaluation_ids(str(CORPUS), AutoTokenizer.from_pretrained(str(quant)), 48, 3)
+    assert abs(model_ppl["perplexity"] / _reference_perplexity(dense, windows) - 1) < 1e-4
+    assert abs(base_ppl["perplexity"] / _reference_perplexity(original, windows) - 1) < 1e-4
+    assert model_ppl["perplexity"] != base_ppl["perplexity"] and model_ppl["tokens"] == base_ppl["tokens"] == 141
