@@ -29,6 +29,7 @@ from typing import Any
 
 from hub_cli.errors import NotFoundError, UsageError
 from hub_cli.fetch import is_repo_id
+from hub_cli.generation import TURN_END, generation_config_with_turn_end
 from hub_cli.mm_budget import plan_mm_budget
 from internvl_plugin import media_policy
 from internvl_plugin.cpu_dtype import choose_cpu_dtype
@@ -226,6 +227,12 @@ def plan_server(model_dir: str | os.PathLike[str], *, server_name: str = DEFAULT
     plan_mm_budget(plan, config, max_dynamic_patch=max_dynamic_patch, session_len=session_len, given=given,
                    trust_request_mm_kwargs=trust_request_mm_kwargs or "--trust-request-mm-kwargs" in given)
     plan_media_policy(plan, allow_media_hosts, given)
+    if "--generation-config" not in given:
+        folder = generation_config_with_turn_end(model_dir, config)
+        if folder is not None:
+            args += ["--generation-config", str(folder)]
+            notes.append(f"XComposer2 ends a turn with {TURN_END}, which the model's generation config does not "
+                         f"stop on: passing --generation-config {folder} (a copy of it with that stop id)")
     if server_name not in ("127.0.0.1", "localhost", "::1") and "--api-key" not in given:
         notes.append(f"the server listens on {server_name} without authentication; add -- --api-key KEY "
                      "to require one")
