@@ -71,6 +71,9 @@ def test_vllm_stops_on_it(released_xc2, tmp_path):
     from vllm import SamplingParams
     from vllm.config import ModelConfig
 
+    from internvl_plugin import register
+
+    register()   # what vLLM's plugin loading does in an engine: the configs, no remote code
     folder = generation_config_with_turn_end(released_xc2, _config(released_xc2), cache_root=tmp_path / "cache")
     fields = ModelConfig(model=str(released_xc2), generation_config=str(folder)).try_get_generation_config()
     params = SamplingParams(max_tokens=4)
