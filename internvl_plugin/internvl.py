@@ -297,6 +297,7 @@ class InternVLChatModel(nn.Module, SupportsMultiModal, SupportsPP):
         super().__init__()
         config = vllm_config.model_config.hf_config
         self.config = config
+        self.model_dir = vllm_config.model_config.model   # to name a damaged weight file
         image_size = config.force_image_size or config.vision_config.image_size
         self.num_image_token = int((image_size // config.vision_config.patch_size) ** 2
                                    * config.downsample_ratio ** 2)
@@ -357,4 +358,4 @@ class InternVLChatModel(nn.Module, SupportsMultiModal, SupportsPP):
         return self.language_model.compute_logits(hidden_states)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
-        return load_weights_naming_culprit(self, weights, self.hf_to_vllm_mapper)
+        return load_weights_naming_culprit(self, weights, self.hf_to_vllm_mapper, self.model_dir)

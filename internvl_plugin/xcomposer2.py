@@ -390,6 +390,7 @@ class InternLMXComposer2ForCausalLM(nn.Module, SupportsMultiModal, SupportsQuant
         super().__init__()
         config = vllm_config.model_config.hf_config
         self.config = config
+        self.model_dir = vllm_config.model_config.model   # to name a damaged weight file
         self.layout = XComposer2Layout.from_config(config)
         hidden = config.hidden_size
         lora = plora_ranks(vllm_config.model_config.model, config)
@@ -469,7 +470,7 @@ class InternLMXComposer2ForCausalLM(nn.Module, SupportsMultiModal, SupportsQuant
                     tensor = interpolate_position_table(tensor, self.layout.grid)
                 yield name, tensor
 
-        return load_weights_naming_culprit(self, prepared(), self.hf_to_vllm_mapper)
+        return load_weights_naming_culprit(self, prepared(), self.hf_to_vllm_mapper, self.model_dir)
 
 
 def interpolate_position_table(table: torch.Tensor, grid: int) -> torch.Tensor:

@@ -232,19 +232,32 @@ def test_bad_requests(server, case):
 # ---------------------------------------------------------------------------------------------------------
 # offline LLM(): no server, no middleware; vLLM's own errors, each naming its cause
 # ---------------------------------------------------------------------------------------------------------
-def test_offline_llm_bad_checkpoint_names_the_tensor(tiny_model, tmp_path, monkeypatch):
-    """A tensor of the wrong shape: LLM() raises the plugin's one-line ValueError naming the tensor (a truncated
-    safetensors file raises safetensors' own error, which names no file: hub_cli serve checks that first)."""
-    import shutil
+def _truncate(folder):
+    path = folder / "model.safetensors"
+    path.write_bytes(path.read_bytes()[:-4096])
+    return f"checkpoint file {path} is damaged: "
 
+
+def _wrong_shape(folder):
     from safetensors.torch import load_file, save_file
 
-    monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-    bad = tmp_path / "wrong-shape"
-    shutil.copytree(tiny_model("internvl2-2b"), bad)
-    tensors = load_file(bad / "model.safetensors")
+    tensors = load_file(folder / "model.safetensors")
     tensors["mlp1.1.weight"] = tensors["mlp1.1.weight"][:, :-1].contiguous()
-    save_file(tensors, bad / "model.safetensors", metadata={"format": "pt"})
+    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+    return ("checkpoint tensor 'mlp1.1.weight' (shape [128, 127]) cannot be loaded: "
+            "Attempted to load weight (torch.Size([128, 127])) into parameter")
+
+
+@pytest.mark.parametrize("damage", [_wrong_shape, _truncate], ids=["wrong-shape", "truncated"])
+def test_offline_llm_bad_checkpoint_names_the_culprit(tiny_model, tmp_path, monkeypatch, damage):
+    """LLM() raises the plugin's one-line ValueError naming the tensor of the wrong shape, or the truncated
+    safetensors file (safetensors' own "incomplete metadata" names no file)."""
+    import shutil
+
+    monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    bad = tmp_path / "bad"
+    shutil.copytree(tiny_model("internvl2-2b"), bad)
+    expected = damage(bad)
     with pytest.raises(ValueError) as info:
         try:
             make_llm(bad)
@@ -252,8 +265,25 @@ def test_offline_llm_bad_checkpoint_names_the_tensor(tiny_model, tmp_path, monke
             from vllm.distributed import cleanup_dist_env_and_memory
 
             cleanup_dist_env_and_memory()  # the half-built engine's process group, before the next LLM()
-    assert str(info.value).startswith("checkpoint tensor 'mlp1.1.weight' (shape [128, 127]) cannot be loaded: "
-                                      "Attempted to load weight (torch.Size([128, 127])) into parameter"), info.value
+    assert str(info.value).startswith(expected), info.value
+
+
+def test_damaged_safetensors_names_the_file(tiny_model, tmp_path):
+    import shutil
+
+    from internvl_plugin.weights import damaged_safetensors
+
+    folder = tmp_path / "m"
+    shutil.copytree(tiny_model("internvl2-2b"), folder)
+    assert damaged_safetensors(folder) is None
+    path = folder / "model.safetensors"
+    data = path.read_bytes()
+    path.write_bytes(data[:-1])
+    assert damaged_safetensors(folder) == (path, f"{len(data) - 1} bytes, its header needs {len(data)} (truncated)")
+    path.write_bytes(data[:20])
+    assert damaged_safetensors(folder)[1].endswith("header says")
+    path.write_bytes(data[:8] + b"{not json" + data[17:])
+    assert damaged_safetensors(folder)[1].startswith("unreadable safetensors header")
 
 
 @pytest.fixture(scope="module")
