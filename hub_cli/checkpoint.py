@@ -11,20 +11,18 @@ from __future__ import annotations
 
 import json
 import re
-import struct
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 from hub_cli.errors import IntegrityError, UsageError
+from internvl_plugin.safetensors_check import DamagedSafetensors
+from internvl_plugin.safetensors_check import safetensors_header as _safetensors_header
 
 __all__ = ["check_checkpoint", "safetensors_header", "engine_failure_line"]
 
-DTYPE_BYTES = {"F64": 8, "I64": 8, "U64": 8, "F32": 4, "I32": 4, "U32": 4, "F16": 2, "BF16": 2, "I16": 2, "U16": 2,
-               "F8_E4M3": 1, "F8_E5M2": 1, "I8": 1, "U8": 1, "BOOL": 1}
 INDEX_NAME = "model.safetensors.index.json"
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "vocab.json")
-_HEADER_LIMIT = 100 << 20       # safetensors' own limit on a header
 
 
 def check_checkpoint(model_dir: str | Path, config: dict[str, Any] | None = None) -> None:
@@ -46,39 +44,11 @@ def check_checkpoint(model_dir: str | Path, config: dict[str, Any] | None = None
 
 
 def safetensors_header(path: Path) -> dict[str, Any]:
-    """The tensors of a safetensors file (name -> dtype, shape, data_offsets); every one checked against the file."""
-    size = path.stat().st_size
-    with open(path, "rb") as f:
-        head = f.read(8)
-        if len(head) < 8:
-            raise IntegrityError(f"{path} is truncated: {size} bytes, not even a safetensors header length")
-        (length,) = struct.unpack("<Q", head)
-        if length > _HEADER_LIMIT or 8 + length > size:
-            raise IntegrityError(f"{path} is truncated or not safetensors: its header claims {length} bytes, "
-                             f"the file has {size}")
-        try:
-            header = json.loads(f.read(length))
-        except ValueError:
-            raise IntegrityError(f"{path} has an unreadable safetensors header (not JSON)") from None
-    if not isinstance(header, dict):
-        raise IntegrityError(f"{path} has an unreadable safetensors header (not a JSON object)")
-    data_bytes = size - 8 - length
-    tensors = {k: v for k, v in header.items() if k != "__metadata__"}
-    for name, info in tensors.items():
-        try:
-            start, end = info["data_offsets"]
-            want = DTYPE_BYTES[info["dtype"]]
-            for dim in info["shape"]:
-                want *= dim
-        except (KeyError, TypeError, ValueError):
-            raise IntegrityError(f"{path}: tensor {name!r} has a malformed header entry") from None
-        if end > data_bytes:
-            raise IntegrityError(f"{path} is truncated: tensor {name!r} needs {end} data bytes, the file holds "
-                             f"{data_bytes}; download it again")
-        if end - start != want:
-            raise IntegrityError(f"{path}: tensor {name!r} of shape {info['shape']} ({info['dtype']}) needs {want} "
-                             f"bytes, the file stores {end - start}")
-    return tensors
+    """The tensors of a safetensors file, checked against the file; IntegrityError (exit 5) when damaged."""
+    try:
+        return _safetensors_header(path)
+    except DamagedSafetensors as exc:
+        raise IntegrityError(str(exc)) from None
 
 
 def _check_config(model_dir: Path, config: dict[str, Any]) -> None:
