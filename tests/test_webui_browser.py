@@ -236,33 +236,6 @@ def test_garbage_file_is_an_error_and_the_page_goes_on(browser, tmp_path):
     _prompt_tokens(browser, before)
 
 
-def test_stop_ends_the_request_on_the_server(browser, page):
-    from selenium.webdriver.common.by import By
-
-    _, api, _, _ = page
-    browser.find_element(By.ID, "reset").click()   # a short prompt, so that 3900 new tokens fit the 4096 context
-    _wait(lambda: not _bubbles(browser), 10, "an empty chat")
-    _set_slider(browser, "max_tokens", 3900)   # greedy on the random model: no end of sequence before the limit
-    try:
-        _send(browser, "Tell me a long story.")
-        _wait(lambda: (b := _bubbles(browser)) and len(b[-1]) > 20, 60, "a partial answer")
-        assert not _bubbles(browser)[-1].startswith("⚠️")
-        assert _running(api) == 1
-        browser.find_element(By.ID, "stop").click()
-        _wait(lambda: _running(api) == 0, 10, "vLLM to abort the request")
-        _wait(lambda: _usage(browser).startswith("Stopped"), 30, "the page to say so")
-        frozen = _bubbles(browser)[-1]
-        time.sleep(1)
-        assert _bubbles(browser)[-1] == frozen
-    finally:
-        _set_slider(browser, "max_tokens", MAX_TOKENS)
-
-
-def _running(api):
-    metrics = urllib.request.urlopen(api + "/metrics", timeout=10).read().decode()
-    return sum(float(v) for v in re.findall(r"^vllm:num_requests_running\{[^}]*\} (\S+)$", metrics, re.M))
-
-
 def test_reset_clears_the_history_and_tile_budget_counts(browser, page, tmp_path):
     from selenium.webdriver.common.by import By
 
