@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Command 2 of the README: run the test suite on CPU with real vLLM.
-#   bash scripts/test.sh            # everything (about 25 minutes on 2 cores)
+#   bash scripts/test.sh            # everything (16 minutes on an idle 2-core machine)
 #   bash scripts/test.sh -m "not slow" -x   # extra arguments go to pytest
 set -euo pipefail
 cd "$(dirname "$0")/.."
