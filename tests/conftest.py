@@ -133,6 +133,17 @@ def cli_server(argv, log, *, port, drop_env=("VLLM_ENABLE_V1_MULTIPROCESSING", "
     assert proc.returncode in (0, 130), log.read_text()[-2000:]
 
 
+def png_bytes(w: int, h: int, color) -> bytes:
+    """A w x h single-colour RGB PNG file's bytes."""
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (w, h), color).save(buf, format="PNG")
+    return buf.getvalue()
+
+
 def random_image(w: int, h: int, seed: int):
     """A w x h RGB PIL image of seeded random pixels."""
     import torch

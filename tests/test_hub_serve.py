@@ -22,7 +22,7 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
-from conftest import NETGUARD_SITECUSTOMIZE, cli_server
+from conftest import NETGUARD_SITECUSTOMIZE, cli_server, png_bytes
 from fakehub import FakeHub
 
 from hub_cli.cli import main
@@ -50,12 +50,6 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def _png(w: int, h: int, color) -> bytes:
-    buf = io.BytesIO()
-    Image.new("RGB", (w, h), color).save(buf, format="PNG")
-    return buf.getvalue()
 
 
 def _model_dir(root: Path, config: dict) -> Path:
@@ -460,7 +454,7 @@ def test_serve_answers_an_image_request(served):
     assert "--enforce-eager" in text and f"--dtype {choose_cpu_dtype().dtype}" in text and "--max-num-seqs 4" in text
     client = openai.OpenAI(base_url=base + "/v1", api_key="unused", max_retries=0, timeout=120)
     assert [m.id for m in client.models.list().data] == [str(model)]   # the name as typed, as in LMDeploy
-    url = "data:image/png;base64," + base64.b64encode(_png(640, 480, (10, 200, 30))).decode()
+    url = "data:image/png;base64," + base64.b64encode(png_bytes(640, 480, (10, 200, 30))).decode()
     resp = client.chat.completions.create(model=str(model), max_tokens=6, temperature=0, messages=[
         {"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}},
                                      {"type": "text", "text": "Describe the image."}]}])
@@ -526,7 +520,7 @@ def _chat(base: str, *extra: str) -> _Terminal:
 def test_chat_with_an_image(served, tmp_path):
     base, model, _ = served
     image = tmp_path / "green.png"
-    image.write_bytes(_png(320, 240, (10, 200, 30)))
+    image.write_bytes(png_bytes(320, 240, (10, 200, 30)))
     term = _chat(base)
     try:
         term.expect(rf"talking to '{re.escape(str(model))}'")

@@ -13,14 +13,12 @@ reference prompt's token count; a corrupt video is a 400 and the server goes on 
 from __future__ import annotations
 
 import base64
-import io
 import json
 import sys
 from pathlib import Path
 
 import pytest
-from conftest import cli_server, free_port
-from PIL import Image
+from conftest import cli_server, free_port, png_bytes
 
 from hub_cli.errors import UsageError
 from hub_cli.serve import plan_server
@@ -31,9 +29,7 @@ HUB_CLI = Path(sys.executable).with_name("hub_cli")
 
 
 def _png_url(w, h, color=(10, 200, 30)) -> str:
-    buf = io.BytesIO()
-    Image.new("RGB", (w, h), color).save(buf, format="PNG")
-    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+    return "data:image/png;base64," + base64.b64encode(png_bytes(w, h, color)).decode()
 
 
 def _flag(args, name):

@@ -15,15 +15,9 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from conftest import cli_server, free_port
+from conftest import png_bytes, cli_server, free_port
 
 pytestmark = pytest.mark.slow
-
-
-def _png(w, h, color) -> bytes:
-    buf = io.BytesIO()
-    Image.new("RGB", (w, h), color).save(buf, format="PNG")
-    return buf.getvalue()
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +43,7 @@ def client(demo_server):
 @pytest.fixture(scope="module")
 def image_host(tmp_path_factory):
     root = tmp_path_factory.mktemp("images")
-    (root / "cat.png").write_bytes(_png(900, 300, (20, 120, 220)))
+    (root / "cat.png").write_bytes(png_bytes(900, 300, (20, 120, 220)))
     handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(root))
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
@@ -80,7 +74,7 @@ def test_ready_message_and_models(demo_server, client):
 
 def test_chat_with_base64_image(demo_server, client):
     _, model_dir, _ = demo_server
-    png = _png(640, 480, (10, 200, 30))
+    png = png_bytes(640, 480, (10, 200, 30))
     url = "data:image/png;base64," + base64.b64encode(png).decode()
     resp = client.chat.completions.create(model="tiny-internvl", max_tokens=6, temperature=0, messages=[
         {"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}},
@@ -107,7 +101,7 @@ def test_loopback_image_url_is_refused_without_a_connection(demo_server, client)
     import openai
     from test_media_policy import Listener
 
-    listener = Listener("127.0.0.2", {"/x.png": (200, {}, _png(8, 8, (1, 2, 3)))})
+    listener = Listener("127.0.0.2", {"/x.png": (200, {}, png_bytes(8, 8, (1, 2, 3)))})
     try:
         with pytest.raises(openai.BadRequestError) as info:
             client.chat.completions.create(model="tiny-internvl", max_tokens=2, messages=[

@@ -14,16 +14,10 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from conftest import cli_server, free_port
+from conftest import png_bytes, cli_server, free_port
 
 pytestmark = pytest.mark.slow
 LAYOUT = "xcomposer2-vl-1.8b"
-
-
-def _png(w, h, color) -> bytes:
-    buf = io.BytesIO()
-    Image.new("RGB", (w, h), color).save(buf, format="PNG")
-    return buf.getvalue()
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +46,7 @@ def test_chat_with_an_image_and_usage(server, client):
     base, model_dir, log = server
     assert "trust_remote_code=True" not in log.read_text()
     model = client.models.list().data[0].id
-    png = _png(640, 480, (10, 200, 30))
+    png = png_bytes(640, 480, (10, 200, 30))
     url = "data:image/png;base64," + base64.b64encode(png).decode()
     resp = client.chat.completions.create(model=model, max_tokens=6, temperature=0, messages=[
         {"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}},
@@ -87,7 +81,7 @@ def test_garbage_image_is_400_and_server_keeps_serving(client):
 def test_hub_cli_chat_with_an_image(server, tmp_path):
     base = server[0]
     image = tmp_path / "green.png"
-    image.write_bytes(_png(320, 240, (10, 200, 30)))
+    image.write_bytes(png_bytes(320, 240, (10, 200, 30)))
     hub_cli = Path(sys.executable).with_name("hub_cli")
     proc = subprocess.run([str(hub_cli), "chat", base, "--image", str(image), "--max-tokens", "8",
                            "--temperature", "0"], input="What is in the picture?\n", capture_output=True,
