@@ -222,13 +222,14 @@ class InternVLMultiModalProcessor(BaseMultiModalProcessor[InternVLProcessingInfo
         # "<s>" + "<image>\n..." would decode to "<s> <image>" and keep a "▁" the reference never has.
         bos = self.info.get_tokenizer().bos_token_id
         lead = list(token_ids[:1]) if bos is not None and len(token_ids) > 1 and token_ids[0] == bos else []
-        rest = self._number_first_image(list(token_ids[len(lead):]))
+        rest = list(token_ids[len(lead):])
+        if len(mm_prompt_updates.get("image", ())) > 1:   # only a multi-image prompt is renumbered
+            rest = self._number_first_image(rest)
         new_ids, result = self._apply_prompt_updates_via_text(rest, mm_prompt_updates)
         new_ids = lead + list(new_ids)
         placeholders = self._find_mm_placeholders(
             new_ids, self._matched_updates_from_result(mm_prompt_updates, result))
         return new_ids, placeholders
-
 
     def _number_first_image(self, token_ids: list[int]) -> list[int]:
         """"<image>\nImage-2: <image>" -> "Image-1: <image>\nImage-2: <image>".

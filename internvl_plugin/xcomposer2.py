@@ -51,7 +51,7 @@ from vllm.sequence import IntermediateTensors
 
 from internvl_plugin.internvl import _as_pil
 from internvl_plugin.weights import load_weights_naming_culprit
-from internvl_plugin.xcomposer2_image import XComposer2Layout, hd_layout, image_to_pixel_values
+from internvl_plugin.xcomposer2_image import HD_NUM_LIMIT, XComposer2Layout, hd_layout, image_to_pixel_values
 
 logger = logging.getLogger(__name__)
 
@@ -97,7 +97,6 @@ class XComposer2ProcessingInfo(BaseProcessingInfo):
         t = self.layout.crop_size
         if not self.layout.is_hd:
             return ImageSize(width=t, height=t)
-        from internvl_plugin.xcomposer2_image import HD_NUM_LIMIT
         return ImageSize(width=t, height=t * HD_NUM_LIMIT[self.layout.variant])  # w=1, h=limit: the tallest grid
 
     @cached_property
@@ -329,7 +328,7 @@ class XComposer2LanguageModel(nn.Module):
         return hidden_states
 
 
-def plora_ranks(model_path: str, config) -> dict[str, tuple[int, float]]:
+def plora_ranks(model_path: str, config, variant: str) -> dict[str, tuple[int, float]]:
     """(rank, alpha/rank) per linear: ``plora_r`` / ``plora_alpha`` from config.json if given, else the
     rank read from layer 0's Plora_A shape in the checkpoint (spec §2.2: VL-1.8B's is not published),
     else the published defaults; alpha is 16 for rank 8 (4KHD's wqkv) and the rank otherwise."""
@@ -337,7 +336,6 @@ def plora_ranks(model_path: str, config) -> dict[str, tuple[int, float]]:
     missing = [n for n in PLORA_LINEARS if n.split(".")[1] not in ranks]
     if missing:
         ranks.update({k: v for k, v in _ranks_from_checkpoint(Path(model_path)).items() if k not in ranks})
-    variant = XComposer2Layout.from_config(config).variant
     alphas = dict(getattr(config, "plora_alpha", None) or {})
     out = {}
     for name in PLORA_LINEARS:
@@ -393,11 +391,11 @@ class InternLMXComposer2ForCausalLM(nn.Module, SupportsMultiModal, SupportsQuant
         self.model_dir = vllm_config.model_config.model   # to name a damaged weight file
         self.layout = XComposer2Layout.from_config(config)
         hidden = config.hidden_size
-        lora = plora_ranks(vllm_config.model_config.model, config)
+        lora = plora_ranks(self.model_dir, config, self.layout.variant)
         self._image_mask: torch.Tensor | None = None
 
         with self._mark_tower_model(vllm_config, {"image"}):
-            vit_cfg = CLIPVisionConfig(**{k: v for k, v in self.layout.vit.items()})
+            vit_cfg = CLIPVisionConfig(**self.layout.vit)
             self.vit = CLIPVisionModel(vit_cfg, quant_config=None, require_post_norm=False,
                                        prefix=maybe_prefix(prefix, "vit"))
             c = self.layout.vit_out_channels
@@ -449,8 +447,10 @@ class InternLMXComposer2ForCausalLM(nn.Module, SupportsMultiModal, SupportsQuant
                 inputs_embeds: torch.Tensor | None = None, **kwargs: object) -> torch.Tensor:
         mask, self._image_mask = self._image_mask, None  # never reused by a later step
         rows = None
-        if mask is not None and inputs_embeds is not None and bool(mask.any()):
-            rows = mask.nonzero().squeeze(1)
+        if mask is not None and inputs_embeds is not None:
+            rows = mask.nonzero().squeeze(1)   # one host sync a step; an empty index means no image rows
+            if rows.numel() == 0:
+                rows = None
         return self.model(input_ids, positions, intermediate_tensors, inputs_embeds, rows)
 
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor | None:
