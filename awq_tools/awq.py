@@ -27,7 +27,7 @@ import torch
 from internvl_kernels import dequantize_awq, quantize_awq
 
 __all__ = ["ChannelStats", "weight_importance", "smoothing_scales", "pseudo_quantize", "search_ratio",
-           "quantize_linear", "output_error", "output_error_smoothed", "SEARCH_RATIOS", "DEFAULT_ALPHA"]
+           "quantize_linear", "output_error_smoothed", "SEARCH_RATIOS", "DEFAULT_ALPHA"]
 
 DEFAULT_ALPHA = 0.5
 SEARCH_RATIOS = tuple(i / 20 for i in range(20))
@@ -135,11 +135,3 @@ def output_error_smoothed(x: torch.Tensor, s: torch.Tensor | None, weight: torch
     if row_scale is not None:
         got = got * row_scale
     return float((got - ref).pow(2).sum() / ref.pow(2).sum().clamp(min=1e-30))
-
-
-def output_error(x: torch.Tensor, weight: torch.Tensor, approx: torch.Tensor) -> float:
-    """Relative squared error ||x W^T - x A^T||^2 / ||x W^T||^2 on sample inputs x."""
-    if x.numel() == 0:
-        return float("nan")
-    ref = x @ weight.float().t()
-    return float((x @ approx.float().t() - ref).pow(2).sum() / ref.pow(2).sum().clamp(min=1e-30))

@@ -106,16 +106,6 @@ def quantize(model: str, work_dir: Path, calib_dataset: str, calib_samples: int,
         click.echo(f"wrote {out}")
 
 
-def _load_config(model: Path) -> dict:
-    config_file = model / "config.json" if model.is_dir() else model
-    try:
-        return json.loads(config_file.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise click.ClickException(f"{config_file}: no such file (give a checkpoint folder or its config.json)")
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise click.ClickException(f"{config_file}: not valid JSON ({exc})")
-
-
 @main.command(name="eval")
 @click.argument("model", type=click.Path(path_type=Path, exists=True, file_okay=False))
 @click.option("--dataset", default="wikitext2", show_default=True,

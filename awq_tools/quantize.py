@@ -30,7 +30,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
-from awq_tools.awq import (DEFAULT_ALPHA, ChannelStats, output_error, output_error_smoothed, pseudo_quantize,
+from awq_tools.awq import (DEFAULT_ALPHA, ChannelStats, output_error_smoothed, pseudo_quantize,
                            quantize_linear, search_ratio, smoothing_scales, weight_importance)
 from awq_tools.backbones import backbone_for, llm_config_of, llm_prefix_of, rotary_tables
 from awq_tools.shards import (INDEX_FILE, CheckpointIndex, save_shard_atomically, tensor_digest,
@@ -337,8 +337,8 @@ class _Job:
         # only the small tensors are kept as they were: a linear's original weight is recovered exactly from the
         # smoothed one (power-of-two scales), and its round-to-nearest error is taken before smoothing
         original = {n: t.clone() for n, t in w.items() if t.dim() < 2}
-        rtn_err = {n: output_error(stats[n].inputs().to(device), w[n + ".weight"],
-                                   pseudo_quantize(w[n + ".weight"], g)) for n in bb.linears}
+        rtn_err = {n: output_error_smoothed(stats[n].inputs().to(device), None, w[n + ".weight"],
+                                            pseudo_quantize(w[n + ".weight"], g)) for n in bb.linears}
         input_scale: dict[str, torch.Tensor] = {}
         row_scale: dict[str, torch.Tensor] = {}
         report: dict = {"groups": {}, "linears": {}}

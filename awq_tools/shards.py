@@ -20,11 +20,9 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-__all__ = ["TensorInfo", "CheckpointIndex", "BadCheckpoint", "save_shard_atomically", "DTYPE_BYTES"]
+__all__ = ["TensorInfo", "CheckpointIndex", "BadCheckpoint", "save_shard_atomically"]
 
 INDEX_FILE = "model.safetensors.index.json"
-DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
-               "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
 
 
 class BadCheckpoint(ValueError):
