@@ -212,9 +212,11 @@ def serve(model_or_repo: str, vllm_args: tuple[str, ...], server_name: str, serv
         click.echo(ready_message(base, served))
         if webui:  # the page runs in this process's threads and ends with it
             from hub_cli.webui import launch_in_background
+            from hub_cli.serve import given_value
             from hub_cli.webui_chat import image_limit_from_args
 
             launch_in_background(base, served, server_name=server_name, server_port=webui_port,
+                                 api_key=given_value(argv, "--api-key") or "EMPTY",   # the key the server asks for
                                  image_limit=image_limit_from_args(argv), echo=lambda m: click.echo(m, err=True))
 
     sys.exit(run_server(argv, env, base, on_ready=on_ready))

@@ -209,7 +209,7 @@ def plan_server(model_dir: str | os.PathLike[str], *, server_name: str = DEFAULT
     if on_cpu:
         # bfloat16 where the CPU has it, else float32; AWQ bfloat16 (cpu_dtype.py); the user's --dtype wins. Weights
         # and KV cache are sized in that dtype (float32: 4 bytes an element).
-        choice = choose_cpu_dtype(_given_value(extra, "--dtype"), quantized=quant_cfg is not None and quant_cfg.is_awq)
+        choice = choose_cpu_dtype(given_value(extra, "--dtype"), quantized=quant_cfg is not None and quant_cfg.is_awq)
         element = _DTYPE_BYTES.get(choice.dtype, 2)
         weights = _weight_bytes(config, model_dir, quant_cfg, element)
         _plan_cpu_memory(plan, config, weights, cache_max_entry_count, session_len, tp, memory, environ, given,
@@ -413,7 +413,7 @@ def _kv_bytes_per_token(config: Mapping[str, Any], element: int = 2, quant_polic
         return None
 
 
-def _given_value(extra: Sequence[str], flag: str) -> str | None:
+def given_value(extra: Sequence[str], flag: str) -> str | None:
     """The value of ``flag`` among the pass-through arguments (``--flag V`` or ``--flag=V``; the last wins)."""
     value = None
     for i, token in enumerate(extra):

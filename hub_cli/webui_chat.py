@@ -156,11 +156,9 @@ class Conversation:
 
     def __init__(self) -> None:
         self.turns: list[Turn] = []
-        self.last_usage: dict[str, int] | None = None
 
     def reset(self) -> None:
         self.turns = []
-        self.last_usage = None
 
     def messages(self, system: str, text: str, images: Sequence[str], limit: int | None) -> tuple[list[dict], list[str]]:
         """The request's messages for a new turn and notes on images left out (newest images kept)."""
@@ -251,5 +249,4 @@ class Conversation:
             await stream.close()   # on Stop (task cancelled) too: vLLM aborts a request whose stream is closed
         if turn not in self.turns:
             self.turns.append(turn)
-        self.last_usage = usage
         yield Update(answer=turn.answer, notes=notes, usage=usage, done=True)
