@@ -193,3 +193,24 @@ def test_tile_slider_only_where_the_server_takes_per_request_kwargs(tmp_path):
     # a served model the page was told to use must exist
     with pytest.raises(ValueError, match=r"^the server does not serve 'other'; it serves: m$"):
         probe_server(_fake_client(tmp_path, refuse=False), "other")
+
+
+def test_serve_webui_passes_the_servers_api_key(tiny_model, monkeypatch):
+    """`hub_cli serve --webui -- --api-key K`: the page talks to the server with K (without it every request is a 401)."""
+    import hub_cli.launch
+    import hub_cli.webui
+    from click.testing import CliRunner
+
+    from hub_cli.cli import main
+
+    seen = {}
+
+    def fake_run_server(argv, env, base, on_ready=None, **kwargs):
+        on_ready()
+        return 0
+
+    monkeypatch.setattr(hub_cli.launch, "run_server", fake_run_server)
+    monkeypatch.setattr(hub_cli.webui, "launch_in_background", lambda *a, **kw: seen.update(kw))
+    result = CliRunner().invoke(main, ["serve", str(tiny_model("internvl2-2b")), "--webui", "--", "--api-key", "sekret"])
+    assert result.exit_code == 0, result.output
+    assert seen["api_key"] == "sekret"
