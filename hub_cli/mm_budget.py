@@ -32,9 +32,11 @@ def plan_mm_budget(plan: Any, config: Mapping[str, Any], *, max_dynamic_patch: i
                          "it needs --trust-request-mm-kwargs")
     if "vision_config" not in config:
         return
+    from hub_cli.serve import max_positions   # serve imports this module
+
     per_tile = tokens_per_tile(config)
     config_tiles = int(config.get("max_dynamic_patch", 6)) if config.get("dynamic_image_size") else 1
-    session = session_len or _max_positions(config)
+    session = session_len or max_positions(config)
 
     if "--limit-mm-per-prompt" not in given and session:
         image_tokens = (config_tiles + (1 if config_tiles > 1 and config.get("use_thumbnail") else 0)) * per_tile
@@ -58,8 +60,3 @@ def plan_mm_budget(plan: Any, config: Mapping[str, Any], *, max_dynamic_patch: i
                       f"vLLM's encoder cache holds {(max_dynamic_patch + 1) * per_tile} image tokens, "
                       f"{cache / 2**20:.1f} MiB in 16 bits (the start-up memory profile still uses the config's tiling)")
 
-
-def _max_positions(config: Mapping[str, Any]) -> int | None:
-    llm = config.get("llm_config") or config.get("text_config") or {}
-    value = llm.get("max_position_embeddings")
-    return int(value) if isinstance(value, int) and value > 0 else None

@@ -466,7 +466,7 @@ def _plan_cpu_memory(plan: ServerPlan, config: Mapping[str, Any], weights: tuple
     # LMDeploy's default (0.8 of free memory) would reserve most of the machine's RAM up front; instead hold
     # one full-length session, at least 1 GiB.
     per_token = _kv_bytes_per_token(config, element, quant_policy)
-    tokens = session_len or _max_positions(config)
+    tokens = session_len or max_positions(config)
     gib = max(1, math.ceil(per_token * tokens / GiB)) if per_token and tokens else 1
     plan.env["VLLM_CPU_KVCACHE_SPACE"] = str(gib)
     sized = f"room for one {tokens}-token session" if per_token and tokens else "the model's shape is unknown"
@@ -474,7 +474,8 @@ def _plan_cpu_memory(plan: ServerPlan, config: Mapping[str, Any], weights: tuple
                       "free RAM instead")
 
 
-def _max_positions(config: Mapping[str, Any]) -> int | None:
+def max_positions(config: Mapping[str, Any]) -> int | None:
+    """The model's context length from its config.json dict (the LLM's part, or the top level), None if absent."""
     llm = config.get("llm_config") or config.get("text_config") or config
     value = llm.get("max_position_embeddings") if isinstance(llm, Mapping) else None
     return int(value) if isinstance(value, int) and value > 0 else None
