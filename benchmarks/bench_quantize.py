@@ -1,6 +1,7 @@
 """Peak memory and wall time of ``awq_tools quantize`` on random checkpoints of real InternLM2 shapes.
 
     python benchmarks/bench_quantize.py --shapes 1.8b,7b [--samples 4 --seqlen 256] [--root /tmp/bench-quantize]
+                                        [--device cuda] [--json results.json]
 
 For each shape it writes a random bfloat16 InternLM2 checkpoint (plain ``InternLM2ForCausalLM``: the decoder
 layers are what is streamed; a vision tower would only add copied bytes), two layers per shard, generated shard
@@ -9,6 +10,7 @@ real vocabulary). Then it runs ``awq_tools quantize`` in a child process and rep
 
     peak RSS of the child (getrusage ru_maxrss)  vs  the checkpoint's bytes (what loading it whole takes)
     wall time                                    vs  reading every input byte once (the IO floor)
+    with --device cuda: the child's peak GPU memory (torch.cuda.max_memory_allocated / _reserved)
 
 Exit 1 if the 7B run's peak RSS reaches 4 GiB. Timings on a shared machine are noisy; memory is not.
 """
@@ -37,6 +39,17 @@ GiB = 1 << 30
 # (layers, hidden, heads, kv heads, ffn, vocab): internlm2-chat-1_8b and internlm2-7b (hub_cli/catalogue.py)
 SHAPES = {"1.8b": (24, 2048, 16, 8, 8192, 92544), "7b": (32, 4096, 32, 8, 14336, 92544)}
 LIMIT_7B = 4 * GiB
+# the child: awq_tools' CLI, then its CUDA allocator's high-water marks on stderr (one JSON line)
+_CHILD = """
+import json, sys, torch
+from awq_tools.cli import main
+try:
+    main(sys.argv[1:], standalone_mode=False)
+finally:
+    if torch.cuda.is_initialized():
+        print("GPU_PEAK " + json.dumps({"allocated": torch.cuda.max_memory_allocated(),
+                                        "reserved": torch.cuda.max_memory_reserved()}), file=sys.stderr)
+"""
 
 
 def write_random_internlm2(out: Path, shape: tuple[int, ...], tokenizer_from: Path, seed: int = 0) -> int:
@@ -119,10 +132,12 @@ def main() -> int:
                     help="decoder layers (default: the real count); every layer has the same shape, so the peak "
                          "memory of a few is the peak of all")
     ap.add_argument("--keep", action="store_true", help="keep the generated checkpoints")
+    ap.add_argument("--device", default="cpu", help="awq_tools quantize --device (cpu, cuda)")
+    ap.add_argument("--json", type=Path, default=None, help="also write the figures to this JSON file")
     args = ap.parse_args()
     corpus = REPO / "internvl_plugin" / "data" / "corpus.txt"
     tiny = build_tiny_model("internlm2", args.root / "tiny-internlm2")
-    failed = False
+    failed, results = False, []
     for name in args.shapes.split(","):
         src, out = args.root / f"internlm2-{name}", args.root / f"internlm2-{name}-w4a16"
         for p in (src, out, out.parent / f".{out.name}.partial"):
@@ -132,12 +147,12 @@ def main() -> int:
         nbytes = write_random_internlm2(src, shape, tiny)
         gen_s = time.perf_counter() - t0
         floor = read_floor(src)
-        cmd = [sys.executable, "-m", "awq_tools.cli", "quantize", str(src), "--work-dir", str(out),
+        cmd = [sys.executable, "-c", _CHILD, "quantize", str(src), "--work-dir", str(out),
                "--calib-dataset", str(corpus), "--calib-samples", str(args.samples), "--calib-seqlen",
-               str(args.seqlen), "--w-group-size", "128", "--quiet"]
+               str(args.seqlen), "--w-group-size", "128", "--device", args.device, "--quiet"]
         before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
         t0 = time.perf_counter()
-        res = subprocess.run(cmd, capture_output=True, text=True)
+        res = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
         wall = time.perf_counter() - t0
         peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
         if res.returncode:
@@ -154,12 +169,22 @@ def main() -> int:
               f"model ({full / GiB:.2f} GiB bf16, what loading it whole takes)")
         print(f"  wall {wall:.0f} s = {wall / max(floor, 1e-9):.1f} x reading the input once ({floor:.1f} s); "
               f"{wall / shape[0]:.1f} s per layer")
+        gpu = [json.loads(line.split(" ", 1)[1]) for line in res.stderr.splitlines() if line.startswith("GPU_PEAK ")]
+        if gpu:
+            print(f"  peak GPU memory {gpu[0]['allocated'] / GiB:.2f} GiB allocated, "
+                  f"{gpu[0]['reserved'] / GiB:.2f} GiB reserved (torch's allocator, {args.device})")
+        results.append({"shape": name, "layers": shape[0], "device": args.device, "samples": args.samples,
+                        "seqlen": args.seqlen, "checkpoint_bytes": nbytes, "whole_model_bytes": full,
+                        "peak_rss_bytes": peak, "wall_s": round(wall, 1), "read_floor_s": round(floor, 2),
+                        "gpu_peak": gpu[0] if gpu else None})
         if name == "7b" and peak >= LIMIT_7B:
             print(f"  FAIL: 7B peak RSS {peak / GiB:.2f} GiB >= 4 GiB")
             failed = True
         if not args.keep:
             shutil.rmtree(src, ignore_errors=True)
             shutil.rmtree(out, ignore_errors=True)
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2) + "\n")
     return 1 if failed else 0
 
 
