@@ -29,6 +29,9 @@ __all__ = ["Backbone", "NormGroup", "FcGroup", "BACKBONES", "backbone_for", "llm
            "rotary_tables", "UnsupportedModel"]
 
 
+XCOMPOSER2_ARCH = "InternLMXComposer2ForCausalLM"
+
+
 class UnsupportedModel(ValueError):
     """The checkpoint is not one awq_tools can quantize (architecture, rope scaling, activation)."""
 
@@ -205,11 +208,13 @@ def llm_prefix_of(config: dict[str, Any]) -> str:
 def backbone_for(config: dict[str, Any]) -> tuple[Backbone, dict]:
     """The backbone of a checkpoint's config.json and its shape dict; UnsupportedModel with one line if not ours."""
     top = (config.get("architectures") or ["?"])[0]
-    if top not in ("InternVLChatModel", *BACKBONES):
+    if top not in ("InternVLChatModel", XCOMPOSER2_ARCH, *BACKBONES):
         raise UnsupportedModel(f"architecture {top!r} is not supported; awq_tools quantizes InternVLChatModel "
-                               f"(InternLM2, Qwen2, Llama, Phi-3 backbones) and {', '.join(BACKBONES)}")
+                               f"(InternLM2, Qwen2, Llama, Phi-3 backbones), {XCOMPOSER2_ARCH} and "
+                               f"{', '.join(BACKBONES)}")
     lcfg = llm_config_of(config)
-    arch = (lcfg.get("architectures") or ["?"])[0]
+    # XComposer2's language model is InternLM2 with Partial-LoRA beside its linears (quantize.py folds them)
+    arch = "InternLM2ForCausalLM" if top == XCOMPOSER2_ARCH else (lcfg.get("architectures") or ["?"])[0]
     if arch not in BACKBONES:
         raise UnsupportedModel(f"language model architecture {arch!r} is not supported; "
                                f"choose a checkpoint with one of {', '.join(BACKBONES)}")

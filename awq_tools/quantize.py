@@ -3,7 +3,14 @@
 What is in memory at once: one decoder layer (float32) and the calibration hidden states [samples, seqlen,
 hidden]; never the model. Each layer is read from the input shards, run on the calibration activations to
 collect statistics and the next layer's input (from the original float layer, as LMDeploy does), smoothed,
-RTN-quantized, and written as its own output shard. Everything outside the decoder layers (vision tower,
+RTN-quantized, and written as its own output shard.
+
+XComposer2 (InternLM2 with Partial-LoRA, xcomposer2.md §8): the five base linears are quantized, Plora_A/B stay
+16-bit. Calibration is text-only, as LMDeploy's: it gives no image rows, so statistics and the scale search see
+the base path alone. The LoRA branch (image rows) is kept exact by folding instead: where a scale s divides a
+linear's input, that linear's Plora_A columns are multiplied by s too (it reads the same normed input), and where
+s divides w3's output rows before w2, w3's Plora_B rows are divided by s and w2's Plora_A multiplied by it.
+LMDeploy does not fold these, so its checkpoints change the float model's image rows. Everything outside the decoder layers (vision tower,
 projector, embeddings, final norm, LM head) is copied unchanged in chunks of at most ``REST_SHARD_BYTES``.
 
 Resuming: the work happens in a hidden sibling ``.<name>.partial`` of the output folder. After each layer its
@@ -124,11 +131,9 @@ class _Job:
         except (UnsupportedModel, BadCheckpoint) as exc:
             raise QuantizeError(f"{model}: {exc}" if not str(exc).startswith(str(model)) else str(exc)) from None
         plora = [n for n in self.index.tensors if ".Plora_" in n]
-        if plora:
-            # folding smoothing scales into Partial-LoRA (xcomposer2.md §8) is not implemented: refuse rather
-            # than quantize a model whose float output the scales would change
-            raise QuantizeError(f"{model}: XComposer2 Partial-LoRA tensors (e.g. {plora[0]!r}) are not supported "
-                                "by awq_tools quantize yet")
+        if plora and self.backbone.name != "InternLM2ForCausalLM":
+            raise QuantizeError(f"{model}: Partial-LoRA tensors (e.g. {plora[0]!r}) beside a "
+                                f"{self.backbone.name} backbone; awq_tools folds them only for InternLM2 (XComposer2)")
         quantized = [n for n in self.index.tensors if n.endswith(".qweight")]
         if quantized:
             raise QuantizeError(f"{model}: already quantized (tensor {quantized[0]!r}); give the 16-bit checkpoint")
@@ -148,6 +153,15 @@ class _Job:
                 self._expect(f"{self._layer_prefix(i)}{name}.weight", (n, k))
             for norm in self.backbone.norms:
                 self._expect(f"{self._layer_prefix(i)}{norm}.weight", (self.shape["hidden"],))
+            for name, (n, k) in self.backbone.linear_shapes(self.shape).items():
+                a, b = (f"{self._layer_prefix(i)}{name}.Plora_{x}.weight" for x in "AB")
+                if (a in self.index.tensors) != (b in self.index.tensors):
+                    raise QuantizeError(f"{model}: tensor {(b if a in self.index.tensors else a)!r} is missing "
+                                        "from the checkpoint (Partial-LoRA comes in A/B pairs)")
+                if a in self.index.tensors:
+                    rank = self.index.tensors[a].shape[0]
+                    self._expect(a, (rank, k))
+                    self._expect(b, (n, rank))
         self._expect(self.prefix + self.backbone.embed, (self.shape["vocab"], self.shape["hidden"]))
         if self.work_dir.exists() and (not self.work_dir.is_dir() or any(self.work_dir.iterdir())):
             raise QuantizeError(f"--work-dir {self.work_dir}: already exists and is not empty; remove it or pick "
@@ -298,6 +312,7 @@ class _Job:
             p = self._layer_prefix(i)
             stored = {n[len(p):]: t for n, t in raw.items() if not n.endswith(".weight") or t.dim() == 1}
             stored["__linear_dtype__"] = raw[p + bb_linear0 + ".weight"].dtype
+            stored["__dtypes__"] = {n[len(p):]: t.dtype for n, t in raw.items()}
             w = {}
             for n in names:  # one tensor at a time: never the 16-bit and the float32 layer at once
                 w[n[len(p):]] = raw.pop(n).to(device=device, dtype=torch.float32)
@@ -366,6 +381,9 @@ class _Job:
             for n in group.linears:
                 w[n + ".weight"].mul_(s)  # in place: no second copy of a large linear
                 input_scale[n] = s
+                if n + ".Plora_A.weight" in w:
+                    # XComposer2: the LoRA branch (image rows) reads the same normed input, now x / s
+                    w[n + ".Plora_A.weight"].mul_(s)
             report["groups"][group.norm] = {"ratio": ratio}
         for group in bb.fc_groups(shape):
             st = stats[group.next]
@@ -384,12 +402,21 @@ class _Job:
                 w[group.prev + ".bias"][rows].div_(s)
             w[group.next + ".weight"].mul_(s)
             input_scale[group.next] = s
+            if group.prev + ".Plora_B.weight" in w:
+                # XComposer2: prev's output on image rows is W x + B A x; both parts are divided by s
+                w[group.prev + ".Plora_B.weight"][rows].div_(s[:, None])
+            if group.next + ".Plora_A.weight" in w:
+                w[group.next + ".Plora_A.weight"].mul_(s)
             rs = torch.ones(prev.shape[0], device=prev.device)
             rs[rows] = s
             row_scale[group.prev] = rs
             report["groups"][f"{group.prev}->{group.next}"] = {"ratio": ratio}
         out: dict[str, torch.Tensor] = {}
         weight_dtype = stored.pop("__linear_dtype__")
+        dtypes = stored.pop("__dtypes__")
+        for name in [n for n in w if ".Plora_" in n]:
+            # Partial-LoRA stays 16-bit in its stored dtype: scaled by powers of two only, so no bit is lost
+            out[name] = w.pop(name).to(dtypes[name]).cpu()
         for n in bb.linears:
             if self.smooth_only:
                 out[n + ".weight"] = w[n + ".weight"].to(weight_dtype).cpu()
