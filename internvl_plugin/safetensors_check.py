@@ -9,7 +9,7 @@ import struct
 from pathlib import Path
 from typing import Any
 
-__all__ = ["DTYPE_BYTES", "DamagedSafetensors", "safetensors_header", "first_damaged"]
+__all__ = ["DTYPE_BYTES", "DamagedSafetensors", "safetensors_header", "safetensors_header_bytes", "first_damaged"]
 
 DTYPE_BYTES = {"F64": 8, "I64": 8, "U64": 8, "F32": 4, "I32": 4, "U32": 4, "F16": 2, "BF16": 2, "I16": 2, "U16": 2,
                "F8_E4M3": 1, "F8_E5M2": 1, "I8": 1, "U8": 1, "BOOL": 1}
@@ -22,6 +22,11 @@ class DamagedSafetensors(ValueError):
 
 def safetensors_header(path: Path) -> dict[str, Any]:
     """The tensors of a safetensors file (name -> dtype, shape, data_offsets); every one checked against the file."""
+    return safetensors_header_bytes(path)[0]
+
+
+def safetensors_header_bytes(path: Path) -> tuple[dict[str, Any], bytes]:
+    """``safetensors_header`` and the header's raw JSON bytes (awq_tools fingerprints a checkpoint by them)."""
     size = path.stat().st_size
     with open(path, "rb") as f:
         head = f.read(8)
@@ -31,8 +36,9 @@ def safetensors_header(path: Path) -> dict[str, Any]:
         if length > _HEADER_LIMIT or 8 + length > size:
             raise DamagedSafetensors(f"{path} is truncated or not safetensors: its header claims {length} bytes, "
                                      f"the file has {size}")
+        raw = f.read(length)
         try:
-            header = json.loads(f.read(length))
+            header = json.loads(raw)
         except ValueError:
             raise DamagedSafetensors(f"{path} has an unreadable safetensors header (not JSON)") from None
     if not isinstance(header, dict):
@@ -53,7 +59,7 @@ def safetensors_header(path: Path) -> dict[str, Any]:
         if end - start != want:
             raise DamagedSafetensors(f"{path}: tensor {name!r} of shape {info['shape']} ({info['dtype']}) needs "
                                      f"{want} bytes, the file stores {end - start}")
-    return tensors
+    return tensors, raw
 
 
 def first_damaged(model_dir: str | Path) -> DamagedSafetensors | None:
