@@ -2,7 +2,7 @@
 
 MODEL_OR_URL is either the http(s) URL of a running OpenAI-compatible server, or a model folder / repo id,
 for which a vLLM server is started on a free loopback port the way ``hub_cli serve`` starts one, and stopped
-when the chat ends. The conversation goes through the official ``openai`` client with streaming.
+when the chat ends (:func:`hub_cli.launch.local_server`). The conversation goes through the official ``openai`` client with streaming.
 
 In the chat: ``/image PATH_OR_URL`` attaches an image to the next message (local files go as base64 data URLs,
 http(s) URLs as they are), ``/reset`` forgets the conversation, ``/exit`` or Ctrl-D quits, Ctrl-C stops an
@@ -13,17 +13,14 @@ from __future__ import annotations
 
 import base64
 import contextlib
-import os
-import socket
 import sys
-import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
 
 import click
 
-__all__ = ["ChatSession", "ImageError", "image_part", "api_base_url", "pick_model", "run_chat", "local_server"]
+__all__ = ["ChatSession", "ImageError", "image_part", "api_base_url", "pick_model", "run_chat"]
 
 PROMPT = "user> "
 ANSWER = "assistant> "
@@ -196,41 +193,3 @@ def _api_message(exc: Any) -> str:
     body = getattr(exc, "body", None)
     message = body.get("message") if isinstance(body, dict) else None
     return " ".join(str(message or exc).split())
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@contextlib.contextmanager
-def local_server(model_or_repo: str, options: dict[str, Any], vllm_args: tuple[str, ...]) -> Iterator[tuple[str, str]]:
-    """Start a server for a local model / repo id on a free loopback port; yield (base URL, served name)."""
-    from hub_cli.launch import running_server
-    from hub_cli.serve import prepare_server
-
-    port = _free_port()
-    resolved, served, argv, env, notes = prepare_server(model_or_repo, host="127.0.0.1", port=port,
-                                                        vllm_args=vllm_args, **options)
-    for note in notes:
-        click.echo(f"hub_cli chat: {note}", err=True)
-    log_dir = Path.home() / ".cache" / "vllm-internvl" / "logs"
-    log_dir.mkdir(parents=True, exist_ok=True)
-    fd, log_name = tempfile.mkstemp(prefix="chat-server-", suffix=".log", dir=log_dir)
-    base = f"http://127.0.0.1:{port}"
-    click.echo(f"hub_cli chat: starting vLLM for {resolved.path} on {base} (log: {log_name}); this takes a while...",
-               err=True)
-    ok = False
-    with os.fdopen(fd, "w") as log:
-        try:
-            with running_server(argv, env, base, log=log):
-                yield base, served
-            ok = True
-        except (RuntimeError, TimeoutError) as exc:
-            log.flush()
-            tail = Path(log_name).read_text(errors="replace").strip().splitlines()[-15:]
-            raise click.ClickException(f"{exc}; last lines of {log_name}:\n" + "\n".join(tail)) from None
-    if ok:
-        with contextlib.suppress(OSError):
-            os.unlink(log_name)

@@ -245,9 +245,9 @@ def chat(model_or_url: str, vllm_args: tuple[str, ...], images: tuple[str, ...],
 
     import openai
 
-    from hub_cli.chat import (ANSWER, HELP, PROMPT, ChatSession, ImageError, api_base_url, local_server, pick_model,
-                              run_chat)
+    from hub_cli.chat import ANSWER, HELP, PROMPT, ChatSession, ImageError, api_base_url, pick_model, run_chat
     from hub_cli.errors import HubCliError
+    from hub_cli.launch import local_server
 
     remote = model_or_url.startswith(("http://", "https://"))
     if remote and vllm_args:
@@ -257,11 +257,15 @@ def chat(model_or_url: str, vllm_args: tuple[str, ...], images: tuple[str, ...],
             base = model_or_url
         else:
             try:
-                base, model_name = stack.enter_context(local_server(model_or_url, dict(options, model_name=model_name),
-                                                                    vllm_args))
+                base, model_name, _ = stack.enter_context(local_server(
+                    model_or_url, dict(options, model_name=model_name), vllm_args, prog="hub_cli chat",
+                    echo=lambda line: click.echo(line, err=True)))
             except HubCliError as exc:
                 click.echo(f"hub_cli chat: error: {exc.message}", err=True)
                 sys.exit(exc.exit_code)
+            except RuntimeError as exc:
+                click.echo(f"hub_cli chat: error: {exc}", err=True)
+                sys.exit(1)
         client = openai.OpenAI(base_url=api_base_url(base), api_key=api_key, max_retries=0, timeout=600)
         try:
             model = pick_model(client, model_name)

