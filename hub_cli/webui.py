@@ -8,7 +8,7 @@ request carries, the image limit, errors) is :mod:`hub_cli.webui_chat`.
 
 MODEL_OR_URL is a running server's URL or a model folder / repo id, for which a server is started the way
 ``hub_cli serve`` starts one (:func:`hub_cli.serve.prepare_server`, :func:`hub_cli.launch.running_server`)
-on a free loopback port, and stopped when the page stops. ``hub_cli serve --webui`` opens the same page
+on a free loopback port (:func:`hub_cli.launch.local_server`), and stopped when the page stops (Ctrl-C or SIGTERM). ``hub_cli serve --webui`` opens the same page
 beside the server it runs (:func:`launch_in_background`).
 """
 
@@ -16,18 +16,15 @@ from __future__ import annotations
 
 import contextlib
 import os
-import socket
-import tempfile
 import time
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
-__all__ = ["DEFAULT_WEBUI_PORT", "GradioMissing", "require_gradio", "build_app", "connect", "local_server", "launch",
+__all__ = ["DEFAULT_WEBUI_PORT", "GradioMissing", "require_gradio", "build_app", "connect", "launch",
            "launch_in_background", "run"]
 
 DEFAULT_WEBUI_PORT = 6006            # LMDeploy's serve gradio default
 UPDATE_EVERY_S = 0.1                 # streamed answers reach the page at most this often
+STOPPED_NOTE = "Stopped: the answer so far stays in the history."
 INSTALL_HINT = "pip install 'vllm-internvl[webui]'"
 # offline pages: no font downloads (gradio's default theme links Google Fonts), no analytics calls
 _FONTS = ["ui-sans-serif", "system-ui", "sans-serif"]
@@ -59,50 +56,6 @@ def connect(url: str, *, api_key: str = "EMPTY", model: str | None = None, image
     with openai.OpenAI(base_url=base, api_key=api_key, max_retries=0, timeout=30) as probe:
         info = probe_server(probe, model, image_limit=image_limit)
     return info, openai.AsyncOpenAI(base_url=base, api_key=api_key, max_retries=0, timeout=600)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@contextlib.contextmanager
-def local_server(model_or_repo: str, options: dict[str, Any], vllm_args: tuple[str, ...],
-                 echo=print) -> Iterator[tuple[str, str, int | None]]:
-    """``hub_cli serve``'s server for a folder or repo id on a free loopback port.
-
-    Yields (base URL, served name, the image limit in its ``--limit-mm-per-prompt``, None if it has none).
-
-    Its output goes to a log file (named when it fails to start, deleted after a clean run)."""
-    from hub_cli.launch import running_server
-    from hub_cli.serve import prepare_server
-    from hub_cli.webui_chat import image_limit_from_args
-
-    port = _free_port()
-    resolved, served, argv, env, notes = prepare_server(model_or_repo, host="127.0.0.1", port=port,
-                                                        vllm_args=vllm_args, **options)
-    for note in notes:
-        echo(f"hub_cli webui: {note}")
-    log_dir = Path.home() / ".cache" / "vllm-internvl" / "logs"
-    log_dir.mkdir(parents=True, exist_ok=True)
-    fd, log_name = tempfile.mkstemp(prefix="webui-server-", suffix=".log", dir=log_dir)
-    base = f"http://127.0.0.1:{port}"
-    echo(f"hub_cli webui: starting vLLM for {resolved.path} on {base} (log: {log_name}); this takes a while...")
-    with os.fdopen(fd, "w") as log:
-        try:
-            with running_server(argv, env, base, log=log):
-                echo(f"hub_cli webui: vLLM ready at {base}/v1")
-                yield base, served, image_limit_from_args(argv)
-        except (RuntimeError, TimeoutError) as exc:
-            log.flush()
-            from hub_cli.checkpoint import engine_failure_line
-
-            lines = Path(log_name).read_text(errors="replace").splitlines()
-            cause = engine_failure_line(lines)
-            raise RuntimeError(f"{exc}{': ' + cause if cause else ''} (log: {log_name})") from None
-    with contextlib.suppress(OSError):
-        os.unlink(log_name)
 
 
 def build_app(info, client, *, system: str = "", max_tokens: int = 512, temperature: float = 0.7,
@@ -155,7 +108,11 @@ def build_app(info, client, *, system: str = "", max_tokens: int = 512, temperat
             settings = Settings(system=system_text or "", max_tokens=n_tokens, temperature=temperature_,
                                 top_p=top_p_, tiles=tiles_ if info.tile_key else None)
             shown_notes, shown_at = 0, 0.0
+            epoch = state.epoch
             async for update in state.reply(client, info, text, paths, settings):
+                if state.epoch != epoch:   # Reset while streaming: what this reply drew before goes too
+                    yield [], gr.skip(), state, gr.skip()
+                    return
                 # Each page update sends and renders the whole chat: at most ~10 a second, or a long answer makes the
                 # page fall behind the server (and Stop would come after the server had finished).
                 if not (update.done or update.error or len(update.notes) > shown_notes) \
@@ -165,6 +122,14 @@ def build_app(info, client, *, system: str = "", max_tokens: int = 512, temperat
                 for note in update.notes[shown_notes:]:   # notes go above the answer they concern
                     history.insert(len(history) - 1, {"role": "assistant", "content": f"ℹ️ {note}"})
                 shown_notes = len(update.notes)
+                if update.stopped:
+                    if update.answer:
+                        history[-1] = {"role": "assistant", "content": update.answer}
+                    else:
+                        history.pop()   # stopped before the first word
+                    history.append({"role": "assistant", "content": f"⏹️ {STOPPED_NOTE}"})
+                    yield history, gr.skip(), state, STOPPED_NOTE
+                    return
                 if update.error:
                     error = {"role": "assistant", "content": f"⚠️ {update.error}"}
                     if update.answer:
@@ -175,7 +140,7 @@ def build_app(info, client, *, system: str = "", max_tokens: int = 512, temperat
                     yield history, gr.skip(), state, "The last message failed; the chat goes on."
                     return
                 history[-1] = {"role": "assistant", "content": update.answer or "..."}
-                status = gr.skip()   # left alone while streaming: Stop's message must not be overwritten
+                status = gr.skip()
                 if update.usage:
                     status = (f"Last reply: prompt {update.usage['prompt_tokens']} tokens, "
                               f"answer {update.usage['completion_tokens']} tokens.")
@@ -185,14 +150,14 @@ def build_app(info, client, *, system: str = "", max_tokens: int = 512, temperat
             state.reset()
             return [], None, state, ""
 
-        submitted = box.submit(respond, [box, chat, conv, sys_box, max_tok, temp, topp, tile],
-                               [chat, box, conv, usage])
-        # Stop and Reset skip the queue: they must act at once, whatever is streaming
-        stop.click(lambda: "Stopped: the answer so far stays in the history.", None, usage, cancels=[submitted],
-                   queue=False, show_progress="hidden")
-        reset.click(on_reset, conv, [chat, box, conv, usage], cancels=[submitted], queue=False,
-                    show_progress="hidden")
-        chat.clear(on_reset, conv, [chat, box, conv, usage], cancels=[submitted], queue=False,
+        box.submit(respond, [box, chat, conv, sys_box, max_tok, temp, topp, tile], [chat, box, conv, usage])
+        # Stop and Reset skip the queue (they act while a reply streams) and end the reply through the
+        # conversation rather than by cancelling the page's task: the reply's own last update then draws the
+        # outcome (the answer so far and the Stopped note, or the empty chat), and no update in flight can come
+        # after it.
+        stop.click(lambda state: state.stop() and None, conv, None, queue=False, show_progress="hidden")
+        reset.click(on_reset, conv, [chat, box, conv, usage], queue=False, show_progress="hidden")
+        chat.clear(on_reset, conv, [chat, box, conv, usage], queue=False,
                    show_progress="hidden")   # the chat's own bin icon
     return app
 
@@ -248,6 +213,8 @@ def run(model_or_url: str, vllm_args: tuple[str, ...], *, server_name: str, serv
 
     from hub_cli.chat import api_base_url
     from hub_cli.errors import HubCliError
+    from hub_cli.launch import local_server
+    from hub_cli.webui_chat import image_limit_from_args
 
     def fail(message: str, code: int) -> int:
         echo(f"hub_cli webui: error: {message}")
@@ -257,26 +224,23 @@ def run(model_or_url: str, vllm_args: tuple[str, ...], *, server_name: str, serv
         require_gradio()   # checked before a server starts; imported later (seconds)
     except GradioMissing as exc:
         return fail(str(exc), 2)
-    import signal
-
-    def interrupt(signum, frame):   # SIGTERM as Ctrl-C, so that the server this page started is stopped too
-        raise KeyboardInterrupt
-
-    signal.signal(signal.SIGTERM, interrupt)
     remote = model_or_url.startswith(("http://", "https://"))
     if remote and vllm_args:
         return fail("arguments after '--' go to a server that webui starts; a URL is already running", 2)
+    # local_server turns SIGTERM into KeyboardInterrupt while its server runs: it is stopped with the page
     with contextlib.ExitStack() as stack:
         url, served = model_or_url, model_name
         if not remote:
             try:
-                url, served, server_limit = stack.enter_context(
-                    local_server(model_or_url, dict(options, model_name=model_name), vllm_args, echo=echo))
-                limit_images = limit_images or server_limit
+                url, served, argv = stack.enter_context(local_server(
+                    model_or_url, dict(options, model_name=model_name), vllm_args, prog="hub_cli webui", echo=echo))
+                limit_images = limit_images or image_limit_from_args(argv)
             except HubCliError as exc:
                 return fail(exc.message, exc.exit_code)
             except RuntimeError as exc:
                 return fail(str(exc), 1)
+            except KeyboardInterrupt:
+                return 130
         try:
             info, client = connect(url, api_key=api_key, model=served, image_limit=limit_images)
         except openai.APIConnectionError:

@@ -11,8 +11,9 @@ through the official ``openai`` client only:
   request never carries more than the server's ``--limit-mm-per-prompt``: the newest images are kept, older ones
   are replaced by a short text, and a note says so. When the limit is unknown it is learned from the server's
   "At most N image(s)" answer and the request is sent again.
-* :meth:`Conversation.reply` streams one answer as :class:`Update` objects; closing it (Stop in the page cancels
-  the task) closes the HTTP stream, which makes vLLM abort the request.
+* :meth:`Conversation.reply` streams one answer as :class:`Update` objects. :meth:`Conversation.stop` (Stop in
+  the page) ends it: the HTTP stream is closed, which makes vLLM abort the request, and the reply's last update
+  says it was stopped. The page's own generator draws that last update, so nothing drawn later undoes it.
 
 Images go exactly as uploaded (base64 data URLs of the file's bytes, no resizing), so the server's tiling and
 token count are those of the original picture.
@@ -20,6 +21,7 @@ token count are those of the original picture.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import mimetypes
@@ -72,6 +74,7 @@ class Update:
     error: str | None = None
     usage: dict[str, int] | None = None
     done: bool = False
+    stopped: bool = False              # ended by Conversation.stop (the answer so far is kept)
 
 
 def image_url_for(path: str | Path) -> str:
@@ -156,9 +159,28 @@ class Conversation:
 
     def __init__(self) -> None:
         self.turns: list[Turn] = []
+        self._urls: dict[str, str] = {}   # image path -> data URL: each image is encoded once, not every turn
+        self.epoch = 0                   # bumped by reset: a reply that started before it adds no turn
+        self._stopping: tuple[asyncio.Event, asyncio.AbstractEventLoop] | None = None
 
     def reset(self) -> None:
-        self.turns = []
+        """Forget the turns (a reply streaming now is stopped and not kept)."""
+        self.stop()
+        self.turns, self._urls = [], {}
+        self.epoch += 1
+
+    def stop(self) -> bool:
+        """End the reply streaming now, if any (from any thread); False when none is."""
+        if self._stopping is None:
+            return False
+        event, loop = self._stopping
+        loop.call_soon_threadsafe(event.set)
+        return True
+
+    def _image_url(self, path: str) -> str:
+        if path not in self._urls:
+            self._urls[path] = image_url_for(path)
+        return self._urls[path]
 
     def messages(self, system: str, text: str, images: Sequence[str], limit: int | None) -> tuple[list[dict], list[str]]:
         """The request's messages for a new turn and notes on images left out (newest images kept)."""
@@ -184,7 +206,7 @@ class Conversation:
             for path in reversed(turn.images):
                 seen += 1
                 if seen <= keep:
-                    parts.insert(0, {"type": "image_url", "image_url": {"url": image_url_for(path)}})
+                    parts.insert(0, {"type": "image_url", "image_url": {"url": self._image_url(path)}})
                 elif turn is not pending[-1]:   # the new turn's extra images are simply not sent (a note says so)
                     parts.insert(0, {"type": "text", "text": "(an earlier image, not sent again)"})
             contents.insert(0, [*parts, {"type": "text", "text": turn.text}] if parts else turn.text)
@@ -199,23 +221,33 @@ class Conversation:
         """Stream the answer to ``text`` and ``images`` (``client`` is an ``openai.AsyncOpenAI``).
 
         The turn joins the history when the first answer text arrives and grows with it, so an answer cut by
-        Stop stays as far as it got. On an error the turn is dropped (its images are not sent again) and the
-        last update carries the error line.
+        :meth:`stop` stays as far as it got (the last update has ``stopped``). On an error the turn is dropped
+        (its images are not sent again) and the last update carries the error line.
         """
+        event = asyncio.Event()
+        self._stopping = (event, asyncio.get_running_loop())
+        try:
+            async for update in self._reply(client, info, Turn(text, list(images)), settings, event):
+                yield update
+        finally:
+            self._stopping = None
+
+    async def _reply(self, client: Any, info: ServerInfo, turn: Turn, settings: Settings,
+                     stop: asyncio.Event) -> AsyncIterator[Update]:
         import openai
 
-        turn = Turn(text, list(images))
+        epoch = self.epoch
         notes: list[str] = []
         extra: dict[str, Any] = {}
         if info.tile_key and settings.tiles:
             extra["mm_processor_kwargs"] = {info.tile_key: int(settings.tiles)}
         for attempt in (0, 1):
-            messages, limit_notes = self.messages(settings.system, text, images, info.image_limit)
+            messages, limit_notes = self.messages(settings.system, turn.text, turn.images, info.image_limit)
             try:
-                stream = await client.chat.completions.create(
+                stream = await _unless_stopped(client.chat.completions.create(
                     model=info.model, messages=messages, stream=True, stream_options={"include_usage": True},
                     max_tokens=int(settings.max_tokens), temperature=float(settings.temperature),
-                    top_p=float(settings.top_p), extra_body=extra or None)
+                    top_p=float(settings.top_p), extra_body=extra or None), stop)
                 break
             except openai.BadRequestError as exc:
                 learned = _LIMIT_RE.search(str(exc))
@@ -228,15 +260,19 @@ class Conversation:
                 yield Update(notes=notes + limit_notes, error=server_error_text(exc, info.base_url), done=True)
                 return
         notes += limit_notes
+        if stream is _STOPPED:
+            yield Update(notes=notes, done=True, stopped=True)
+            return
         usage = None
+        chunks = aiter(stream)
         try:
-            async for chunk in stream:
+            while (chunk := await _unless_stopped(anext(chunks, _END), stop)) not in (_END, _STOPPED):
                 if chunk.usage is not None:
                     usage = {"prompt_tokens": chunk.usage.prompt_tokens,
                              "completion_tokens": chunk.usage.completion_tokens}
                 delta = chunk.choices[0].delta.content if chunk.choices else None
                 if delta:
-                    if turn not in self.turns:
+                    if turn not in self.turns and self.epoch == epoch:
                         self.turns.append(turn)
                     turn.answer += delta
                     yield Update(answer=turn.answer, notes=notes)
@@ -246,7 +282,26 @@ class Conversation:
             yield Update(answer=turn.answer, notes=notes, error=server_error_text(exc, info.base_url), done=True)
             return
         finally:
-            await stream.close()   # on Stop (task cancelled) too: vLLM aborts a request whose stream is closed
-        if turn not in self.turns:
+            await stream.close()   # on Stop, and when the page's task is cancelled: vLLM aborts the request
+        if chunk is _STOPPED:
+            yield Update(answer=turn.answer, notes=notes, done=True, stopped=True)
+            return
+        if turn not in self.turns and self.epoch == epoch:
             self.turns.append(turn)
         yield Update(answer=turn.answer, notes=notes, usage=usage, done=True)
+
+
+_END, _STOPPED = object(), object()
+
+
+async def _unless_stopped(awaitable, stop: asyncio.Event):
+    """``awaitable``'s result, or _STOPPED (``awaitable`` cancelled) if ``stop`` is set first."""
+    step, halt = asyncio.ensure_future(awaitable), asyncio.ensure_future(stop.wait())
+    try:
+        await asyncio.wait({step, halt}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        halt.cancel()
+        if not step.done():
+            step.cancel()
+            await asyncio.gather(step, return_exceptions=True)
+    return _STOPPED if step.cancelled() else step.result()

@@ -3,9 +3,10 @@ InternVL served the way hub_cli serve serves it (one server for the module, star
 
 The page: an uploaded PNG and a question get a streamed answer whose prompt token count is the tiling formula's
 (the image goes unchanged); images dropped on the box beyond the server's limit are left out with a note; a
-garbage file is an error message in the chat and the page goes on; the tile budget slider changes the count as the
-formula says; Stop ends the request on the server; Reset clears the history (the next prompt has no earlier turn).
-Without the browser, against the same server: the image limit learned from the server's refusal, and
+garbage file is an error message in the chat and the page goes on; Stop ends the request on the server (vLLM counts
+it aborted), leaves the answer so far and a Stopped note, and the next question is answered; Reset clears the
+history (the next prompt has no earlier turn); the tile budget slider changes the count as the formula says.
+Without the browser, against the same server: Stop's cancel path, the image limit learned from the server's refusal, and
 ``hub_cli serve --webui`` opening the page. The screenshot of the first answer is written to
 $VLLM_INTERNVL_WEBUI_SCREENSHOT when set (docs/webui.png was made that way)."""
 
@@ -58,13 +59,49 @@ def _expected_prompt_tokens(model_dir, images, text, max_num=None):
     return len(tok(ref_build_prompt(question, tiles, model_dir)).input_ids)
 
 
+def _slow_and_never_ending(model_dir: Path, layers: int = 24) -> Path:
+    """The tiny checkpoint reshaped so that Stop always lands mid-answer, the way it does with a real model.
+
+    * Its 2 LLM layers repeated to ``layers``: the 2-layer model decodes some 400 tokens a second here, faster than
+      vLLM's API server can stream them, and the server then streams nothing (nor notices a closed stream) until
+      the engine is done; ~12 times the layers make the engine the slower side, as with any real model.
+    * The output rows of its special tokens (end of sequence among them) zeroed, so that every answer runs to
+      max_tokens: a zeroed row's logit is 0, and the other ~410 random rows in 128 dimensions leave no hidden state
+      whose logits are all below 0 (for symmetric random rows the chance that they do is below 1e-14, Wendel's
+      theorem), so greedy decoding never picks a special token.
+
+    Prompt token counts are unchanged."""
+    import json
+
+    from safetensors.torch import load_file, save_file
+    from transformers import AutoTokenizer
+
+    from internvl_plugin import register
+
+    register()
+    special = AutoTokenizer.from_pretrained(str(model_dir)).all_special_ids
+    weights = load_file(str(model_dir / "model.safetensors"))
+    weights["language_model.output.weight"][special] = 0
+    config = json.loads((model_dir / "config.json").read_text())
+    have = config["llm_config"]["num_hidden_layers"]
+    layer = re.compile(r"^(language_model\.model\.layers\.)(\d+)(\..+)$")
+    for name, tensor in list(weights.items()):
+        if m := layer.match(name):
+            for copy in range(int(m.group(2)) + have, layers, have):
+                weights[f"{m.group(1)}{copy}{m.group(3)}"] = tensor.clone()
+    config["llm_config"]["num_hidden_layers"] = layers
+    save_file(weights, str(model_dir / "model.safetensors"), metadata={"format": "pt"})
+    (model_dir / "config.json").write_text(json.dumps(config, indent=2))
+    return model_dir
+
+
 @pytest.fixture(scope="module")
 def page(tmp_path_factory):
     """(page URL, vLLM base URL, model folder, log) of `hub_cli webui MODEL` with a 2-image limit."""
     from internvl_plugin.tiny import build_tiny_model
 
     root = tmp_path_factory.mktemp("webui")
-    model = build_tiny_model("internvl2-2b", root / "tiny-internvl2-2b")
+    model = _slow_and_never_ending(build_tiny_model("internvl2-2b", root / "tiny-internvl2-2b"))
     port = free_port()
     log = root / "webui.log"
     argv = [HUB_CLI, "webui", model, "--model-name", SERVED, "--server-port", port, "--trust-request-mm-kwargs",
@@ -234,6 +271,91 @@ def test_garbage_file_is_an_error_and_the_page_goes_on(browser, tmp_path):
     _wait(lambda: _usage(browser) == "The last message failed; the chat goes on.", 10, "the status line")
     before = _send(browser, "Still there?")
     _prompt_tokens(browser, before)
+
+
+def _metrics(api):
+    """vLLM's finished requests, running requests and generated tokens, from its /metrics."""
+    text = urllib.request.urlopen(api + "/metrics", timeout=10).read().decode()
+
+    def total(name):
+        return sum(float(v) for v in re.findall(rf"^{name}\{{[^}}]*\}} (\S+)$", text, re.M))
+
+    return {"finished": total("vllm:request_success_total"), "running": total("vllm:num_requests_running"),
+            "generated": total("vllm:generation_tokens_total")}
+
+
+def _assert_aborted(api, before):
+    """vLLM dropped the request: nothing runs, no request finished (a client's abort is not counted as finished),
+    it generated fewer than LONG tokens and generates no more."""
+    after = _wait(lambda: (m := _metrics(api))["running"] == 0 and m, 20, "vLLM to drop the request")
+    generated = after["generated"] - before["generated"]
+    assert after["finished"] == before["finished"] and 0 < generated < LONG, (before, after)
+    time.sleep(1)
+    assert _metrics(api)["generated"] == after["generated"]
+
+
+STOPPED = "Stopped: the answer so far stays in the history."
+LONG = 3000   # new tokens (30 s and more here) that fit the 4096-token session after a short prompt
+
+
+def test_stop_ends_the_request_and_the_page_goes_on(browser, page):
+    from selenium.webdriver.common.by import By
+
+    _, api, _, _ = page
+    browser.find_element(By.ID, "reset").click()   # a short prompt, so that LONG new tokens fit the session
+    _wait(lambda: not _bubbles(browser), 10, "an empty chat")
+    _set_slider(browser, "max_tokens", LONG)
+    try:
+        before = _metrics(api)
+        _send(browser, "Tell me a long story.")
+        _wait(lambda: (b := _bubbles(browser)) and b[-1] != "...", 60, "a partial answer")
+        browser.find_element(By.ID, "stop").click()
+        _wait(lambda: _usage(browser) == STOPPED, 30, "the page to say Stopped")
+    finally:
+        _set_slider(browser, "max_tokens", MAX_TOKENS)
+    _assert_aborted(api, before)
+    *_, partial, note = _bubbles(browser)
+    assert note == f"⏹️ {STOPPED}" and partial and not partial.startswith(("⚠️", "ℹ️", "..."))
+    assert _bubbles(browser)[-2:] == [partial, note]   # nothing streamed after Stop
+    before = _send(browser, "And then?")                # the page goes on
+    _prompt_tokens(browser, before)
+    assert _bubbles(browser)[-3] == partial and _bubbles(browser)[-2] == note
+
+
+def test_stop_without_the_browser(page):
+    """Conversation.stop, as the page's Stop calls it: the stream is closed, vLLM aborts the request, the answer so
+    far is kept as the turn's, and the next question of the same conversation is answered."""
+    from hub_cli.webui import connect
+    from hub_cli.webui_chat import Conversation, Settings
+
+    _, api, model, _ = page
+    info, client = connect(api)
+    conv = Conversation()
+    assert conv.stop() is False   # nothing streams yet
+
+    async def run():
+        updates = []
+        async for update in conv.reply(client, info, "Tell me a long story.", [],
+                                       Settings(max_tokens=LONG, temperature=0)):
+            updates.append(update)
+            if len(updates) == 3:
+                assert conv.stop()
+        return updates
+
+    before = _metrics(api)
+    updates = asyncio.run(run())
+    last = updates[-1]
+    assert last.stopped and last.done and last.error is None and last.usage is None
+    assert last.answer.startswith(updates[2].answer) and len(updates) < 10
+    _assert_aborted(api, before)
+    assert [(t.text, t.answer) for t in conv.turns] == [("Tell me a long story.", last.answer)]
+
+    async def next_question():
+        return [u async for u in conv.reply(client, info, "And then?", [], Settings(max_tokens=2, temperature=0))]
+
+    last = asyncio.run(next_question())[-1]
+    assert last.done and not last.stopped and last.error is None and last.usage["completion_tokens"] == 2
+    assert len(conv.turns) == 2
 
 
 def test_reset_clears_the_history_and_tile_budget_counts(browser, page, tmp_path):
