@@ -87,15 +87,14 @@ def smoothing_scales(act: torch.Tensor, importance: torch.Tensor, alpha: float,
     return torch.where(live, s, torch.ones_like(s))
 
 
-def pseudo_quantize(weight: torch.Tensor, group_size: int) -> torch.Tensor:
-    """RTN round trip of an [N, K] weight in float32, without packing: the same arithmetic as
-    ``internvl_kernels.quantize_awq`` then ``dequantize_awq`` with float32 scales (checked equal in the tests)."""
-    n, k = weight.shape
-    w = weight.float().reshape(n, k // group_size, group_size)
-    scale = (w.amax(-1, keepdim=True) - w.amin(-1, keepdim=True)).clamp(min=1e-5) / 15
-    zero = (-torch.round(w.amin(-1, keepdim=True) / scale)).clamp(0, 15)
-    q = (torch.round(w / scale) + zero).clamp(0, 15)
-    return ((q - zero) * scale).reshape(n, k)
+def pseudo_quantize(weight: torch.Tensor, group_size: int, rows_per_chunk: int = 2048) -> torch.Tensor:
+    """RTN round trip of an [N, K] weight in float32: ``internvl_kernels.quantize_awq`` (the one rounding rule,
+    float32 scales) then ``dequantize_awq``, in chunks of output rows like ``quantize_linear``."""
+    parts = []
+    for i in range(0, weight.shape[0], rows_per_chunk):
+        packed = quantize_awq(weight[i:i + rows_per_chunk].float(), group_size, scale_dtype=torch.float32)
+        parts.append(dequantize_awq(*packed, group_size, dtype=torch.float32).t())
+    return torch.cat(parts) if len(parts) > 1 else parts[0].contiguous()
 
 
 def search_ratio(act_mean: torch.Tensor, weights: list[torch.Tensor], group_size: int, run,

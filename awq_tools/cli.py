@@ -120,12 +120,12 @@ def eval_(model: Path, dataset: str, baseline: Path | None, seqlen: int, max_sam
           as_json: bool) -> None:
     """Perplexity of MODEL on a dataset through vLLM (prompt logprobs); with --baseline, of both."""
     from awq_tools.calib import CalibrationError
-    from awq_tools.evaluate import evaluate_models
+    from awq_tools.evaluate import EvalError, evaluate_models
 
     models = [model] + ([baseline] if baseline else [])
     try:
         results = evaluate_models(models, dataset, seqlen=seqlen, max_samples=max_samples, dtype=dtype)
-    except CalibrationError as exc:
+    except (CalibrationError, EvalError) as exc:
         raise click.ClickException(str(exc))
     if as_json:
         click.echo(json.dumps([r.__dict__ for r in results], indent=2))

@@ -15,7 +15,11 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["Perplexity", "perplexity_of", "evaluate_models"]
+__all__ = ["Perplexity", "EvalError", "perplexity_of", "evaluate_models"]
+
+
+class EvalError(ValueError):
+    """A model folder awq_tools eval cannot use: the message is one line naming the file."""
 
 
 @dataclass(frozen=True)
@@ -44,6 +48,7 @@ def perplexity_of(llm, windows: list[list[int]], label: str = "") -> Perplexity:
 def evaluate_models(models: list[Path], dataset: str, *, seqlen: int = 2048, max_samples: int | None = None,
                     dtype: str = "auto", engine_args: dict | None = None) -> list[Perplexity]:
     """Perplexity of each model in turn on the same windows; engines are built and released one at a time."""
+    configs = [_read_config(Path(model)) for model in models]  # every model checked before any engine starts
     from transformers import AutoTokenizer
     from vllm import LLM
     from vllm.distributed import cleanup_dist_env_and_memory
@@ -55,9 +60,9 @@ def evaluate_models(models: list[Path], dataset: str, *, seqlen: int = 2048, max
     tok = AutoTokenizer.from_pretrained(str(models[0]), trust_remote_code=False)
     windows = evaluation_ids(dataset, tok, seqlen, max_samples)
     results = []
-    for model in models:
+    for model, config in zip(models, configs):
         args = dict(model=str(model), dtype=dtype, max_model_len=seqlen + 1, enforce_eager=True, seed=0)
-        if "llm_config" in json.loads((Path(model) / "config.json").read_text()):
+        if "llm_config" in config:
             args["limit_mm_per_prompt"] = {"image": 0}  # text only: no vision profiling
         args.update(engine_args or {})
         llm = LLM(**args)
@@ -69,3 +74,16 @@ def evaluate_models(models: list[Path], dataset: str, *, seqlen: int = 2048, max
             gc.collect()
             cleanup_dist_env_and_memory()
     return results
+
+
+def _read_config(model: Path) -> dict:
+    config_file = model / "config.json"
+    try:
+        config = json.loads(config_file.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise EvalError(f"{config_file}: no such file (give a checkpoint folder)") from None
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise EvalError(f"{config_file}: not valid JSON ({str(exc).splitlines()[0]})") from None
+    if not isinstance(config, dict):
+        raise EvalError(f"{config_file}: not a JSON object")
+    return config

@@ -14,12 +14,15 @@ LMDeploy does not fold these, so its checkpoints change the float model's image 
 projector, embeddings, final norm, LM head) is copied unchanged in chunks of at most ``REST_SHARD_BYTES``.
 
 Resuming: the work happens in a hidden sibling ``.<name>.partial`` of the output folder. After each layer its
-shard, the next layer's input activations and ``state.json`` are written (each atomically, in that order);
+shard, the next layer's input activations and ``state.json`` are written (each fsynced and renamed into place,
+in that order);
 a rerun with the same input and settings continues after the last finished layer. ``state.json`` holds a
 fingerprint of the input (every shard's header and size, config.json, the settings, the calibration ids) and a
 sha256 of each finished layer's input tensors, which a rerun re-reads and checks, so a changed input starts
 over instead of being mixed in. When the last layer is done the folder is completed (index, config,
-tokenizer and processor files, quant_report.json) and renamed to the output name in one step.
+tokenizer and processor files, quant_report.json), marked finished and renamed to the output name in one step:
+that rename is the commit point. state.json goes only after it, so a kill just before the rename resumes
+with nothing to recompute, and one just after leaves a complete folder whose state.json a rerun removes.
 """
 
 from __future__ import annotations
@@ -34,14 +37,14 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from tqdm import tqdm
 
 from awq_tools.awq import (DEFAULT_ALPHA, ChannelStats, output_error_smoothed, pseudo_quantize,
                            quantize_linear, search_ratio, smoothing_scales, weight_importance)
 from awq_tools.backbones import backbone_for, llm_config_of, llm_prefix_of, rotary_tables
-from awq_tools.shards import (INDEX_FILE, CheckpointIndex, save_shard_atomically, tensor_digest,
-                              write_json_atomically)
+from awq_tools.shards import (INDEX_FILE, CheckpointIndex, fsync_dir, save_shard_atomically, tensor_digest,
+                              write_json_atomically, write_text_atomically)
 from internvl_kernels import dequantize_awq
 from internvl_plugin.awq_checkpoint import find_quantization_config
 
@@ -163,10 +166,16 @@ class _Job:
                     self._expect(a, (rank, k))
                     self._expect(b, (n, rank))
         self._expect(self.prefix + self.backbone.embed, (self.shape["vocab"], self.shape["hidden"]))
+        self.leftover_state = False
         if self.work_dir.exists() and (not self.work_dir.is_dir() or any(self.work_dir.iterdir())):
-            raise QuantizeError(f"--work-dir {self.work_dir}: already exists and is not empty; remove it or pick "
-                                "another folder")
+            if not (self.work_dir / STATE_FILE).is_file():
+                raise self._exists_error()
+            self.leftover_state = True  # a run killed right after its final rename: run() checks it
         self.out_dtype = _DTYPES.get(s.dtype) or _DTYPES.get(str(self.lcfg.get("torch_dtype", "")), torch.float16)
+
+    def _exists_error(self) -> QuantizeError:
+        return QuantizeError(f"--work-dir {self.work_dir}: already exists and is not empty; remove it or pick "
+                             "another folder")
 
     def _expect(self, name: str, shape: tuple[int, ...]) -> None:
         info = self.index.tensors.get(name)
@@ -183,6 +192,15 @@ class _Job:
     def run(self) -> None:
         ids = self._calibration_ids()
         fingerprint = self._fingerprint(ids)
+        if self.leftover_state:
+            done = _read_json(self.work_dir / STATE_FILE)
+            if not (done and done.get("fingerprint") == fingerprint and done.get("finished")):
+                raise self._exists_error()
+            # the same run, killed after the rename that completed it: only its progress record is left to drop
+            (self.work_dir / STATE_FILE).unlink()
+            fsync_dir(self.work_dir)
+            self.log(f"awq_tools quantize: {self.work_dir} was already complete")
+            return
         partial = partial_dir_for(self.work_dir)
         state = self._resume_state(partial, fingerprint)
         if state is None:
@@ -196,8 +214,8 @@ class _Job:
         plan = self._plan_shards()
         if not state["rest_done"]:
             self._copy_rest(plan)
-        hidden = self._layer_input(ids, state["layers_done"])
-        self._quantize_layers(hidden, plan)
+        if state["layers_done"] < self.shape["layers"]:
+            self._quantize_layers(self._layer_input(ids, state["layers_done"]), plan)
         self._finish(plan)
 
     def _calibration_ids(self) -> torch.Tensor:
@@ -225,12 +243,8 @@ class _Job:
         return h.hexdigest()
 
     def _resume_state(self, partial: Path, fingerprint: str) -> dict | None:
-        state_file = partial / STATE_FILE
-        if not state_file.is_file():
-            return None
-        try:
-            state = json.loads(state_file.read_text())
-        except ValueError:
+        state = _read_json(partial / STATE_FILE)
+        if state is None:
             return None
         if state.get("fingerprint") != fingerprint:
             self.log(f"awq_tools quantize: {partial} was started with another input or settings; starting over")
@@ -242,7 +256,8 @@ class _Job:
             if tensor_digest(self.index.load(self._layer_names(i))) != digest:
                 self.log(f"awq_tools quantize: input layer {i} changed since the interrupted run; starting over")
                 return None
-        if state["layers_done"] and not (partial / _hidden_name(state["layers_done"])).is_file():
+        done = state["layers_done"]
+        if 0 < done < self.shape["layers"] and not (partial / _hidden_name(done)).is_file():
             return None
         if state["layers_done"] or state["rest_done"]:
             self.log(f"awq_tools quantize: resuming after layer {state['layers_done']} of {self.shape['layers']}")
@@ -332,9 +347,8 @@ class _Job:
                 tensors, report = self._quantize_layer(w, stats, rope, device, stored)
             tensors = {p + n: t for n, t in tensors.items()}
             save_shard_atomically(tensors, self.partial / plan["layers"][i])
-            tmp = self.partial / (_hidden_name(i + 1) + ".tmp")
-            save_file({"hidden": out.contiguous()}, str(tmp))
-            tmp.replace(self.partial / _hidden_name(i + 1))
+            if i + 1 < layers:  # the next layer's input, durable before the record that points at it
+                save_shard_atomically({"hidden": out}, self.partial / _hidden_name(i + 1))
             self.state["layers_done"] = i + 1
             self.state["layer_digests"].append(digest)
             self.state["report"].append({"layer": i, **report})
@@ -445,6 +459,23 @@ class _Job:
 
     # ------------------------------------------------------------------------------ the end
     def _finish(self, plan: dict) -> None:
+        """Complete the partial folder, then rename it to --work-dir: that rename is the commit point (a kill
+        before it resumes here, a kill after it leaves only state.json, which a rerun removes)."""
+        partial = self.partial
+        if not self.state.get("finished"):
+            self._complete(plan)
+            for f in partial.glob("hidden-*.safetensors"):
+                f.unlink()
+            self.state["finished"] = True
+            write_json_atomically(self.state, partial / STATE_FILE)
+        if self.work_dir.exists():
+            self.work_dir.rmdir()  # validated empty
+        partial.replace(self.work_dir)
+        fsync_dir(self.work_dir.parent)
+        (self.work_dir / STATE_FILE).unlink()
+        fsync_dir(self.work_dir)
+
+    def _complete(self, plan: dict) -> None:
         partial = self.partial
         weight_map = {}
         for fname, names in plan["rest"]:
@@ -469,19 +500,22 @@ class _Job:
         if self.smooth_only:
             config.pop("quantization_config")
             config.get("llm_config", {}).pop("quantization_config", None)
-        (partial / "config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
+        write_text_atomically(json.dumps(config, indent=2, ensure_ascii=False) + "\n", partial / "config.json")
         for f in sorted(self.model.iterdir()):
             if f.is_file() and f.name not in _NOT_COPIED and not f.name.endswith((".safetensors", ".bin")):
-                shutil.copy2(f, partial / f.name)
+                tmp = partial / (f.name + ".tmp")
+                shutil.copy2(f, tmp)
+                tmp.replace(partial / f.name)
         report = {"settings": asdict(self.s), "backbone": self.backbone.name, "layers": self.state["report"]}
         report["settings"].pop("device")
         write_json_atomically(report, partial / "quant_report.json")
-        (partial / STATE_FILE).unlink()
-        for f in partial.glob("hidden-*.safetensors"):
-            f.unlink()
-        if self.work_dir.exists():
-            self.work_dir.rmdir()  # validated empty
-        partial.replace(self.work_dir)
+
+
+def _read_json(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
 
 
 def _combine(digests: list[str]) -> str:

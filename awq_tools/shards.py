@@ -1,9 +1,9 @@
 """Streaming safetensors IO: a checkpoint's tensor index from its headers, reading a few tensors at a time,
 writing shards atomically, and the input fingerprint that resuming is checked against.
 
-Only the headers are parsed here (8-byte length + JSON, the documented safetensors layout) because the
-quantizer must refuse a truncated or damaged shard in one line before it starts, and must know every
-tensor's shape and size without loading it; the tensors themselves are read with ``safetensors.safe_open``,
+Only the headers are read here (``internvl_plugin.safetensors_check``, shared with hub_cli and the plugin)
+because the quantizer must refuse a truncated or damaged shard in one line before it starts, and must know
+every tensor's shape and size without loading it; the tensors themselves are read with ``safetensors.safe_open``,
 one layer at a time, each file opened only while it is read so that its mapped pages leave the process.
 """
 
@@ -12,7 +12,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import struct
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,7 +19,10 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-__all__ = ["TensorInfo", "CheckpointIndex", "BadCheckpoint", "save_shard_atomically"]
+from internvl_plugin.safetensors_check import DamagedSafetensors, safetensors_header_bytes
+
+__all__ = ["TensorInfo", "CheckpointIndex", "BadCheckpoint", "save_shard_atomically", "write_text_atomically",
+           "write_json_atomically", "fsync_dir", "tensor_digest"]
 
 INDEX_FILE = "model.safetensors.index.json"
 
@@ -74,34 +76,12 @@ class CheckpointIndex:
         path = self.folder / fname
         if not path.is_file():
             raise BadCheckpoint(f"{path}: no such file (named by {INDEX_FILE})")
-        size = path.stat().st_size
-        with open(path, "rb") as f:
-            head = f.read(8)
-            if len(head) < 8:
-                raise BadCheckpoint(f"{path}: truncated safetensors file ({size} bytes)")
-            (n,) = struct.unpack("<Q", head)
-            if n > min(size - 8, 100 << 20):
-                raise BadCheckpoint(f"{path}: damaged safetensors header (length {n}, file {size} bytes)")
-            raw = f.read(n)
         try:
-            header = json.loads(raw)
-        except ValueError:
-            raise BadCheckpoint(f"{path}: damaged safetensors header (not JSON)") from None
-        self.headers[fname] = raw
-        infos, end = [], 0
-        for name, entry in header.items():
-            if name == "__metadata__":
-                continue
-            try:
-                start, stop = entry["data_offsets"]
-                info = TensorInfo(name, fname, entry["dtype"], tuple(entry["shape"]), stop - start)
-            except (KeyError, TypeError, ValueError):
-                raise BadCheckpoint(f"{path}: damaged safetensors header entry {name!r}") from None
-            end = max(end, stop)
-            infos.append(info)
-        if 8 + n + end != size:
-            raise BadCheckpoint(f"{path}: truncated safetensors file ({size} bytes, header says {8 + n + end})")
-        return infos
+            header, self.headers[fname] = safetensors_header_bytes(path)
+        except DamagedSafetensors as exc:
+            raise BadCheckpoint(str(exc)) from None
+        return [TensorInfo(name, fname, e["dtype"], tuple(e["shape"]), e["data_offsets"][1] - e["data_offsets"][0])
+                for name, e in header.items()]
 
     def load(self, names: list[str]) -> dict[str, torch.Tensor]:
         """The named tensors, as stored (each file opened only for this read)."""
@@ -144,14 +124,31 @@ def save_shard_atomically(tensors: dict[str, torch.Tensor], path: Path) -> None:
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata={"format": "pt"})
     with open(tmp, "rb") as f:
         os.fsync(f.fileno())
-    os.replace(tmp, path)
+    _replace(tmp, path)
+
+
+def write_text_atomically(text: str, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    _replace(tmp, path)
 
 
 def write_json_atomically(obj, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=2, sort_keys=True)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
+    write_text_atomically(json.dumps(obj, indent=2, sort_keys=True) + "\n", path)
+
+
+def fsync_dir(folder: Path) -> None:
+    """Make a rename inside ``folder`` durable (POSIX: the directory entry is data of the folder)."""
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _replace(tmp: Path, path: Path) -> None:
     os.replace(tmp, path)
+    fsync_dir(path.parent)

@@ -28,3 +28,20 @@ def test_eval_cli_prints_model_and_baseline(awq_tools_checkpoint, tiny_model, mo
     assert abs(model_ppl["perplexity"] / _reference_perplexity(dense, windows) - 1) < 1e-4
     assert abs(base_ppl["perplexity"] / _reference_perplexity(original, windows) - 1) < 1e-4
     assert model_ppl["perplexity"] != base_ppl["perplexity"] and model_ppl["tokens"] == base_ppl["tokens"] == 141
+
+
+def test_eval_names_a_missing_or_corrupt_config_in_one_line(tiny_model, tmp_path):
+    import shutil
+
+    good = tiny_model("internvl2-1b")
+    for case, damage, message in (("corrupt", lambda f: f.write_text('{"architectures": ['), "not valid JSON"),
+                                  ("missing", lambda f: f.unlink(), "no such file")):
+        bad = tmp_path / case
+        shutil.copytree(good, bad)
+        damage(bad / "config.json")
+        # as the model and as the baseline: both are checked before the first engine starts
+        for args in ([str(bad)], [str(good), "--baseline", str(bad)]):
+            res = CliRunner().invoke(main, ["eval", *args, "--dataset", str(CORPUS), "--seqlen", "16"])
+            lines = res.output.strip().splitlines()
+            assert res.exit_code == 1 and len(lines) == 1, res.output
+            assert f"{bad / 'config.json'}: {message}" in lines[0], res.output

@@ -105,6 +105,17 @@ def state(obj, path):
     if point == "after-layer-0-state" and obj.get("layers_done") == 1:
         os.kill(os.getpid(), signal.SIGKILL)
 q.save_shard_atomically, q.write_json_atomically = shard, state
+import pathlib
+real_replace = pathlib.Path.replace
+def replace(self, target):
+    final = self.name.endswith(".partial")          # the rename that completes the output
+    if final and point == "before-final-rename":
+        os.kill(os.getpid(), signal.SIGKILL)
+    out = real_replace(self, target)
+    if final and point == "after-final-rename":
+        os.kill(os.getpid(), signal.SIGKILL)
+    return out
+pathlib.Path.replace = replace
 from awq_tools.cli import main
 main(sys.argv[2:])
 """
@@ -118,6 +129,9 @@ def _kill(point: str, args: list[str], out: Path) -> None:
     killed = subprocess.run([sys.executable, "-c", _KILLER, point, "quantize", *args, "--work-dir", str(out)],
                             capture_output=True, text=True)
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    if point == "after-final-rename":
+        assert (out / "state.json").is_file()
+        return
     assert not out.exists()                                  # nothing that looks complete
     assert (out.parent / f".{out.name}.partial" / "state.json").is_file()
 
@@ -165,6 +179,33 @@ def test_resume_after_the_last_recorded_layer(tiny_model, tmp_path):
     assert _files(tmp_path / "out") == _files(tmp_path / "whole")
 
 
+@pytest.mark.parametrize("point", ["before-final-rename", "after-final-rename"])
+def test_a_kill_around_the_final_rename_recomputes_nothing(point, tiny_model, tmp_path, monkeypatch):
+    """Killed with every layer done, just before or just after the rename that completes the output: the rerun
+    quantizes no layer and copies nothing again, and the result has the uninterrupted run's bytes."""
+    import awq_tools.quantize as q
+
+    src = tiny_model("internlm2")
+    args = [str(src), *SMALL, "--quiet"]
+    out = tmp_path / "out"
+    _kill(point, args, out)
+
+    def recompute(*_):
+        raise AssertionError("recomputed after a kill at " + point)
+
+    monkeypatch.setattr(q._Job, "_quantize_layer", recompute)
+    monkeypatch.setattr(q._Job, "_copy_rest", recompute)
+    rerun = CliRunner().invoke(main, ["quantize", *args[:-1], "--work-dir", str(out)])
+    assert rerun.exit_code == 0, rerun.output
+    assert ("resuming after layer 2 of 2" if point == "before-final-rename" else "was already complete") \
+        in rerun.output, rerun.output
+    monkeypatch.undo()
+    whole = CliRunner().invoke(main, ["quantize", *args, "--work-dir", str(tmp_path / "whole")])
+    assert whole.exit_code == 0, whole.output
+    assert _files(out) == _files(tmp_path / "whole") and "state.json" not in _files(out)
+    assert not (tmp_path / ".out.partial").exists()
+
+
 # ------------------------------------------------------------------------------------------ bad input
 
 def _edit_config(folder: Path, edit) -> None:
@@ -185,7 +226,7 @@ def _sharded_with_missing_shard(folder: Path) -> None:
 
 BAD = {
     "missing-config": (lambda f: (f / "config.json").unlink(), [], "config.json: no such file"),
-    "truncated": (_truncate, [], "model.safetensors: truncated safetensors file"),
+    "truncated": (_truncate, [], "model.safetensors is truncated: tensor"),
     "missing-shard": (_sharded_with_missing_shard, [], "model-00002-of-00002.safetensors: no such file"),
     "already-quantized": (lambda f: _edit_config(f, lambda c: c["llm_config"].update(quantization_config={
         "quant_method": "awq", "bits": 4, "group_size": 128, "version": "gemm", "zero_point": True})), [],
@@ -343,14 +384,6 @@ def test_named_dataset_through_datasets_and_the_fake_hub(tiny_model, tmp_path):
     assert len(lines) == 1 and "dataset 'wikitext2' (Salesforce/wikitext) cannot be loaded" in lines[0] \
         and "local .txt or .jsonl" in lines[0], res.stderr
     assert not (tmp_path / "out").exists() and not (tmp_path / ".out.partial").exists()
-
-
-def test_pseudo_quantize_is_the_packed_round_trip():
-    from internvl_kernels import dequantize_awq, quantize_awq
-
-    w = torch.randn(64, 256, generator=torch.Generator().manual_seed(1)) * 3
-    packed = dequantize_awq(*quantize_awq(w, 64, scale_dtype=torch.float32), 64, dtype=torch.float32).t()
-    assert torch.equal(pseudo_quantize(w, 64), packed)
 
 
 def test_a_repo_id_is_fetched_first(tiny_model, tmp_path, monkeypatch):
