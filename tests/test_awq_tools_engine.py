@@ -1,4 +1,5 @@
-"""awq_tools quantize output in real vLLM (CPU): tiny InternVL on InternLM2, Qwen2 and Phi-3, quantized by the CLI.
+"""awq_tools quantize output in real vLLM (CPU): tiny InternVL on InternLM2, Qwen2, Phi-3 and Llama (the InternVL2-40B
+layout), quantized by the CLI.
 
 * the plugin's awq_w4a16 (picked by the checkpoint's quant_method "awq"), float32: greedy tokens equal the
   plain-PyTorch reference built from the written weights dequantized ((q - z) * s), prompt logprobs within 1e-4;
@@ -29,7 +30,7 @@ CORPUS = Path(__file__).resolve().parents[1] / "internvl_plugin" / "data" / "cor
 
 # (tiny layout, vLLM quantization argument, dtype)
 CASES = [("internvl2-2b", None, "float32"), ("internvl2-1b", None, "float32"), ("mini-internvl-4b", None, "float32"),
-         ("internvl2-2b", "awq", "bfloat16")]
+         ("internvl2-40b", None, "float32"), ("internvl2-2b", "awq", "bfloat16")]
 
 
 def dequantized_folder(src: Path, dst: Path) -> Path:

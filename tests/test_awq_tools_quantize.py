@@ -57,7 +57,7 @@ def test_awq_beats_round_to_nearest_on_outlier_channels(search):
     assert awq < 0.35 * rtn
 
 
-@pytest.mark.parametrize("layout,search", [("internvl2-2b", False), ("internvl2-1b", True)])
+@pytest.mark.parametrize("layout,search", [("internvl2-2b", False), ("internvl2-1b", True), ("internvl2-40b", False)])
 def test_smoothing_alone_leaves_the_float_model_unchanged(layout, search, tiny_model, tmp_path):
     from awq_tools.quantize import QuantizeSettings, quantize
     from reference.internvl import load_reference
