@@ -39,6 +39,7 @@ from vllm.exceptions import VLLMValidationError
 from vllm.sequence import IntermediateTensors
 
 from internvl_plugin.tile_budget import budget_from_env
+from internvl_plugin.tile_budget import tokens_per_tile as config_tokens_per_tile
 from internvl_plugin.weights import load_weights_naming_culprit
 from internvl_plugin.internvl_image import TILING_KWARGS, Tiling, choose_grid, image_to_pixel_values, num_tiles
 from internvl_plugin.internvl_video import (MAX_FRAMES, VIDEO_PLACEHOLDER, frame_prefix, num_video_frames,
@@ -86,9 +87,7 @@ class InternVLProcessingInfo(BaseProcessingInfo):
 
     @cached_property
     def tokens_per_tile(self) -> int:
-        config = self.get_hf_config()
-        image_size = config.force_image_size or config.vision_config.image_size
-        return int((image_size // config.vision_config.patch_size) ** 2 * config.downsample_ratio ** 2)
+        return config_tokens_per_tile(self.get_hf_config().to_dict())
 
     def get_num_image_tokens(self, *, image_width: int, image_height: int, tiling: Tiling) -> int:
         return self.tokens_per_tile * num_tiles(image_width, image_height, tiling)
@@ -299,9 +298,7 @@ class InternVLChatModel(nn.Module, SupportsMultiModal, SupportsPP):
         config = vllm_config.model_config.hf_config
         self.config = config
         self.model_dir = vllm_config.model_config.model   # to name a damaged weight file
-        image_size = config.force_image_size or config.vision_config.image_size
-        self.num_image_token = int((image_size // config.vision_config.patch_size) ** 2
-                                   * config.downsample_ratio ** 2)
+        self.num_image_token = config_tokens_per_tile(config.to_dict())
         self.llm_hidden_size = config.text_config.hidden_size
 
         with self._mark_tower_model(vllm_config, {"image"}):
