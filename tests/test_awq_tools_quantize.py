@@ -206,6 +206,26 @@ def test_a_kill_around_the_final_rename_recomputes_nothing(point, tiny_model, tm
     assert not (tmp_path / ".out.partial").exists()
 
 
+_NO_VLLM = """
+import sys
+class NoVllm:
+    def find_spec(self, name, path=None, target=None):
+        if name == "vllm" or name.startswith("vllm."):
+            raise ImportError("vllm imported while quantizing: " + name)
+sys.meta_path.insert(0, NoVllm())
+from awq_tools.cli import main
+main(sys.argv[1:])
+"""
+
+
+def test_quantize_runs_where_vllm_is_not_installed(tiny_model, tmp_path):
+    """A GPU machine used only for quantizing may lack vLLM: nothing on quantize's path imports it."""
+    res = subprocess.run([sys.executable, "-c", _NO_VLLM, "quantize", str(tiny_model("xcomposer2-vl-1.8b")), *SMALL,
+                          "--quiet", "--work-dir", str(tmp_path / "out")], capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert (tmp_path / "out" / "config.json").is_file()
+
+
 # ------------------------------------------------------------------------------------------ bad input
 
 def _edit_config(folder: Path, edit) -> None:
