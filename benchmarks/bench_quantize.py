@@ -12,7 +12,7 @@ real vocabulary). Then it runs ``awq_tools quantize`` in a child process and rep
     wall time                                    vs  reading every input byte once (the IO floor)
     with --device cuda: the child's peak GPU memory (torch.cuda.max_memory_allocated / _reserved)
 
-Exit 1 if the 7B run's peak RSS reaches 4 GiB. Timings on a shared machine are noisy; memory is not.
+Exit 1 if the 7B run's peak RSS reaches 4 GiB with at most 4 x 256 calibration tokens. Timings on a shared machine are noisy; memory is not.
 """
 
 from __future__ import annotations
@@ -39,6 +39,7 @@ GiB = 1 << 30
 # (layers, hidden, heads, kv heads, ffn, vocab): internlm2-chat-1_8b and internlm2-7b (hub_cli/catalogue.py)
 SHAPES = {"1.8b": (24, 2048, 16, 8, 8192, 92544), "7b": (32, 4096, 32, 8, 14336, 92544)}
 LIMIT_7B = 4 * GiB
+SMALL_CALIBRATION = 4 * 256  # tokens (the default) up to which LIMIT_7B is checked
 # the child: awq_tools' CLI, then its CUDA allocator's high-water marks on stderr (one JSON line)
 _CHILD = """
 import json, sys, torch
@@ -177,7 +178,8 @@ def main() -> int:
                         "seqlen": args.seqlen, "checkpoint_bytes": nbytes, "whole_model_bytes": full,
                         "peak_rss_bytes": peak, "wall_s": round(wall, 1), "read_floor_s": round(floor, 2),
                         "gpu_peak": gpu[0] if gpu else None})
-        if name == "7b" and peak >= LIMIT_7B:
+        # the bound is for a small calibration set: 128 x 2048 tokens alone hold 2 x 4 GiB of 7B activations
+        if name == "7b" and peak >= LIMIT_7B and args.samples * args.seqlen <= SMALL_CALIBRATION:
             print(f"  FAIL: 7B peak RSS {peak / GiB:.2f} GiB >= 4 GiB")
             failed = True
         if not args.keep:
