@@ -21,11 +21,15 @@ The cache is vLLM's own format, byte for byte, so a cache means the same on CPU 
   Attention runs in the rotated space: Q is rotated, the softmax scale divided by b, and the output
   rotated back and divided by b (b = the largest power-of-two divisor of the head size).
 
-Reading: the blocks the batch's sequences use are gathered and dequantized with torch ops into a small
-16-bit scratch cache in ``CPU_ATTN``'s own layout, and vLLM's CPU attention kernel (the same call the
-16-bit cache gets, with its per-machine ISA: AMX, AVX-512, AVX2, NEON) runs on that. Writing quantizes
-with torch ops. Hand-written because no library writes or reads this format on CPU; torch ops only, so
-it runs on every CPU vLLM runs on (nothing here needs AVX-512).
+Reading, decode (query length 1, the step that repeats): ``cpu_kv_decode.py``'s fused kernel reads the packed
+cells in place through the block table (Numba, compiled for the machine: AVX2, AVX-512, NEON alike), so a
+decode step reads 2-3.5x fewer bytes than with the 16-bit cache. Reading, prefill and chunked prefill: the
+blocks those sequences use (in their window; shared prefix blocks once) are dequantized with torch ops into a
+16-bit scratch cache in ``CPU_ATTN``'s own layout, and vLLM's CPU attention kernel (the call the 16-bit cache
+gets, with its per-machine ISA: AMX, AVX-512, AVX2, NEON) runs on that. Which rows go where, the scratch's block
+list and the kernel's scheduler metadata are worked out once per step by the metadata builder
+(:func:`plan_step`), not per layer. Writing quantizes with torch ops. Hand-written because no library writes or
+reads this format on CPU; nothing here needs AVX-512.
 
 vLLM internals touched (vLLM 0.32; ``tests/test_kv_cpu_format.py`` fails when they change):
 ``CPUAttentionBackend`` / ``CPUAttentionBackendImpl`` / ``CPUAttentionMetadataBuilder`` are subclassed,
@@ -36,14 +40,18 @@ quantized dtype on AVX2 machines.
 
 from __future__ import annotations
 
-from dataclasses import replace
+from dataclasses import dataclass, fields, replace
 from typing import ClassVar
 
+import numba
+import numpy as np
 import torch
+
+from internvl_plugin.cpu_kv_decode import decode_attention, split_count
 
 __all__ = ["PER_TOKEN_HEAD_DTYPES", "RHT_SEED", "CPUKVQuantAttentionBackend", "check_head_size",
            "cell_bytes", "rht", "quantize_int8", "quantize_int4", "dequantize_int8", "dequantize_int4",
-           "write_cells", "read_blocks"]
+           "write_cells", "read_blocks", "plan_step"]
 
 PER_TOKEN_HEAD_DTYPES = ("int8_per_token_head", "int4_per_token_head")
 # vLLM 0.32 int4_per_token_head._get_rht_signs: torch.Generator(cpu).manual_seed(0x9E3779B9), Bernoulli(0.5)
@@ -179,25 +187,16 @@ def read_blocks(kv_cache_dtype: str, cells: torch.Tensor, head_size: int, dtype:
     return out[0], out[1]
 
 
-def used_blocks(block_table: torch.Tensor, seq_lens: torch.Tensor, block_size: int
-                ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(the cache block ids the sequences use, in order; the block table renumbered into that list)."""
-    counts = (seq_lens.long() + block_size - 1) // block_size
-    used = torch.arange(block_table.shape[1])[None, :] < counts[:, None]
-    ids = block_table[used]
-    local = torch.zeros_like(block_table)
-    local[used] = torch.arange(ids.numel(), dtype=block_table.dtype)
-    return ids.long(), local
-
-
 # ---------------------------------------------------------------------------------------------------------
 # The vLLM backend (vLLM 0.32 CPU_ATTN classes, subclassed)
 # ---------------------------------------------------------------------------------------------------------
 from vllm import _custom_ops as ops  # noqa: E402
+from vllm.config import get_layers_from_vllm_config  # noqa: E402
 from vllm.logger import init_logger  # noqa: E402
+from vllm.model_executor.layers.attention import Attention  # noqa: E402
 from vllm.v1.attention.backend import AttentionType  # noqa: E402
 from vllm.v1.attention.backends.cpu_attn import (  # noqa: E402
-    CPUAttentionBackend, CPUAttentionBackendImpl, CPUAttentionMetadataBuilder)
+    CPUAttentionBackend, CPUAttentionBackendImpl, CPUAttentionMetadata, CPUAttentionMetadataBuilder)
 from vllm.v1.kv_cache_interface import AttentionSpec, KVQuantMode  # noqa: E402
 
 # a "vllm." name: vLLM configures (handler, level) only its own logger tree
@@ -234,8 +233,69 @@ class CPUKVQuantAttentionBackend(CPUAttentionBackend):
         return CPUKVQuantMetadataBuilder
 
 
+@dataclass
+class StepPlan:
+    """What every layer of a step reads the per-token-head cache with, worked out once per step.
+
+    Decode rows (query length 1) go to the fused kernel (cpu_kv_decode.py); the other sequences (prefill and
+    chunked prefill) to vLLM's kernel over a 16-bit scratch copy of only the blocks they use, each block once.
+    """
+    block_table: np.ndarray             # [seqs, max_blocks] int32, for the fused kernel
+    seq_lens: np.ndarray                # [seqs] int32
+    decode_rows: np.ndarray             # [seqs] int32: the sequence's row in ``decode_tokens``, -1 if not decoding
+    decode_tokens: torch.Tensor         # [d] int64: the query rows that decode
+    splits: int
+    prefill_tokens: torch.Tensor | None   # [p] int64: query rows of the other sequences (None: there are none)
+    prefill_query_start_loc: torch.Tensor | None = None
+    prefill_seq_lens: torch.Tensor | None = None
+    prefill_blocks: torch.Tensor | None = None       # cache block ids to dequantize, each once
+    prefill_table: torch.Tensor | None = None        # the prefill sequences' block table over that list
+    prefill_scheduler_metadata: torch.Tensor | None = None
+
+
+def plan_step(query_start_loc: torch.Tensor, seq_lens: torch.Tensor, block_table: torch.Tensor, block_size: int,
+              window: int, fused: bool, scheduler_args: dict) -> StepPlan:
+    """The per-step structures (``scheduler_args``: vLLM's scheduler-metadata arguments other than the batch)."""
+    query_lens = query_start_loc[1:] - query_start_loc[:-1]
+    decode = (query_lens == 1) if fused else torch.zeros_like(query_lens, dtype=torch.bool)
+    rows = torch.full_like(query_lens, -1)
+    rows[decode] = torch.arange(int(decode.sum()), dtype=rows.dtype)
+    decode_tokens = query_start_loc[:-1][decode].long()
+    table = block_table.to(torch.int32).contiguous()
+    plan = StepPlan(table.numpy(), seq_lens.to(torch.int32).contiguous().numpy(),
+                    rows.to(torch.int32).numpy(), decode_tokens,
+                    split_count(decode_tokens.numel(), scheduler_args["num_kv_heads"], table.shape[1],
+                                numba.get_num_threads()), None)
+    other = (~decode & (query_lens > 0)).nonzero().flatten()
+    if other.numel() == 0:
+        return plan
+    q_lens, s_lens = query_lens[other], seq_lens[other]
+    plan.prefill_tokens = torch.cat([torch.arange(int(a), int(a) + int(n)) for a, n in
+                                     zip(query_start_loc[other].tolist(), q_lens.tolist())])
+    loc = torch.zeros(other.numel() + 1, dtype=query_start_loc.dtype)
+    torch.cumsum(q_lens, 0, out=loc[1:])
+    plan.prefill_query_start_loc, plan.prefill_seq_lens = loc, s_lens.contiguous()
+    sub = block_table[other].long()
+    pos = torch.arange(sub.shape[1])[None, :]
+    used = pos < ((s_lens.long() + block_size - 1) // block_size)[:, None]
+    if window > 0:   # blocks wholly before every query's window are never read
+        used &= (pos + 1) * block_size > (s_lens.long() - q_lens.long() - window + 1)[:, None]
+    ids, inverse = torch.unique(sub[used], return_inverse=True)
+    local = torch.zeros_like(sub)
+    local[used] = inverse
+    plan.prefill_blocks, plan.prefill_table = ids, local.to(block_table.dtype)
+    plan.prefill_scheduler_metadata = ops.cpu_attn_get_scheduler_metadata(
+        num_reqs=other.numel(), seq_lens=plan.prefill_seq_lens, query_start_loc=loc, **scheduler_args)
+    return plan
+
+
+@dataclass
+class CPUKVQuantMetadata(CPUAttentionMetadata):
+    plan: StepPlan | None = None
+
+
 class CPUKVQuantMetadataBuilder(CPUAttentionMetadataBuilder):
-    """vLLM's builder, built as for the 16-bit scratch cache the kernel reads."""
+    """vLLM's builder, built as for the 16-bit scratch cache the kernel reads, plus the step's read plan."""
 
     def __init__(self, kv_cache_spec, layer_names, vllm_config, device) -> None:
         cache_config = vllm_config.cache_config
@@ -246,6 +306,21 @@ class CPUKVQuantMetadataBuilder(CPUAttentionMetadataBuilder):
             super().__init__(kv_cache_spec, layer_names, vllm_config, device)
         finally:
             cache_config.cache_dtype = real
+        self.kv_format = real if real in PER_TOKEN_HEAD_DTYPES else None
+        layers = get_layers_from_vllm_config(vllm_config, Attention, layer_names)
+        self.fused = all(isinstance(x.impl, CPUKVQuantAttentionImpl) and x.impl.fused for x in layers.values())
+
+    def build(self, common_prefix_len, common_attn_metadata, fast_build: bool = False):
+        metadata = super().build(common_prefix_len, common_attn_metadata, fast_build)
+        if self.kv_format is None or self.is_encoder_only_attention or metadata.dynamic_causal is not None:
+            return metadata
+        plan = plan_step(metadata.query_start_loc, metadata.seq_lens, metadata.block_table, self.block_size,
+                         self.window_size, self.fused, dict(
+                             num_heads=self.num_heads, num_kv_heads=self.num_kv_heads, head_dim=self.head_dim,
+                             dtype=self.dtype, causal=metadata.causal, sliding_window_size=self.window_size,
+                             isa=self.isa, enable_kv_split=False))
+        return CPUKVQuantMetadata(**{f.name: getattr(metadata, f.name) for f in fields(CPUAttentionMetadata)},
+                                  plan=plan)
 
 
 class CPUKVQuantAttentionImpl(CPUAttentionBackendImpl):
@@ -260,6 +335,8 @@ class CPUKVQuantAttentionImpl(CPUAttentionBackendImpl):
         super().__init__(num_heads, head_size, scale, num_kv_heads, alibi_slopes, sliding_window,
                          "auto" if quantized else kv_cache_dtype, logits_soft_cap, attn_type,
                          kv_sharing_target_layer_name, sinks)
+        # the fused decode kernel has no ALiBi, sinks or soft cap: such layers read through the scratch path
+        self.fused = alibi_slopes is None and sinks is None and not logits_soft_cap
         if self.kv_format:
             check_head_size(self.kv_format, head_size)
             self.kv_cache_dtype = self.kv_format
@@ -278,9 +355,44 @@ class CPUKVQuantAttentionImpl(CPUAttentionBackendImpl):
                                    output_block_scale)
         if output_scale is not None or output_block_scale is not None:
             raise NotImplementedError("fused output quantization is not supported with a per-token-head KV cache")
-        n_tok = attn_metadata.num_actual_tokens
+        plan = getattr(attn_metadata, "plan", None)
+        if plan is None:                # metadata not from our builder (direct calls): the same plan, per call
+            fused = self.fused and getattr(attn_metadata, "dynamic_causal", None) is None
+            plan = plan_step(attn_metadata.query_start_loc, attn_metadata.seq_lens, attn_metadata.block_table,
+                             kv_cache.shape[2], self.sliding_window, fused, dict(
+                                 num_heads=self.num_heads, num_kv_heads=self.num_kv_heads, head_dim=self.head_size,
+                                 dtype=query.dtype, causal=attn_metadata.causal,
+                                 sliding_window_size=self.sliding_window, isa=layer.isa, enable_kv_split=False))
+        if plan.decode_tokens.numel():
+            self._decode(query, kv_cache, plan, output)
+        if plan.prefill_tokens is not None:
+            self._prefill(layer, query, kv_cache, attn_metadata, plan, output)
+        return output
+
+    def _decode(self, query, kv_cache, plan: StepPlan, output) -> None:
+        """The fused kernel: one query row per sequence, the packed cache read in place."""
+        int4 = self.kv_format == "int4_per_token_head"
+        q = query.index_select(0, plan.decode_tokens)
+        if int4:   # rotated like K; b from H^T H = b·I; even/odd split for the kernel's nibble loops
+            q = rht(q) * (self.scale / rht_block(self.head_size))
+            q = torch.cat([q[..., 0::2], q[..., 1::2]], -1)
+        else:
+            q = q.float() * self.scale
+        out = torch.empty(q.shape, dtype=torch.float32)
+        if numba.get_num_threads() != min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS):
+            numba.set_num_threads(min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
+        decode_attention(kv_cache.numpy(), q.contiguous().numpy(), plan.block_table, plan.seq_lens,
+                         plan.decode_rows, self.sliding_window, int4, out.numpy(), plan.splits)
+        if int4:
+            half = self.head_size // 2
+            out = torch.stack([out[..., :half], out[..., half:]], -1).flatten(-2)
+            out = rht(out, inverse=True) / rht_block(self.head_size)
+        output.view(-1, self.num_heads, self.head_size).index_copy_(0, plan.decode_tokens, out.to(output.dtype))
+
+    def _prefill(self, layer, query, kv_cache, attn_metadata, plan: StepPlan, output) -> None:
+        """vLLM's kernel over a 16-bit scratch copy of the blocks the prefilling sequences use."""
         block_size = kv_cache.shape[2]
-        ids, local_table = used_blocks(attn_metadata.block_table, attn_metadata.seq_lens, block_size)
+        ids = plan.prefill_blocks
         # kv_cache[ids], not index_select: about 10x faster for these wide rows (torch 2.13 CPU)
         key_16, value_16 = read_blocks(self.kv_format, kv_cache[ids], self.head_size, query.dtype)
         # the kernel's cache layout depends on its ISA (AMX packs K), so vLLM's own writer fills the scratch
@@ -289,22 +401,21 @@ class CPUKVQuantAttentionImpl(CPUAttentionBackendImpl):
         ops.cpu_attn_reshape_and_cache(key_16, value_16, key_cache, value_cache,
                                        torch.arange(key_16.shape[0], dtype=torch.int64), layer.isa,
                                        k_scale=1.0, v_scale=1.0, kv_cache_dtype="auto")
-
-        q, scale = query[:n_tok], self.scale
+        q, scale = query.index_select(0, plan.prefill_tokens), self.scale
         rotated = self.kv_format == "int4_per_token_head"
         if rotated:
             b = rht_block(self.head_size)
             q, scale = rht(q).to(query.dtype), scale / b
-        out = output[:n_tok]
+        out = torch.empty_like(q)
         if self.sinks is not None and self.sinks.dtype not in (torch.bfloat16, torch.float32):
             self.sinks = self.sinks.to(torch.float32)
         ops.cpu_attention_with_kv_cache(
             query=q, key_cache=key_cache, value_cache=value_cache, output=out,
-            query_start_loc=attn_metadata.query_start_loc, seq_lens=attn_metadata.seq_lens, scale=scale,
+            query_start_loc=plan.prefill_query_start_loc, seq_lens=plan.prefill_seq_lens, scale=scale,
             causal=attn_metadata.causal, alibi_slopes=self.alibi_slopes, sliding_window=self.sliding_window,
-            block_table=local_table, softcap=self.logits_soft_cap,
-            scheduler_metadata=attn_metadata.scheduler_metadata, s_aux=self.sinks,
+            block_table=plan.prefill_table, softcap=self.logits_soft_cap,
+            scheduler_metadata=plan.prefill_scheduler_metadata, s_aux=self.sinks,
             dynamic_causal=attn_metadata.dynamic_causal, k_scale=1.0, v_scale=1.0, kv_cache_dtype="auto")
         if rotated:
-            out.copy_((rht(out.view(n_tok, -1, self.head_size), inverse=True) / b).view(out.shape))
-        return output
+            out = (rht(out, inverse=True) / b).to(out.dtype)
+        output.view(-1, self.num_heads, self.head_size).index_copy_(0, plan.prefill_tokens, out)

@@ -1,0 +1,226 @@
+"""Fused decode attention over vLLM's int8/int4 per-token-head KV cache on CPU (Numba).
+
+A decode step reads every context token's K and V once; with the cache in 8 or 4 bits that read is 2-3.5x
+smaller than the 16-bit cache's, which is where a quantized cache pays on CPU. So the kernel reads the packed
+cells in place through the block table: per (sequence, KV head, slice of the context) it dots the query heads
+of the GQA group with each K row (the per-token scale applied to the score, not to the row), runs a block-wise
+online softmax and accumulates the V rows, then a second pass merges the slices (flash-decoding). Nothing is
+dequantized into memory.
+
+int4 needs no rotation inside the kernel: the cache holds H·K and H·V (H the format's randomized Hadamard
+transform, H^T H = b·I), so q·k = (Hq)·(Hk) / b and Σ p_i v_i = H^T (Σ p_i H v_i) / b. The caller rotates
+the queries once and rotates the output back once. The zero point is folded out of the inner loops:
+Σ q_d (n_d - zp) = Σ q_d n_d - zp Σ q_d, and the V side subtracts Σ p·step·zp once per output. The query is
+passed with its even and odd elements split ([q_0, q_2, ..., q_1, q_3, ...]) so that the low and high nibbles
+of each byte meet contiguous query elements; the output comes back in the same split order.
+
+Hand-written because no library reads this format on CPU. Numba (a vLLM dependency) compiles it for the
+machine it runs on (AVX2, AVX-512, NEON alike) and caches the machine code (``cache=True``: next to this file,
+else in the user's cache directory, or where ``NUMBA_CACHE_DIR`` points). This module knows nothing of vLLM.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from numba import njit, prange, types
+from numba.extending import intrinsic
+
+__all__ = ["decode_attention", "split_count"]
+
+
+@intrinsic
+def _bits_as_float(typingctx, bits):
+    """The float32 whose bit pattern is the int32 ``bits`` (the int4 scale word keeps zp in its low bits)."""
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], context.get_value_type(types.float32))
+    return types.float32(types.int32), codegen
+
+
+# no nnan/ninf: the kernel's running maxima start at a finite sentinel, but keep comparisons exact
+_FAST = {"nsz", "arcp", "contract", "afn", "reassoc"}
+_NEG = np.float32(-1e30)                        # "no score yet": finite, so exp(_NEG - m) is a clean 0
+
+
+@njit(fastmath=_FAST, cache=True, nogil=True, inline="always")
+def _exp(x):
+    """exp for float32 x <= 0 in plain arithmetic (libm's expf is a scalar call per score; this vectorizes):
+    2^n by the exponent bits, 2^f (|f| <= 1/2) by Cephes' exp2f polynomial, relative error ~2e-7."""
+    t = max(x, np.float32(-87.0)) * np.float32(1.4426950408889634)
+    n = np.floor(t + np.float32(0.5))
+    f = t - n
+    p = np.float32(1.535336188319500e-4)
+    p = p * f + np.float32(1.339887440266574e-3)
+    p = p * f + np.float32(9.618437357674640e-3)
+    p = p * f + np.float32(5.550332471162809e-2)
+    p = p * f + np.float32(2.402264791363012e-1)
+    p = p * f + np.float32(6.931472028550421e-1)
+    p = p * f + np.float32(1.0)
+    return p * _bits_as_float((np.int32(n) + np.int32(127)) << 23)
+
+
+@njit(fastmath=_FAST, cache=True, nogil=True, inline="always")
+def _attend_slice(cache_q, cache_s, q, q_sum, table_row, head, first, last, int4, scores, acc, zsum, m, l):
+    """Online softmax over context tokens [first, last) of one sequence for the G query rows in ``q``."""
+    group, dim = q.shape
+    block_size = cache_q.shape[2]
+    data = dim // 2 if int4 else dim
+    scale_at = data // 4                       # the fp32 scale word right after the data, in 4-byte units
+    v_off = data + 4
+    v_scale_at = (v_off + data) // 4
+    t = first
+    while t < last:
+        blk = table_row[t // block_size]
+        off0 = t % block_size
+        n = min(block_size - off0, last - t)
+        # plain indexing throughout: an array view made per token costs two reference-count calls
+        for j in range(n):                     # scores of this block's tokens
+            slot = off0 + j
+            if int4:
+                bits = cache_s[blk, head, slot, scale_at]
+                step = _bits_as_float(bits & -16)
+                zp = np.float32(bits & 15)
+                for g in range(group):
+                    s = np.float32(0.0)
+                    for i in range(data):
+                        byte = np.int32(cache_q[blk, head, slot, i])
+                        s += q[g, i] * np.float32(byte & 15) + q[g, data + i] * np.float32(byte >> 4)
+                    scores[g, j] = step * (s - zp * q_sum[g])
+            else:
+                step = _bits_as_float(cache_s[blk, head, slot, scale_at])
+                for g in range(group):
+                    s = np.float32(0.0)
+                    for i in range(dim):
+                        s += q[g, i] * np.float32(cache_q[blk, head, slot, i])
+                    scores[g, j] = step * s
+        for g in range(group):                 # rescale the running sums once per block, weights into scores
+            mb = _NEG
+            for j in range(n):
+                mb = max(mb, scores[g, j])
+            m_old = m[g]
+            m_new = max(m_old, mb)
+            alpha = _exp(m_old - m_new)
+            m[g] = m_new
+            zsum[g] *= alpha
+            for i in range(dim):
+                acc[g, i] *= alpha
+            total = np.float32(0.0)
+            for j in range(n):
+                e = _exp(scores[g, j] - m_new)
+                scores[g, j] = e
+                total += e
+            l[g] = l[g] * alpha + total
+        for j in range(n):                     # accumulate V
+            slot = off0 + j
+            if int4:
+                bits = cache_s[blk, head, slot, v_scale_at]
+                step = _bits_as_float(bits & -16)
+                zp = np.float32(bits & 15)
+                for g in range(group):
+                    w = scores[g, j] * step
+                    zsum[g] += w * zp
+                    for i in range(data):
+                        byte = np.int32(cache_q[blk, head, slot, v_off + i])
+                        acc[g, i] += w * np.float32(byte & 15)
+                        acc[g, data + i] += w * np.float32(byte >> 4)
+            else:
+                step = _bits_as_float(cache_s[blk, head, slot, v_scale_at])
+                for g in range(group):
+                    w = scores[g, j] * step
+                    for i in range(dim):
+                        acc[g, i] += w * np.float32(cache_q[blk, head, slot, v_off + i])
+        t += n
+
+
+@njit(parallel=True, fastmath=_FAST, cache=True, nogil=True)
+def _decode_kernel(cache_q, cache_s, query, block_table, seq_lens, rows, window, splits, int4, out):
+    """query/out [tokens, heads, D] float32 (scaled; int4: rotated and even/odd split); ``rows[i]`` is the query
+    row of sequence i (-1: not a decode row)."""
+    num_seqs = rows.shape[0]
+    heads, dim = query.shape[1], query.shape[2]
+    kv_heads = cache_q.shape[1]
+    block_size = cache_q.shape[2]
+    group = heads // kv_heads
+    items = num_seqs * kv_heads * splits
+    part_m = np.full((items, group), _NEG, dtype=np.float32)
+    part_l = np.zeros((items, group), dtype=np.float32)
+    part_acc = np.zeros((items, group, dim), dtype=np.float32)
+    for item in prange(items):
+        seq = item // (kv_heads * splits)
+        head = (item // splits) % kv_heads
+        part = item % splits
+        row = rows[seq]
+        if row < 0:
+            continue
+        seq_len = seq_lens[seq]
+        first = max(0, seq_len - window) if window > 0 else 0
+        # slices of whole blocks so that each is read by one worker
+        first_block = first // block_size
+        n_blocks = (seq_len + block_size - 1) // block_size - first_block
+        per = (n_blocks + splits - 1) // splits
+        lo = max(first, (first_block + part * per) * block_size)
+        hi = min(seq_len, (first_block + (part + 1) * per) * block_size)
+        if lo >= hi:
+            continue
+        q = np.empty((group, dim), dtype=np.float32)          # contiguous: the inner loops vectorize
+        q_sum = np.zeros(group, dtype=np.float32)
+        for g in range(group):
+            for i in range(dim):
+                q[g, i] = query[row, head * group + g, i]
+                q_sum[g] += q[g, i]
+        scores = np.empty((group, block_size), dtype=np.float32)
+        zsum = np.zeros(group, dtype=np.float32)
+        _attend_slice(cache_q, cache_s, q, q_sum, block_table[seq], head, lo, hi, int4, scores,
+                      part_acc[item], zsum, part_m[item], part_l[item])
+        if int4:
+            for g in range(group):
+                for i in range(dim):
+                    part_acc[item, g, i] -= zsum[g]
+    for pair in prange(num_seqs * kv_heads):   # merge the slices
+        seq = pair // kv_heads
+        head = pair % kv_heads
+        row = rows[seq]
+        if row < 0:
+            continue
+        base = pair * splits
+        for g in range(group):
+            m_all = part_m[base, g]
+            for p in range(1, splits):
+                m_all = max(m_all, part_m[base + p, g])
+            total = np.float32(0.0)
+            o = out[row, head * group + g]
+            o[:] = 0.0
+            for p in range(splits):
+                if part_l[base + p, g] > 0:
+                    w = np.float32(math.exp(part_m[base + p, g] - m_all))
+                    total += w * part_l[base + p, g]
+                    for i in range(dim):
+                        o[i] += w * part_acc[base + p, g, i]
+            inv = np.float32(1.0) / total
+            for i in range(dim):
+                o[i] *= inv
+
+
+def split_count(num_seqs: int, kv_heads: int, max_blocks: int, threads: int) -> int:
+    """Context slices per (sequence, KV head): enough work items for every thread, slices of >= 4 blocks."""
+    if num_seqs * kv_heads >= 2 * threads:
+        return 1
+    want = -(-2 * threads // (num_seqs * kv_heads))
+    return max(1, min(want, max_blocks // 4))
+
+
+def decode_attention(cache: np.ndarray, query: np.ndarray, block_table: np.ndarray, seq_lens: np.ndarray,
+                     rows: np.ndarray, window: int, int4: bool, out: np.ndarray, splits: int = 1) -> None:
+    """Attention of one query row per sequence over its cached context, written into ``out``.
+
+    cache: the layer's cache [blocks, kv_heads, block_size, cell] (int8 or uint8, vLLM's per-token-head cells);
+    query/out: float32 [tokens, heads, D], the query already multiplied by the softmax scale (int4: rotated,
+    scale / b, and even/odd split; ``out`` comes back split and rotated); block_table [seqs, max_blocks] int32;
+    seq_lens [seqs] int32 (the query row is the last position); rows [seqs] int32: each sequence's query row,
+    -1 to skip it; window: keys within the last ``window`` positions only (<= 0: all).
+    """
+    cache_q = cache.view(np.uint8) if int4 else cache.view(np.int8)
+    cache_s = cache.view(np.int32)
+    _decode_kernel(cache_q, cache_s, query, block_table, seq_lens, rows, int(window), int(splits), bool(int4),
+                   out)

@@ -1,0 +1,160 @@
+"""The fused decode kernel (internvl_plugin/cpu_kv_decode.py) against attention over the dequantized cache.
+
+Random K, V, Q (never zeros) of many shapes: batch sizes, context lengths that are not multiples of the block,
+GQA ratios, head sizes 64 / 96 / 128, int8 and int4, sliding windows and context slices (flash-decoding
+splits). The cache is decoded by test_kv_cpu_format's reference (straight from the format definition) and
+attention is taken in float64.
+"""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+from internvl_plugin import cpu_kv_attention as kvq
+from internvl_plugin.cpu_kv_decode import decode_attention, split_count
+from test_kv_cpu_format import CACHE_DTYPE, INT4, attention_reference, cache_for, dequant_reference
+
+
+def filled_cache(fmt, seq_lens, kv_heads, head_size, block_size, seed):
+    """A cache holding random K/V for each sequence in shuffled blocks; (cache, block table, slots per seq)."""
+    g = torch.Generator().manual_seed(seed)
+    blocks = [-(-n // block_size) for n in seq_lens]
+    width = max(blocks) + 1                                    # a padding column, as vLLM's tables have
+    num_blocks = sum(blocks) + 2
+    order = torch.randperm(num_blocks, generator=g)
+    table = torch.zeros(len(seq_lens), width, dtype=torch.int32)
+    cache = cache_for(fmt, num_blocks, kv_heads, block_size, head_size)
+    slots, used = [], 0
+    for i, (n, nb) in enumerate(zip(seq_lens, blocks)):
+        table[i, :nb] = order[used:used + nb].to(torch.int32)
+        used += nb
+        s = torch.tensor([int(table[i, t // block_size]) * block_size + t % block_size for t in range(n)])
+        scale = 0.5 + 2 * torch.rand(n, kv_heads, 1, generator=g)       # per-token magnitudes vary
+        k = torch.randn(n, kv_heads, head_size, generator=g) * scale
+        v = torch.randn(n, kv_heads, head_size, generator=g) * scale + 0.3
+        kvq.write_cells(fmt, cache, k, v, s)
+        slots.append(s)
+    return cache, table, slots
+
+
+def reference(fmt, cache, slots, q, scale, window):
+    """float64 attention of one query row per sequence (the last position) over the decoded cache."""
+    heads, head_size = q.shape[1], q.shape[2]
+    block_size = cache.shape[2]
+    deq = dequant_reference(fmt, cache, head_size)                       # [blocks, H, bs, 2, D]
+    rows = torch.cat([deq[s // block_size, :, s % block_size] for s in slots])
+    k, v = rows[:, :, 0], rows[:, :, 1]
+    if fmt == INT4:                                                      # back from the rotated space
+        b = kvq.rht_block(head_size)
+        k, v = kvq.rht(k, inverse=True) / b, kvq.rht(v, inverse=True) / b
+    seq_lens = [len(s) for s in slots]
+    return attention_reference(q, k, v, scale, seq_lens, [1] * len(seq_lens), window)
+
+
+CASES = [  # (seq_lens, heads, kv_heads, head_size, block_size, window)
+    ([1], 8, 8, 64, 32, None),
+    ([77], 8, 2, 128, 32, None),
+    ([33, 95, 160, 7], 16, 8, 128, 32, None),
+    ([200, 31], 12, 4, 96, 32, None),
+    ([129, 300, 64], 8, 1, 64, 64, None),
+    ([250, 40], 8, 4, 128, 32, 50),
+    ([513], 4, 2, 96, 128, 200),
+]
+
+
+@pytest.mark.parametrize("fmt", kvq.PER_TOKEN_HEAD_DTYPES)
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"L{'-'.join(map(str, c[0]))}_H{c[1]}/{c[2]}_D{c[3]}_w{c[5]}")
+def test_fused_decode_matches_attention_over_the_dequantized_cache(fmt, case):
+    seq_lens, heads, kv_heads, head_size, block_size, window = case
+    cache, table, slots = filled_cache(fmt, seq_lens, kv_heads, head_size, block_size, seed=len(seq_lens) + heads)
+    g = torch.Generator().manual_seed(7)
+    q = torch.randn(len(seq_lens), heads, head_size, generator=g) * 1.5
+    scale = head_size ** -0.5
+    ref = reference(fmt, cache, slots, q, scale, window)
+    if fmt == INT4:
+        qk = kvq.rht(q) * (scale / kvq.rht_block(head_size))
+        qk = torch.cat([qk[..., 0::2], qk[..., 1::2]], -1).contiguous()
+    else:
+        qk = (q * scale).contiguous()
+    max_blocks = table.shape[1]
+    for splits in sorted({1, 2, split_count(len(seq_lens), kv_heads, max_blocks, 2), max_blocks + 3}):
+        out = np.full(q.shape, np.nan, dtype=np.float32)
+        decode_attention(cache.numpy(), qk.numpy(), table.numpy(), np.array(seq_lens, dtype=np.int32),
+                         np.arange(len(seq_lens), dtype=np.int32), window or 0, fmt == INT4, out, splits)
+        got = torch.from_numpy(out).double()
+        if fmt == INT4:
+            half = head_size // 2
+            got = torch.stack([got[..., :half], got[..., half:]], -1).flatten(-2)
+            got = kvq.rht(got, inverse=True).double() / kvq.rht_block(head_size)
+        err = (got - ref).abs().max().item()
+        assert err < 1e-5 * ref.abs().max().item(), (splits, err)          # float32 rounding, relative
+
+
+def test_rows_not_decoding_are_left_alone():
+    cache, table, slots = filled_cache(kvq.PER_TOKEN_HEAD_DTYPES[0], [40, 50], 2, 64, 32, seed=3)
+    out = np.full((1, 4, 64), 7.0, dtype=np.float32)
+    q = np.random.default_rng(0).standard_normal((1, 4, 64)).astype(np.float32)
+    decode_attention(cache.numpy(), q, table.numpy(), np.array([40, 50], dtype=np.int32),
+                     np.array([-1, 0], dtype=np.int32), 0, False, out, 2)
+    assert np.isfinite(out).all() and not (out == 7.0).any()
+    ref = reference(kvq.PER_TOKEN_HEAD_DTYPES[0], cache, slots[1:], torch.from_numpy(q), 1.0, None)
+    torch.testing.assert_close(torch.from_numpy(out).double(), ref, rtol=0, atol=2e-5)
+
+
+@pytest.mark.parametrize("fmt", kvq.PER_TOKEN_HEAD_DTYPES)
+def test_backend_step_mixes_decode_and_prefill(fmt, monkeypatch):
+    """Through the impl with the per-step plan: two decoding sequences share prefix blocks with a prefill chunk;
+    the decode rows take the fused kernel, the chunk vLLM's kernel over a scratch copy holding each block once."""
+    from vllm.v1.attention.backends import cpu_attn
+
+    monkeypatch.setattr(cpu_attn, "get_current_vllm_config", lambda: SimpleNamespace(
+        model_config=SimpleNamespace(dtype=torch.float32)))
+    heads, kv_heads, head_size, block_size = 8, 2, 128, 32
+    impl = kvq.CPUKVQuantAttentionImpl(heads, head_size, head_size ** -0.5, kv_heads, None, None, fmt)
+    layer = SimpleNamespace(isa="vec", _k_scale_float=1.0, _v_scale_float=1.0)
+    g = torch.Generator().manual_seed(11)
+    cache = cache_for(fmt, 10, kv_heads, block_size, head_size)
+    prefix = torch.tensor([3, 8])                                   # two shared blocks (64 tokens)
+    tables = [torch.cat([prefix, torch.tensor([1])]), torch.cat([prefix, torch.tensor([6])]),
+              torch.cat([prefix, torch.tensor([0, 9])])]
+    seq_lens, query_lens = [70, 90, 120], [1, 1, 30]
+    kp, vp = torch.randn(2, 64, kv_heads, head_size, generator=g).unbind(0)
+    slot = lambda tb, t: int(tb[t // block_size]) * block_size + t % block_size  # noqa: E731
+    kvq.write_cells(fmt, cache, kp, vp, torch.tensor([slot(tables[0], t) for t in range(64)]))
+    ks, vs, slots = [], [], []
+    for tb, n in zip(tables, seq_lens):
+        k = torch.cat([kp, torch.randn(n - 64, kv_heads, head_size, generator=g)])
+        v = torch.cat([vp, torch.randn(n - 64, kv_heads, head_size, generator=g)])
+        s = torch.tensor([slot(tb, t) for t in range(n)])
+        kvq.write_cells(fmt, cache, k[64:], v[64:], s[64:])
+        ks.append(k), vs.append(v), slots.append(s)
+    q = torch.randn(sum(query_lens), heads, head_size, generator=g)
+    loc = torch.tensor([0, 1, 2, 32], dtype=torch.int32)
+    table = torch.zeros(3, 5, dtype=torch.int32)
+    for i, tb in enumerate(tables):
+        table[i, :len(tb)] = tb.to(torch.int32)
+    metadata = SimpleNamespace(num_actual_tokens=32, query_start_loc=loc, block_table=table, causal=True,
+                               seq_lens=torch.tensor(seq_lens, dtype=torch.int32), dynamic_causal=None)
+    out = torch.full((32, heads, head_size), float("nan"))
+    impl.forward(layer, q, None, None, cache, metadata, out)
+    plan = kvq.plan_step(loc, metadata.seq_lens, table, block_size, -1, True, dict(
+        num_heads=heads, num_kv_heads=kv_heads, head_dim=head_size, dtype=torch.float32, causal=True,
+        sliding_window_size=-1, isa="vec", enable_kv_split=False))
+    assert plan.decode_rows.tolist() == [0, 1, -1] and plan.prefill_tokens.tolist() == list(range(2, 32))
+    assert sorted(plan.prefill_blocks.tolist()) == [0, 3, 8, 9]      # only the prefilling sequence's blocks
+    deq = dequant_reference(fmt, cache, head_size)
+    rows = torch.cat([deq[s // block_size, :, s % block_size] for s in slots])
+    k, v = rows[:, :, 0], rows[:, :, 1]
+    if fmt == INT4:
+        b = kvq.rht_block(head_size)
+        k, v = kvq.rht(k, inverse=True) / b, kvq.rht(v, inverse=True) / b
+    ref = attention_reference(q, k, v, head_size ** -0.5, seq_lens, query_lens)
+    torch.testing.assert_close(out.double(), ref, rtol=0, atol=2e-5)
+    # and the format's error itself stays small against the original K, V
+    exact = attention_reference(q, torch.cat(ks), torch.cat(vs), head_size ** -0.5, seq_lens, query_lens)
+    assert (out.double() - exact).abs().mean() < (0.05 if fmt == INT4 else 0.01)
+    assert CACHE_DTYPE[fmt] == cache.dtype
