@@ -174,7 +174,14 @@ class Conversation:
         if self._stopping is None:
             return False
         event, loop = self._stopping
-        loop.call_soon_threadsafe(event.set)
+        try:
+            here = asyncio.get_running_loop()
+        except RuntimeError:
+            here = None
+        if here is loop:
+            event.set()
+        else:
+            loop.call_soon_threadsafe(event.set)
         return True
 
     def _image_url(self, path: str) -> str:
@@ -295,13 +302,18 @@ _END, _STOPPED = object(), object()
 
 
 async def _unless_stopped(awaitable, stop: asyncio.Event):
-    """``awaitable``'s result, or _STOPPED (``awaitable`` cancelled) if ``stop`` is set first."""
+    """``awaitable``'s result, or _STOPPED (``awaitable`` cancelled or its result dropped) once ``stop`` is set."""
     step, halt = asyncio.ensure_future(awaitable), asyncio.ensure_future(stop.wait())
     try:
-        await asyncio.wait({step, halt}, return_when=asyncio.FIRST_COMPLETED)
+        if not stop.is_set():
+            await asyncio.wait({step, halt}, return_when=asyncio.FIRST_COMPLETED)
     finally:
         halt.cancel()
         if not step.done():
             step.cancel()
             await asyncio.gather(step, return_exceptions=True)
-    return _STOPPED if step.cancelled() else step.result()
+    if stop.is_set():   # a chunk that was already buffered when Stop came is not shown
+        if not step.cancelled():
+            step.exception()   # retrieved, so that asyncio does not warn about it
+        return _STOPPED
+    return step.result()

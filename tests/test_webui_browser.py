@@ -324,38 +324,43 @@ def test_stop_ends_the_request_and_the_page_goes_on(browser, page):
 
 def test_stop_without_the_browser(page):
     """Conversation.stop, as the page's Stop calls it: the stream is closed, vLLM aborts the request, the answer so
-    far is kept as the turn's, and the next question of the same conversation is answered."""
+    far is kept as the turn's, and the next question of the same conversation is answered; Conversation.reset while
+    a reply streams (the page's Reset) aborts it the same way and keeps nothing."""
     from hub_cli.webui import connect
     from hub_cli.webui_chat import Conversation, Settings
 
-    _, api, model, _ = page
+    _, api, _, _ = page
     info, client = connect(api)
     conv = Conversation()
     assert conv.stop() is False   # nothing streams yet
 
-    async def run():
+    async def ask(text, max_tokens, interrupt_after=None, interrupt=None):
         updates = []
-        async for update in conv.reply(client, info, "Tell me a long story.", [],
-                                       Settings(max_tokens=LONG, temperature=0)):
+        async for update in conv.reply(client, info, text, [], Settings(max_tokens=max_tokens, temperature=0)):
             updates.append(update)
-            if len(updates) == 3:
-                assert conv.stop()
+            if len(updates) == interrupt_after:
+                interrupt()
         return updates
 
-    before = _metrics(api)
-    updates = asyncio.run(run())
-    last = updates[-1]
-    assert last.stopped and last.done and last.error is None and last.usage is None
-    assert last.answer.startswith(updates[2].answer) and len(updates) < 10
-    _assert_aborted(api, before)
-    assert [(t.text, t.answer) for t in conv.turns] == [("Tell me a long story.", last.answer)]
+    async def scenario():   # one event loop: the client's connections belong to it
+        before, stops = _metrics(api), []
+        updates = await ask("Tell me a long story.", LONG, 3, lambda: stops.append(conv.stop()))
+        assert stops == [True]
+        last = updates[-1]
+        assert last.stopped and last.done and last.error is None and last.usage is None
+        assert len(updates) == 4 and last.answer == updates[2].answer   # nothing after Stop, though buffered
+        _assert_aborted(api, before)
+        assert [(t.text, t.answer) for t in conv.turns] == [("Tell me a long story.", last.answer)]
 
-    async def next_question():
-        return [u async for u in conv.reply(client, info, "And then?", [], Settings(max_tokens=2, temperature=0))]
+        last = (await ask("And then?", 2))[-1]
+        assert last.done and not last.stopped and last.error is None and last.usage["completion_tokens"] == 2
+        assert len(conv.turns) == 2
 
-    last = asyncio.run(next_question())[-1]
-    assert last.done and not last.stopped and last.error is None and last.usage["completion_tokens"] == 2
-    assert len(conv.turns) == 2
+        before = _metrics(api)
+        assert (await ask("Once more.", LONG, 2, conv.reset))[-1].stopped and conv.turns == []
+        _assert_aborted(api, before)
+
+    asyncio.run(scenario())
 
 
 def test_reset_clears_the_history_and_tile_budget_counts(browser, page, tmp_path):
