@@ -17,7 +17,8 @@ Each path runs in a process of its own (peak RSS is that process's; --wait-load 
 cache, prefix caching off, random prompt token ids. Reported per path: decode tokens/s at batch 1 and
 8 (64-token prompts, D new tokens; the tokens after the first over the time from the first to the last, from
 vLLM's per-request timestamps or a transformers streamer), time to first token of one 1024-token prompt,
-peak RSS, and the kernel each W4A16 path used. Paths that cannot run here (e.g. stock AWQ where the
+peak RSS (and where it goes: the process before the engine, the peak while loading, the model's
+parameter bytes by kind, RSS after loading), and the kernel each W4A16 path used. Paths that cannot run here (e.g. stock AWQ where the
 vLLM build has no CPU int4 kernel) report the one-line error.
 """
 
@@ -46,6 +47,7 @@ PATHS: dict[str, tuple[str, str, dict, dict]] = {
     "w4a16": ("awq", "bfloat16", {}, {}),                                   # the plugin, kernel by its probe
     "w4a16-int4pack": ("awq", "bfloat16", {}, {"VLLM_INTERNVL_CPU_INT4": "int4pack"}),
     "w4a16-wna16": ("awq", "bfloat16", {}, {"VLLM_INTERNVL_CPU_INT4": "wna16-amx"}),
+    "w4a16-fp32": ("awq", "float32", {}, {}),
     "w4a16-fp16": ("awq", "float16", {}, {}),
     "stock-awq": ("awq", "bfloat16", {"quantization": "awq"}, {}),           # vLLM's default on the machine
     "stock-awq-w4a16": ("awq", "bfloat16", {"quantization": "awq"}, {"VLLM_CPU_INT4_W4A8": "0"}),
@@ -183,13 +185,14 @@ def run_path(path: str, args) -> dict:
     folder_kind, dtype, llm_kwargs, _ = PATHS[path]
     root = Path(args.work_dir) / f"internlm2-1.8b-L{args.layers}"
     folder = root / ("awq-g128" if folder_kind == "awq" else "dense-bf16")
-    result = {"path": path, "dtype": dtype}
+    result = {"path": path, "dtype": dtype, "rss_before_load_gib": round(rss_now() / 2**30, 2)}
     try:
         runner = HFRunner(folder, dtype) if path.startswith("hf-") else VLLMRunner(folder, dtype, llm_kwargs)
     except Exception as e:  # e.g. stock AWQ on a build without CPU int4 kernels
         return {**result, "error": f"{type(e).__name__}: {str(e).splitlines()[0][:200]}" if str(e) else repr(e)}
     result.update(runner.info)
     result["rss_after_load_gib"] = round(rss_now() / 2**30, 2)
+    result["peak_rss_load_gib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)
     gen = torch.Generator().manual_seed(1)
 
     def prompts(batch, length):
@@ -219,6 +222,7 @@ class VLLMRunner:
         kernels = self.llm.apply_model(_int4_kernels)[0]
         if kernels:
             self.info["kernels"] = kernels
+        self.info["param_gib"] = self.llm.apply_model(param_bytes)[0]
 
     def generate(self, prompts: list[list[int]], max_tokens: int) -> tuple[float, float]:
         """(wall seconds, decode tokens/s: the tokens after each request's first over the time from the
@@ -246,6 +250,40 @@ def _int4_kernels(model) -> str:
     return ", ".join(f"{k} x{v}" for k, v in sorted(seen.items()) if "Embedding" not in k)
 
 
+def param_bytes(model) -> dict[str, float]:
+    """GiB of parameters and buffers by kind: quantized linears (their 4-bit weights, scales, zero points),
+    the embedding and lm_head, the other linears, the rest (norms)."""
+    import torch
+    from vllm.model_executor.layers.vocab_parallel_embedding import VocabParallelEmbedding
+
+    out: dict[str, float] = {}
+    storages: dict[int, int] = {}
+    for module in model.modules():
+        cache = getattr(module, "kv_cache", None)  # the attention layers' views of vLLM's KV cache
+        cache = [cache] if isinstance(cache, torch.Tensor) else list(cache or [])
+        storages.update({t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in cache
+                         if isinstance(t, torch.Tensor) and t.numel()})
+        tensors = list(module.parameters(recurse=False)) + list(module.buffers(recurse=False))
+        if not tensors:
+            continue
+        method = type(getattr(module, "quant_method", None)).__name__
+        if isinstance(module, VocabParallelEmbedding):
+            kind = "embed_lm_head"
+        elif method not in ("NoneType", "UnquantizedLinearMethod"):
+            kind = "quantized_linear"
+        elif method == "UnquantizedLinearMethod":
+            kind = "dense_linear"
+        else:
+            kind = "other"
+        held = sum(t.numel() * t.element_size() for t in tensors)
+        if kind == "dense_linear" and hasattr(module, "cpu_linear"):  # vLLM's oneDNN handle holds the weight
+            held = (module.input_size_per_partition * module.output_size_per_partition
+                    * torch.empty((), dtype=module.params_dtype).element_size())
+        out[kind] = out.get(kind, 0.0) + held / 2**30
+    out["kv_cache"] = sum(storages.values()) / 2**30
+    return {k: round(v, 3) for k, v in sorted(out.items())}
+
+
 class HFRunner:
     """transformers LlamaForCausalLM with the dense checkpoint's weights (wqkv and w1/w3 split)."""
 
@@ -271,7 +309,9 @@ class HFRunner:
         model.load_state_dict({k: v.to(self.dtype) for k, v in state.items()}, assign=True, strict=True)
         model.model.rotary_emb = type(model.model.rotary_emb)(config=config)  # its buffers are not weights
         self.model = model.eval()
-        self.info = {"load_s": round(time.perf_counter() - t, 1), "quantization": None}
+        self.info = {"load_s": round(time.perf_counter() - t, 1), "quantization": None,
+                     "param_gib": {"all": round(sum(p.numel() * p.element_size() for p in model.parameters())
+                                                / 2**30, 3)}}
 
     def generate(self, prompts: list[list[int]], max_tokens: int) -> tuple[float, float]:
         """(wall seconds, decode tokens/s after the first new token, timed by a streamer)."""

@@ -1,8 +1,20 @@
-"""The CPU matmul of ``awq_w4a16``: AWQ weights repacked once, after loading, into library int4
-kernels' formats, and the operator that runs them.
+"""The CPU matmul of ``awq_w4a16``: AWQ weights repacked once, after loading, into one library int4
+kernel's format, and the operator that runs it.
 
 The kernels are library code; this module converts layouts, probes what runs here, and dispatches.
 
+``w4a8-amx``   vLLM's int4 GEMM with 8-bit activations (``_C.int4_scaled_mm_cpu``, from SGLang; what
+               stock ``--quantization awq`` runs on CPU by default, ``VLLM_CPU_INT4_W4A8=1``), in vLLM's
+               AVX-512 builds, used (as stock does) only with bfloat16 activations on an AMX CPU.
+               ``_C.convert_weight_packed_scale_zp`` turns AWQ's tensors into blocks of 32 output
+               columns: uint8 weights with a per-column int32 compensation per K block, int8 zero
+               points and float32 scales [N/32, K/G, 32] (0.57 bytes a weight at G = 128, 0.78 at 32).
+               Each call quantizes the activations per row to int8 (symmetric: step max|x| / 127),
+               multiplies them with the zero-point-corrected weights in int32 (exact), then scales by
+               the row's and the group's scales in float32. So the weights are exact; the only error is
+               the activations' 8-bit rounding, at most max|x| / 254 an input (tests/test_quant_cpu.py
+               holds it to that bound; the engine tests measure the logprob drift). VNNI dot products for few rows, AMX for many: the fastest at every row count
+               measured here. Needs N % 32 == 0 and G in {32, 64, 128, 256} (G = 192 computes garbage).
 ``int4pack``   PyTorch's CPU int4 GEMM (``aten._convert_weight_to_int4pack_for_cpu`` +
                ``aten._weight_int4pack_mm_for_cpu``; what gpt-fast and torchao run on CPU). Weight
                uint8 [N, K/2] in the kernel's own blocked order; per group and column a
@@ -15,37 +27,34 @@ The kernels are library code; this module converts layouts, probes what runs her
                Vectorised (AVX2, AVX-512, NEON) for bfloat16 activations only; float32 and float16
                run a scalar loop, 10-100x slower. Fast when few rows: it dequantizes in registers,
                so its cost grows with the rows (at 64 rows 10x a dense bfloat16 GEMM with AMX).
-               Needs N % 16 == 0 and G in {32, 64, 128, 256}.
-``wna16``      vLLM's CPUWNA16 (``_C.cpu_gemm_wna16``), in vLLM's AVX-512 builds (absent from the
-               AVX2 one). Weight int32 [N/16, 2K] (for each block of 16 output columns and each k,
-               16 nibbles in natural order), zero points int32 [K/G, N/8] (natural order), scales
-               [K/G, N]. Each call dequantizes L2-sized column slices to the activations' dtype and
-               multiplies them: AMX tiles for bfloat16 where the CPU has them (``wna16-amx``), else
-               AVX-512 (``wna16-vec``). So its cost hardly depends on the rows: at one row 3-4x
-               int4pack's, from about 8 rows on less, at 256+ rows that of the dense bfloat16 GEMM.
+               Needs N % 16 == 0 and G in {32, 64, 128, 256}. The kernel for float32 (exact) and
+               for machines without vLLM's AVX-512 kernels (AVX2, Arm).
+``wna16``      vLLM's CPUWNA16 with 16-bit activations (``_C.cpu_gemm_wna16``), in vLLM's AVX-512
+               builds. Weight int32 [N/16, 2K] (for each block of 16 output columns and each k, 16
+               nibbles in natural order), zero points int32 [K/G, N/8] (natural order), scales [K/G, N].
+               Each call dequantizes L2-sized column slices to the activations' dtype and multiplies
+               them: AMX tiles for bfloat16 where the CPU has them (``wna16-amx``), else AVX-512
+               (``wna16-vec``). Its cost hardly depends on the rows (at one row 3-4x int4pack's).
                bfloat16 and float16 only; needs K and N multiples of 32 and an even G.
 
-A plan (``PLANS``) says which formats a layer keeps and which kernel runs how many rows. Where both
-exist (bfloat16 on an AMX CPU with vLLM's AVX-512 build) a layer keeps both formats: int4pack runs
-up to ``SMALL_M`` rows (decode), wna16-amx above (prefill, images). That costs a second copy of the
-4-bit weights (1 byte a weight in all, half of bfloat16's 2) and is what it takes, with library
-kernels, to be fast at both ends; a kernel of our own for few rows on the wna16 layout would save it
-(not written: a plain C one, auto-vectorised, measured 5-10x slower than int4pack).
+Each layer keeps one format (``PLANS`` names them; a plan is one kernel): the AWQ tensors are freed as
+soon as the layer is converted, and nothing else is kept.
 
-``choose_plan`` takes the first plan of ``PREFERENCE[dtype]`` whose kernels the probe found working
-in this process and that takes the layer's shape; ``VLLM_INTERNVL_CPU_INT4=<plan>`` puts one first.
-The probe (``available_kernels``) calls each operator on a tiny layer and compares the result with
-the float reference: an operator missing from the build, or one that computes something else, is not
-used. A layer no plan takes gets ``None`` (the caller's dense fallback).
+``choose_plan`` takes the first plan of ``PREFERENCE[dtype]`` that the probe found working in this
+process and that takes the layer's shape; ``VLLM_INTERNVL_CPU_INT4=<plan>`` puts one first (e.g.
+``int4pack`` for bfloat16 without the int8 rounding of the activations). The probe
+(``available_kernels``) calls each operator on a tiny layer and compares the result with the float
+reference: an operator missing from the build, or one that computes something else, is not used. A
+layer no plan takes gets ``None`` (the caller's dense fallback).
 
 The preference, measured with benchmarks/bench_cpu.py (InternLM2-1.8B shapes, 24 layers, bfloat16, a
-2-core Sapphire Rapids VM with AMX; decode tokens/s at batch 1 / batch 8, time to first token of 1024
-tokens, peak RSS):
+2-core Sapphire Rapids VM with AMX, best of 3 while others shared the machine; decode tokens/s at
+batch 1 / batch 8, time to first token of 1024 tokens; benchmarks/README.md has the runs):
 
-    dense bfloat16          6.0 / 45.5    2.76 s    6.3 GiB
-    int4pack                10.6 / 37.6   20.0 s    4.3 GiB
-    wna16-amx               4.3 / 32.7    2.63 s    4.1 GiB
-    int4pack+wna16-amx      10.1 / 37.0   2.56 s    5.2 GiB
+    dense bfloat16          6.0 / 45.5    2.76 s
+    w4a8-amx                see benchmarks/README.md "CPU W4A16 and dtypes"
+    int4pack                10.6 / 37.6   20.0 s
+    wna16-amx               4.3 / 32.7    2.63 s
 """
 
 from __future__ import annotations
@@ -59,62 +68,60 @@ import torch
 
 from internvl_kernels import dequantize_awq, unpack_awq_int4
 
-__all__ = ["KERNELS", "PLANS", "PREFERENCE", "SMALL_M", "CpuInt4Weight", "available_kernels", "choose_plan",
-           "plan_accepts", "pack_awq", "cpu_int4_mm", "cpu_int4_linear", "repack_layer", "apply_layer"]
+__all__ = ["KERNELS", "PLANS", "PREFERENCE", "CpuInt4Weight", "available_kernels", "choose_plan", "plan_accepts",
+           "pack_awq", "cpu_int4_mm", "cpu_int4_linear", "repack_layer", "apply_layer", "activation_bound"]
 
 logger = logging.getLogger(f"vllm.{__name__}")
 
-KERNELS = ("int4pack", "wna16-amx", "wna16-vec")
-# plan -> the kernels it runs: the first up to SMALL_M rows, the last above
-PLANS: dict[str, tuple[str, ...]] = {
-    "int4pack+wna16-amx": ("int4pack", "wna16-amx"),
-    "int4pack": ("int4pack",),
-    "wna16-amx": ("wna16-amx",),
-    "wna16-vec": ("wna16-vec",),
-}
+KERNELS = ("w4a8-amx", "int4pack", "wna16-amx", "wna16-vec")
+PLANS = KERNELS  # a plan is one kernel: one copy of the 4-bit weights a layer
 PREFERENCE: dict[torch.dtype, tuple[str, ...]] = {
-    # wna16 alone only for shapes int4pack refuses (e.g. G = 96): behind it at few rows, and wna16-vec
-    # (AVX-512 without AMX) measured behind it at every row count
-    torch.bfloat16: ("int4pack+wna16-amx", "int4pack", "wna16-amx", "wna16-vec"),
+    # int4pack before wna16: faster at few rows, and wna16-vec (AVX-512 without AMX) measured behind it at
+    # every row count; wna16 only for shapes int4pack refuses (e.g. G = 96)
+    torch.bfloat16: ("w4a8-amx", "int4pack", "wna16-amx", "wna16-vec"),
     torch.float16: ("wna16-vec", "int4pack"),  # int4pack has no vectorised float16 path
     torch.float32: ("int4pack",),  # the only float32 kernel (scalar; exact)
 }
-SMALL_M = 8  # rows up to which int4pack runs in a two-kernel plan (both take about as long at 8)
 ENV_PLAN = "VLLM_INTERNVL_CPU_INT4"
 # Output columns converted at a time: bounds the temporary int32 copy of the 4-bit values (4 K bytes a
-# column); a multiple of every kernel's column block (int4pack 64, wna16 16).
+# column); a multiple of every kernel's column block (int4pack 64, wna16 16, w4a8 32).
 CHUNK = 1024
 NAMESPACE = "internvl_cpu"
 _LOGGED: set = set()
 
 
 class CpuInt4Weight(NamedTuple):
-    """One layer's weight in the formats of a plan (``pack_awq``); the formats a plan skips are None."""
+    """One layer's weight in the format of a plan (``pack_awq``)."""
 
     plan: str
-    int4pack_weight: torch.Tensor | None  # uint8 [N, K/2]
-    int4pack_scales: torch.Tensor | None  # [K/G, N, 2]: (scale, zero') in the activations' dtype
-    wna16_weight: torch.Tensor | None  # int32 [N/16, 2K]
-    wna16_scales: torch.Tensor | None  # [K/G, N] in the activations' dtype
-    wna16_zeros: torch.Tensor | None  # int32 [K/G, N/8]
+    weight: torch.Tensor  # int4pack: uint8 [N, K/2]; wna16: int32 [N/16, 2K]; w4a8: uint8 [N/32, K/Bk, ...]
+    scales: torch.Tensor  # int4pack: [K/G, N, 2] (scale, zero'); wna16: [K/G, N]; w4a8: float32 [N/32, K/G, 32]
+    zeros: torch.Tensor | None  # int4pack: None; wna16: int32 [K/G, N/8]; w4a8: int8 [N/32, K/G, 32]
 
 
 def plan_accepts(plan: str, k: int, n: int, group_size: int, dtype: torch.dtype) -> bool:
-    """Whether every kernel of `plan` takes K inputs, N outputs, group size G, `dtype` activations."""
-    return all(_kernel_accepts(kernel, k, n, group_size, dtype) for kernel in _plan_kernels(plan))
+    """Whether `plan`'s kernel takes K inputs, N outputs, group size G, `dtype` activations."""
+    _check_plan(plan)
+    if plan == "w4a8-amx":
+        return dtype == torch.bfloat16 and n % 32 == 0 and group_size in (32, 64, 128, 256) and k % group_size == 0
+    if plan == "int4pack":
+        return n % 16 == 0 and group_size in (32, 64, 128, 256) and k % group_size == 0
+    if plan == "wna16-amx" and dtype != torch.bfloat16:
+        return False  # vLLM's AMX micro-GEMM takes bfloat16 only (with float16 it aborts the process)
+    return dtype in (torch.bfloat16, torch.float16) and k % 32 == 0 and n % 32 == 0 and group_size % 2 == 0
 
 
 def choose_plan(k: int, n: int, group_size: int, dtype: torch.dtype) -> str | None:
-    """The plan for a layer: the first of PREFERENCE[dtype] (the env override first) whose kernels work
-    here and take the shape; None when none does."""
+    """The plan for a layer: the first of PREFERENCE[dtype] (the env override first) whose kernel works
+    here and takes the shape; None when none does."""
     order = list(PREFERENCE.get(dtype, ()))
     forced = os.environ.get(ENV_PLAN, "").strip()
     if forced:
-        _plan_kernels(forced)  # a one-line error for an unknown name
+        _check_plan(forced)  # a one-line error for an unknown name
         order = [forced] + [p for p in order if p != forced]
     working = available_kernels(dtype)
     for plan in order:
-        if all(kernel in working for kernel in PLANS[plan]) and plan_accepts(plan, k, n, group_size, dtype):
+        if plan in working and plan_accepts(plan, k, n, group_size, dtype):
             return plan
     return None
 
@@ -135,25 +142,36 @@ def available_kernels(dtype: torch.dtype) -> tuple[str, ...]:
 def pack_awq(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor, group_size: int, plan: str,
              dtype: torch.dtype | None = None) -> CpuInt4Weight:
     """Convert AWQ gemm tensors (qweight int32 [K, N/8], qzeros int32 [K/G, N/8], scales [K/G, N]) to the
-    formats of `plan` for activations in `dtype` (default: the scales' dtype)."""
+    format of `plan` for activations in `dtype` (default: the scales' dtype)."""
     dtype = dtype or scales.dtype
     k, n = qweight.shape[0], scales.shape[1]
     if not plan_accepts(plan, k, n, group_size, dtype):
         raise ValueError(f"CPU int4 plan {plan} does not take K={k}, N={n}, group_size={group_size}, {dtype}")
-    kernels = PLANS[plan]
-    i4 = _pack_int4pack(qweight, qzeros, scales, dtype) if "int4pack" in kernels else (None, None)
-    wn = _pack_wna16(qweight, qzeros, scales, dtype) if kernels[-1].startswith("wna16") else (None, None, None)
-    return CpuInt4Weight(plan, *i4, *wn)
+    if plan == "int4pack":
+        return CpuInt4Weight(plan, *_pack_int4pack(qweight, qzeros, scales, dtype), None)
+    if plan == "w4a8-amx":
+        # vLLM's own conversion (the AWQ nibble order is what its AWQ mode reads)
+        weight, zeros, scales = torch.ops._C.convert_weight_packed_scale_zp(
+            qweight.contiguous(), qzeros.contiguous(), scales.to(dtype).contiguous(), 0)  # 0: CPUQuantAlgo.AWQ
+        return CpuInt4Weight(plan, weight, scales, zeros)
+    return CpuInt4Weight(plan, *_pack_wna16(qweight, qzeros, scales, dtype))
+
+
+def activation_bound(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """The largest error w4a8's 8-bit activations can add to x [..., K] @ w [K, N] (float32, per output):
+    each input moves by at most half a step, max|x| / 127 / 2 of its row, times sum_k |w|."""
+    x2 = x.reshape(-1, x.shape[-1]).float()
+    return (x2.abs().amax(-1, keepdim=True) / 254) * w.float().abs().sum(0)
 
 
 def cpu_int4_linear(x: torch.Tensor, w: CpuInt4Weight, group_size: int, bias: torch.Tensor | None = None):
     """x [..., K] @ W + bias with W from ``pack_awq``: the operator ``torch.ops.internvl_cpu.int4_mm``."""
-    return cpu_int4_mm(x, *w[1:], group_size, _wna16_isa(w.plan), SMALL_M, bias)
+    return cpu_int4_mm(x, w.plan, w.weight, w.scales, w.zeros, group_size, bias)
 
 
 def repack_layer(layer: torch.nn.Module, group_size: int, plan: str) -> None:
-    """Replace a layer's AWQ parameters (qweight, qzeros, scales) by the formats of `plan` (parameters
-    named as CpuInt4Weight's fields); ``layer.cpu_int4_plan`` names the plan."""
+    """Replace a layer's AWQ parameters (qweight, qzeros, scales) by the format of `plan` (parameters
+    ``cpu_int4_weight``, ``cpu_int4_scales``, ``cpu_int4_zeros``); ``layer.cpu_int4_plan`` names the plan."""
     w = pack_awq(layer.qweight.data, layer.qzeros.data, layer.scales.data, group_size, plan)
     dtype = layer.scales.dtype
     if (plan, dtype) not in _LOGGED:
@@ -161,37 +179,22 @@ def repack_layer(layer: torch.nn.Module, group_size: int, plan: str) -> None:
         logger.info("awq_w4a16 on CPU: %s with %s activations (kernels that run here: %s)", plan,
                     str(dtype).removeprefix("torch."), ", ".join(available_kernels(dtype)))
     del layer.qweight, layer.qzeros, layer.scales
-    for name, tensor in zip(w._fields[1:], w[1:]):
+    for name in ("weight", "scales", "zeros"):
+        tensor = getattr(w, name)
         if tensor is not None:
-            layer.register_parameter(name, torch.nn.Parameter(tensor, requires_grad=False))
+            layer.register_parameter("cpu_int4_" + name, torch.nn.Parameter(tensor, requires_grad=False))
     layer.cpu_int4_plan = plan
 
 
 def apply_layer(layer: torch.nn.Module, x: torch.Tensor, group_size: int, bias: torch.Tensor | None = None):
     """The matmul of a layer that ``repack_layer`` converted."""
-    tensors = [getattr(layer, name, None) for name in CpuInt4Weight._fields[1:]]
-    return cpu_int4_mm(x, *tensors, group_size, _wna16_isa(layer.cpu_int4_plan), SMALL_M, bias)
+    return cpu_int4_mm(x, layer.cpu_int4_plan, layer.cpu_int4_weight, layer.cpu_int4_scales,
+                       getattr(layer, "cpu_int4_zeros", None), group_size, bias)
 
 
-# ----------------------------------------------------------------------------------------- shapes
-
-
-def _plan_kernels(plan: str) -> tuple[str, ...]:
+def _check_plan(plan: str) -> None:
     if plan not in PLANS:
         raise ValueError(f"{ENV_PLAN}={plan!r}: choose one of {', '.join(PLANS)}")
-    return PLANS[plan]
-
-
-def _kernel_accepts(kernel: str, k: int, n: int, group_size: int, dtype: torch.dtype) -> bool:
-    if kernel == "int4pack":
-        return n % 16 == 0 and group_size in (32, 64, 128, 256) and k % group_size == 0
-    if kernel == "wna16-amx" and dtype != torch.bfloat16:
-        return False  # vLLM's AMX micro-GEMM takes bfloat16 only (with float16 it aborts the process)
-    return dtype in (torch.bfloat16, torch.float16) and k % 32 == 0 and n % 32 == 0 and group_size % 2 == 0
-
-
-def _wna16_isa(plan: str) -> str:
-    return {"wna16-amx": "amx", "wna16-vec": "vec"}.get(PLANS[plan][-1], "")
 
 
 # ----------------------------------------------------------------------------------------- packing
@@ -235,27 +238,33 @@ def _pack_wna16(qweight, qzeros, scales, dtype):
 # ----------------------------------------------------------------------------------------- operator
 
 
-def _int4_mm_impl(x, int4pack_weight, int4pack_scales, wna16_weight, wna16_scales, wna16_zeros, group_size,
-                  wna16_isa, small_m, bias):
+def _out_features(plan: str, weight: torch.Tensor, scales: torch.Tensor) -> int:
+    if plan == "int4pack":
+        return weight.shape[0]
+    if plan == "w4a8-amx":
+        return scales.shape[0] * scales.shape[-1]
+    return scales.shape[1]
+
+
+def _int4_mm_impl(x, plan, weight, scales, zeros, group_size, bias):
     x2 = x.reshape(-1, x.shape[-1])
     if not x2.is_contiguous():
         x2 = x2.contiguous()
-    if int4pack_weight is not None and (wna16_weight is None or x2.shape[0] <= small_m):
-        n = int4pack_weight.shape[0]
-        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, int4pack_weight, group_size, int4pack_scales)
+    n = _out_features(plan, weight, scales)
+    if plan == "int4pack":
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, weight, group_size, scales)
         if bias is not None:
             y = y + bias
+    elif plan == "w4a8-amx":
+        y = torch.ops._C.int4_scaled_mm_cpu(x2, weight, zeros, scales, None if bias is None else bias.float())
     else:
-        n = wna16_scales.shape[1]
         y = torch.empty((x2.shape[0], n), dtype=x.dtype)
-        torch.ops._C.cpu_gemm_wna16(x2, wna16_weight, y, wna16_scales, wna16_zeros, bias, 8, wna16_isa)
+        torch.ops._C.cpu_gemm_wna16(x2, weight, y, scales, zeros, bias, 8, plan.removeprefix("wna16-"))
     return y.view(*x.shape[:-1], n)
 
 
-def _int4_mm_fake(x, int4pack_weight, int4pack_scales, wna16_weight, wna16_scales, wna16_zeros, group_size,
-                  wna16_isa, small_m, bias):
-    n = int4pack_weight.shape[0] if int4pack_weight is not None else wna16_scales.shape[1]
-    return x.new_empty((*x.shape[:-1], n))
+def _int4_mm_fake(x, plan, weight, scales, zeros, group_size, bias):
+    return x.new_empty((*x.shape[:-1], _out_features(plan, weight, scales)))
 
 
 def _registered() -> bool:
@@ -266,13 +275,11 @@ def _registered() -> bool:
         return False
 
 
-# An operator, so that vLLM's torch.compile traces one opaque call (the choice by row count stays out
-# of the graph); registered through torch.library.Library, whose CPU dispatch calls the Python
-# function directly (a few microseconds a call).
+# An operator, so that vLLM's torch.compile traces one opaque call; registered through
+# torch.library.Library, whose CPU dispatch calls the Python function directly (a few microseconds a call).
 if not _registered():
     _LIB = torch.library.Library(NAMESPACE, "FRAGMENT")
-    _LIB.define("int4_mm(Tensor x, Tensor? int4pack_weight, Tensor? int4pack_scales, Tensor? wna16_weight, "
-                "Tensor? wna16_scales, Tensor? wna16_zeros, int group_size, str wna16_isa, int small_m, "
+    _LIB.define("int4_mm(Tensor x, str plan, Tensor weight, Tensor scales, Tensor? zeros, int group_size, "
                 "Tensor? bias) -> Tensor")
     _LIB.impl("int4_mm", _int4_mm_impl, "CPU")
     torch.library.register_fake(f"{NAMESPACE}::int4_mm", _int4_mm_fake, lib=_LIB)
@@ -297,15 +304,20 @@ def _load_vllm_cpu_ops() -> None:
         logger.debug("vLLM CPU kernels not loaded: %r", e)
 
 
+_VLLM_OPS = {"w4a8-amx": ("int4_scaled_mm_cpu", "convert_weight_packed_scale_zp"),
+             "wna16-amx": ("cpu_gemm_wna16",), "wna16-vec": ("cpu_gemm_wna16",)}
+
+
 def _probe(kernel: str, dtype: torch.dtype) -> tuple[bool, str]:
     k, n, group_size = 128, 64, 32
-    if not _kernel_accepts(kernel, k, n, group_size, dtype):
+    if not plan_accepts(kernel, k, n, group_size, dtype):
         return False, "not for this dtype"
-    if kernel.startswith("wna16"):
+    if kernel in _VLLM_OPS:
         _load_vllm_cpu_ops()
-        if not hasattr(torch.ops._C, "cpu_gemm_wna16"):
-            return False, "this vLLM build has no _C.cpu_gemm_wna16"
-        if kernel == "wna16-amx" and not torch.cpu._is_amx_tile_supported():
+        missing = [op for op in _VLLM_OPS[kernel] if not hasattr(torch.ops._C, op)]
+        if missing:
+            return False, f"this vLLM build has no _C.{missing[0]}"
+        if kernel.endswith("-amx") and not torch.cpu._is_amx_tile_supported():
             return False, "no AMX tiles on this CPU (or not enabled by the OS)"  # AMX would fault
     from internvl_kernels import quantize_awq
 
@@ -322,4 +334,3 @@ def _probe(kernel: str, dtype: torch.dtype) -> tuple[bool, str]:
     if not err <= tolerance:  # also catches NaN
         return False, f"wrong results (max error {err:.2g} of the largest output, tolerance {tolerance:g})"
     return True, f"works (max error {err:.2g} of the largest output)"
-
