@@ -2,7 +2,8 @@
 
 MODEL_OR_URL is either the http(s) URL of a running OpenAI-compatible server, or a model folder / repo id,
 for which a vLLM server is started on a free loopback port the way ``hub_cli serve`` starts one, and stopped
-when the chat ends (:func:`hub_cli.launch.local_server`). The conversation goes through the official ``openai`` client with streaming.
+when the chat ends (:func:`hub_cli.launch.local_server`). The conversation goes through the official ``openai``
+client with streaming.
 
 In the chat: ``/image PATH_OR_URL`` attaches an image to the next message (local files go as base64 data URLs,
 http(s) URLs as they are), ``/reset`` forgets the conversation, ``/exit`` or Ctrl-D quits, Ctrl-C stops an

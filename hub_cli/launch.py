@@ -31,7 +31,8 @@ from pathlib import Path
 from typing import IO, Any
 
 __all__ = ["is_cpu_vllm", "api_server_argv", "server_argv", "server_env", "run_server", "running_server",
-           "start_server", "stop_server", "wait_healthy", "connect_host", "free_port", "local_server", "small_png_b64", "curl_example"]
+           "start_server", "stop_server", "wait_healthy", "connect_host", "free_port", "local_server", "small_png_b64",
+           "curl_example"]
 
 API_SERVER_MODULE = "vllm.entrypoints.openai.api_server"
 

@@ -58,5 +58,6 @@ def plan_mm_budget(plan: Any, config: Mapping[str, Any], *, max_dynamic_patch: i
     cache = encoder_cache_bytes(config, max_dynamic_patch)
     plan.notes.append(f"requests may ask for max_dynamic_patch up to {max_dynamic_patch} tiles (--max-dynamic-patch): "
                       f"vLLM's encoder cache holds {(max_dynamic_patch + 1) * per_tile} image tokens, "
-                      f"{cache / 2**20:.1f} MiB in 16 bits (the start-up memory profile still uses the config's tiling)")
+                      f"{cache / 2**20:.1f} MiB in 16 bits "
+                      "(the start-up memory profile still uses the config's tiling)")
 

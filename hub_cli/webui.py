@@ -7,9 +7,9 @@ sliders for the sampling settings and the tile budget, a system prompt. The conv
 request carries, the image limit, errors) is :mod:`hub_cli.webui_chat`.
 
 MODEL_OR_URL is a running server's URL or a model folder / repo id, for which a server is started the way
-``hub_cli serve`` starts one (:func:`hub_cli.serve.prepare_server`, :func:`hub_cli.launch.running_server`)
-on a free loopback port (:func:`hub_cli.launch.local_server`), and stopped when the page stops (Ctrl-C or SIGTERM). ``hub_cli serve --webui`` opens the same page
-beside the server it runs (:func:`launch_in_background`).
+``hub_cli serve`` starts one, on a free loopback port (:func:`hub_cli.launch.local_server`), and stopped when the
+page stops (Ctrl-C or SIGTERM). ``hub_cli serve --webui`` opens the same page beside the server it runs
+(:func:`launch_in_background`).
 """
 
 from __future__ import annotations
@@ -227,35 +227,34 @@ def run(model_or_url: str, vllm_args: tuple[str, ...], *, server_name: str, serv
     remote = model_or_url.startswith(("http://", "https://"))
     if remote and vllm_args:
         return fail("arguments after '--' go to a server that webui starts; a URL is already running", 2)
-    # local_server turns SIGTERM into KeyboardInterrupt while its server runs: it is stopped with the page
-    with contextlib.ExitStack() as stack:
-        url, served = model_or_url, model_name
-        if not remote:
+    # Ctrl-C, and SIGTERM while a server of ours runs (local_server), stop the page and that server
+    try:
+        with contextlib.ExitStack() as stack:
+            url, served = model_or_url, model_name
+            if not remote:
+                try:
+                    url, served, argv = stack.enter_context(local_server(
+                        model_or_url, dict(options, model_name=model_name), vllm_args, prog="hub_cli webui", echo=echo))
+                    limit_images = limit_images or image_limit_from_args(argv)
+                except HubCliError as exc:
+                    return fail(exc.message, exc.exit_code)
+                except RuntimeError as exc:
+                    return fail(str(exc), 1)
             try:
-                url, served, argv = stack.enter_context(local_server(
-                    model_or_url, dict(options, model_name=model_name), vllm_args, prog="hub_cli webui", echo=echo))
-                limit_images = limit_images or image_limit_from_args(argv)
-            except HubCliError as exc:
-                return fail(exc.message, exc.exit_code)
-            except RuntimeError as exc:
-                return fail(str(exc), 1)
-            except KeyboardInterrupt:
-                return 130
-        try:
-            info, client = connect(url, api_key=api_key, model=served, image_limit=limit_images)
-        except openai.APIConnectionError:
-            return fail(f"cannot reach an OpenAI-compatible server at {api_base_url(url)}", 6)
-        except openai.APIStatusError as exc:
-            return fail(f"{api_base_url(url)} answered HTTP {exc.status_code}", 1)
-        except ValueError as exc:
-            return fail(str(exc), 2)
-        for note in info.notes:
-            echo(f"hub_cli webui: {note}")
-        app = build_app(info, client, system=system, max_tokens=max_tokens, temperature=temperature, top_p=top_p)
-        try:
-            launch(app, server_name=server_name, server_port=server_port)
-        except OSError as exc:
-            return fail(f"cannot serve the page on {server_name}:{server_port}: {exc}", 1)
-        except KeyboardInterrupt:
-            return 130
+                info, client = connect(url, api_key=api_key, model=served, image_limit=limit_images)
+            except openai.APIConnectionError:
+                return fail(f"cannot reach an OpenAI-compatible server at {api_base_url(url)}", 6)
+            except openai.APIStatusError as exc:
+                return fail(f"{api_base_url(url)} answered HTTP {exc.status_code}", 1)
+            except ValueError as exc:
+                return fail(str(exc), 2)
+            for note in info.notes:
+                echo(f"hub_cli webui: {note}")
+            app = build_app(info, client, system=system, max_tokens=max_tokens, temperature=temperature, top_p=top_p)
+            try:
+                launch(app, server_name=server_name, server_port=server_port)
+            except OSError as exc:
+                return fail(f"cannot serve the page on {server_name}:{server_port}: {exc}", 1)
+    except KeyboardInterrupt:
+        return 130
     return 0

@@ -189,7 +189,8 @@ class Conversation:
             self._urls[path] = image_url_for(path)
         return self._urls[path]
 
-    def messages(self, system: str, text: str, images: Sequence[str], limit: int | None) -> tuple[list[dict], list[str]]:
+    def messages(self, system: str, text: str, images: Sequence[str],
+                 limit: int | None) -> tuple[list[dict], list[str]]:
         """The request's messages for a new turn and notes on images left out (newest images kept)."""
         pending = [*self.turns, Turn(text, list(images))]
         total = sum(len(t.images) for t in pending)

@@ -196,7 +196,8 @@ def test_tile_slider_only_where_the_server_takes_per_request_kwargs(tmp_path):
 
 
 def test_serve_webui_passes_the_servers_api_key(tiny_model, monkeypatch):
-    """`hub_cli serve --webui -- --api-key K`: the page talks to the server with K (without it every request is a 401)."""
+    """`hub_cli serve --webui -- --api-key K`: the page talks to the server with K (without it every request is a
+    401)."""
     import hub_cli.launch
     import hub_cli.webui
     from click.testing import CliRunner
@@ -211,6 +212,7 @@ def test_serve_webui_passes_the_servers_api_key(tiny_model, monkeypatch):
 
     monkeypatch.setattr(hub_cli.launch, "run_server", fake_run_server)
     monkeypatch.setattr(hub_cli.webui, "launch_in_background", lambda *a, **kw: seen.update(kw))
-    result = CliRunner().invoke(main, ["serve", str(tiny_model("internvl2-2b")), "--webui", "--", "--api-key", "sekret"])
+    result = CliRunner().invoke(main, ["serve", str(tiny_model("internvl2-2b")), "--webui", "--",
+                                       "--api-key", "sekret"])
     assert result.exit_code == 0, result.output
     assert seen["api_key"] == "sekret"
