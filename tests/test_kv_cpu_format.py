@@ -323,3 +323,24 @@ def test_the_plugin_registers_the_backend():
     assert AttentionBackendEnum.CPU_ATTN.get_class() is kvq.CPUKVQuantAttentionBackend
     assert kvq.CPUKVQuantAttentionBackend.supports_kv_cache_dtype(INT4)
     assert kvq.CPUKVQuantAttentionBackend.supports_kv_cache_dtype("fp8")
+
+
+def test_engines_start_after_numba_was_imported():
+    """vLLM 0.32's CPU worker init scans every module for Triton kernels and trips over llvmlite (imported by our
+    Numba decode kernel); the plugin runs that scan without numba/llvmlite (cpu_kv_vllm_fix.py)."""
+    import numba  # noqa: F401
+    from vllm.triton_utils import dispatcher
+
+    import internvl_plugin
+    from internvl_plugin.cpu_kv_vllm_fix import apply
+
+    internvl_plugin.register()
+    apply()
+    wrapped = dispatcher._rebind_kernels
+    assert wrapped._internvl_skips_numba
+    # the wrapped function is still the module-level name register_kernels calls, and still trips unwrapped
+    assert "_rebind_kernels(" in inspect.getsource(dispatcher.register_kernels)
+    with pytest.raises(AttributeError, match="_lib_fn_wrapper"):
+        wrapped.__wrapped__([])
+    wrapped([])
+    assert "numba" in __import__("sys").modules
