@@ -95,6 +95,25 @@ def test_requests_keep_the_newest_images_within_the_limit(tmp_path):
     assert _images_per_message(messages) == [2, 0, 0, 0, 1] and notes == []
 
 
+def test_each_image_is_read_and_encoded_once(tmp_path, monkeypatch):
+    import hub_cli.webui_chat as webui_chat
+    from hub_cli.webui_chat import Conversation, Turn
+
+    a, b = (_png(tmp_path / f"{n}.png", (i * 90, 0, 0)) for i, n in enumerate("ab"))
+    encoded = []
+    real = webui_chat.image_url_for
+    monkeypatch.setattr(webui_chat, "image_url_for", lambda path: encoded.append(path) or real(path))
+    conv = Conversation()
+    first, _ = conv.messages("", "one", [a], limit=None)
+    conv.turns = [Turn("one", [a], "answer")]
+    second, _ = conv.messages("", "two", [b], limit=None)
+    assert encoded == [a, b]   # a's data URL of the first turn is reused in the second request
+    assert second[0]["content"][0] == first[0]["content"][0]
+    conv.reset()
+    conv.messages("", "again", [a], limit=None)
+    assert encoded == [a, b, a]   # a new conversation reads its files anew
+
+
 def test_bytes_go_unchanged(tmp_path):
     from hub_cli.webui_chat import image_url_for
 
