@@ -97,7 +97,8 @@ def _slow_and_never_ending(model_dir: Path, layers: int = 24) -> Path:
 
 @pytest.fixture(scope="module")
 def page(tmp_path_factory):
-    """(page URL, vLLM base URL, model folder, log) of `hub_cli webui MODEL` with a 2-image limit."""
+    """(page URL, vLLM base URL, model folder, log) of `hub_cli webui MODEL` with a 2-image limit, MODEL the tiny
+    InternVL reshaped by _slow_and_never_ending (answers run to max_tokens at a real model's pace)."""
     from internvl_plugin.tiny import build_tiny_model
 
     root = tmp_path_factory.mktemp("webui")
