@@ -120,16 +120,18 @@ def engine(request, tiny_model, tmp_path_factory, monkeypatch_module):
                                     "--quiet"])
     assert res.exit_code == 0, res.output
     dense = dequantized_folder(quant, root / "dense")
-    llm = make_llm(quant)
     tok = _tokenizer(quant)
-    yield quant, llm, _reference(dense, tok), tok
-    release_llm(llm)
+    # the engine lives only in this dict: pytest keeps a fixture's value until after its teardown, and an engine
+    # collected later (while the next parameter's engine runs) would tear down that engine's vLLM groups
+    made = {"quant": quant, "llm": make_llm(quant), "ref": _reference(dense, tok), "tok": tok}
+    yield made
+    release_llm(made.pop("llm"))
 
 
-def test_checkpoint_keeps_plora_16bit(engine, tiny_model):
+def test_checkpoint_keeps_plora_16bit(engine):
     from safetensors import safe_open
 
-    quant, llm, _, _ = engine
+    quant, llm = engine["quant"], engine["llm"]
     names = {}
     for shard in quant.glob("*.safetensors"):
         with safe_open(str(shard), framework="pt") as f:
@@ -148,7 +150,7 @@ def test_checkpoint_keeps_plora_16bit(engine, tiny_model):
 def test_quantized_xcomposer2_matches_the_dequantized_reference(engine, with_image):
     from vllm import SamplingParams
 
-    _, llm, ref, tok = engine
+    llm, ref, tok = engine["llm"], engine["ref"], engine["tok"]
     prompt = (PLACEHOLDER if with_image else "") + PROMPT
     request = {"prompt": prompt, **({"multi_modal_data": {"image": IMAGE}} if with_image else {})}
     out = llm.generate(request, SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0, ignore_eos=True,
