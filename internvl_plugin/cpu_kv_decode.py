@@ -204,7 +204,7 @@ def _decode_kernel(cache_q, cache_s, query, block_table, seq_lens, rows, window,
 
 def split_count(num_seqs: int, kv_heads: int, max_blocks: int, threads: int) -> int:
     """Context slices per (sequence, KV head): enough work items for every thread, slices of >= 4 blocks."""
-    if num_seqs * kv_heads >= 2 * threads:
+    if num_seqs == 0 or num_seqs * kv_heads >= 2 * threads:
         return 1
     want = -(-2 * threads // (num_seqs * kv_heads))
     return max(1, min(want, max_blocks // 4))

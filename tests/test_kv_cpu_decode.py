@@ -95,6 +95,7 @@ def test_fused_decode_matches_attention_over_the_dequantized_cache(fmt, case):
 
 
 def test_rows_not_decoding_are_left_alone():
+    assert split_count(0, 8, 16, 2) == 1                         # a step without decode rows (prefill only)
     cache, table, slots = filled_cache(kvq.PER_TOKEN_HEAD_DTYPES[0], [40, 50], 2, 64, 32, seed=3)
     out = np.full((1, 4, 64), 7.0, dtype=np.float32)
     q = np.random.default_rng(0).standard_normal((1, 4, 64)).astype(np.float32)
