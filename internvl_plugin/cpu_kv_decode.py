@@ -81,7 +81,19 @@ def _attend_slice(cache_q, cache_s, q, q_sum, table_row, head, first, last, int4
                 bits = cache_s[blk, head, slot, scale_at]
                 step = _bits_as_float(bits & -16)
                 zp = np.float32(bits & 15)
-                for g in range(group):
+                for g in range(0, group - 1, 2):
+                    s0 = np.float32(0.0)
+                    s1 = np.float32(0.0)
+                    for i in range(data):
+                        byte = np.int32(cache_q[blk, head, slot, i])
+                        lo = np.float32(byte & 15)
+                        hi = np.float32(byte >> 4)
+                        s0 += q[g, i] * lo + q[g, data + i] * hi
+                        s1 += q[g + 1, i] * lo + q[g + 1, data + i] * hi
+                    scores[g, j] = step * (s0 - zp * q_sum[g])
+                    scores[g + 1, j] = step * (s1 - zp * q_sum[g + 1])
+                if group % 2:
+                    g = group - 1
                     s = np.float32(0.0)
                     for i in range(data):
                         byte = np.int32(cache_q[blk, head, slot, i])
@@ -89,11 +101,20 @@ def _attend_slice(cache_q, cache_s, q, q_sum, table_row, head, first, last, int4
                     scores[g, j] = step * (s - zp * q_sum[g])
             else:
                 step = _bits_as_float(cache_s[blk, head, slot, scale_at])
-                for g in range(group):
+                for g in range(0, group - 1, 2):   # query heads in pairs: each K element widened once per pair
+                    s0 = np.float32(0.0)
+                    s1 = np.float32(0.0)
+                    for i in range(dim):
+                        x = np.float32(cache_q[blk, head, slot, i])
+                        s0 += q[g, i] * x
+                        s1 += q[g + 1, i] * x
+                    scores[g, j] = step * s0
+                    scores[g + 1, j] = step * s1
+                if group % 2:
                     s = np.float32(0.0)
                     for i in range(dim):
-                        s += q[g, i] * np.float32(cache_q[blk, head, slot, i])
-                    scores[g, j] = step * s
+                        s += q[group - 1, i] * np.float32(cache_q[blk, head, slot, i])
+                    scores[group - 1, j] = step * s
         for g in range(group):                 # rescale the running sums once per block, weights into scores
             mb = _NEG
             for j in range(n):
@@ -118,18 +139,38 @@ def _attend_slice(cache_q, cache_s, q, q_sum, table_row, head, first, last, int4
                 step = _bits_as_float(bits & -16)
                 zp = np.float32(bits & 15)
                 for g in range(group):
+                    zsum[g] += scores[g, j] * step * zp
+                for g in range(0, group - 1, 2):
+                    w0 = scores[g, j] * step
+                    w1 = scores[g + 1, j] * step
+                    for i in range(data):
+                        byte = np.int32(cache_q[blk, head, slot, v_off + i])
+                        lo = np.float32(byte & 15)
+                        hi = np.float32(byte >> 4)
+                        acc[g, i] += w0 * lo
+                        acc[g, data + i] += w0 * hi
+                        acc[g + 1, i] += w1 * lo
+                        acc[g + 1, data + i] += w1 * hi
+                if group % 2:
+                    g = group - 1
                     w = scores[g, j] * step
-                    zsum[g] += w * zp
                     for i in range(data):
                         byte = np.int32(cache_q[blk, head, slot, v_off + i])
                         acc[g, i] += w * np.float32(byte & 15)
                         acc[g, data + i] += w * np.float32(byte >> 4)
             else:
                 step = _bits_as_float(cache_s[blk, head, slot, v_scale_at])
-                for g in range(group):
-                    w = scores[g, j] * step
+                for g in range(0, group - 1, 2):
+                    w0 = scores[g, j] * step
+                    w1 = scores[g + 1, j] * step
                     for i in range(dim):
-                        acc[g, i] += w * np.float32(cache_q[blk, head, slot, v_off + i])
+                        x = np.float32(cache_q[blk, head, slot, v_off + i])
+                        acc[g, i] += w0 * x
+                        acc[g + 1, i] += w1 * x
+                if group % 2:
+                    w = scores[group - 1, j] * step
+                    for i in range(dim):
+                        acc[group - 1, i] += w * np.float32(cache_q[blk, head, slot, v_off + i])
         t += n
 
 
