@@ -4,6 +4,7 @@
     python benchmarks/bench_cpu.py                     # 24 layers (InternLM2-1.8B / InternVL2-2B's LLM)
     python benchmarks/bench_cpu.py --layers 4          # a quick run
     python benchmarks/bench_cpu.py --paths vllm-bf16 w4a16 --json out.json
+    python benchmarks/bench_cpu.py --layer-ab          # the plugin's int4 operator vs stock's call, per linear
 
 One checkpoint pair is built once under --work-dir: random weights with InternLM2-1.8B's shapes (hidden
 2048, 16 heads / 8 KV heads, intermediate 8192, vocab 92544), RTN-quantized to AWQ gemm G=128 (the
@@ -70,8 +71,15 @@ def main() -> None:
     ap.add_argument("--wait-load", type=float, default=None, metavar="L",
                     help="before each path wait (up to 15 min) for the 1-minute load average to drop below L")
     ap.add_argument("--json", help="write the results here")
+    ap.add_argument("--layer-ab", action="store_true", help="only time the plugin's CPU int4 operator against "
+                    "stock vLLM's AWQ call on the 1.8B linears, interleaved in one process")
+    ap.add_argument("--ab-rows", type=int, nargs="+", default=[1, 8, 64])
+    ap.add_argument("--ab-iters", type=int, default=200)
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.layer_ab:
+        layer_ab(args)
+        return
     if args.worker:
         print("RESULT " + json.dumps(run_path(args.worker, args)), flush=True)
         return
@@ -193,6 +201,8 @@ def run_path(path: str, args) -> dict:
     result.update(runner.info)
     result["rss_after_load_gib"] = round(rss_now() / 2**30, 2)
     result["peak_rss_load_gib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)
+    result["rss_anon_file_gib"] = rss_kinds()
+    result["rss_after_malloc_trim_gib"] = round(malloc_trim() / 2**30, 2)
     gen = torch.Generator().manual_seed(1)
 
     def prompts(batch, length):
@@ -365,6 +375,76 @@ def llama_state_dict(state: dict, cfg: dict) -> dict:
     return out
 
 
+# ------------------------------------------------------------------------------------------ layer A/B
+
+
+def layer_ab(args) -> None:
+    """The plugin's CPU int4 operator against stock vLLM's call of the same AWQ layer (CPUWNA16's
+    ``apply_weights``), interleaved in one process so that a shared machine's load hits both alike:
+    InternLM2-1.8B's four linear shapes, G=128, bfloat16, --ab-rows rows. Prints the median of
+    --ab-iters calls each and the ratio stock / plugin (above 1: the plugin is faster)."""
+    import statistics
+    from unittest import mock
+
+    import torch
+    from vllm.model_executor.kernels.linear.mixed_precision.cpu import CPUWNA16LinearKernel
+    from vllm.model_executor.kernels.linear.mixed_precision.MPLinearKernel import MPLinearLayerConfig
+    from vllm.model_executor.layers.quantization.auto_awq import _convert_awq_to_standard_format
+    from vllm.model_executor.parameter import GroupQuantScaleParameter, PackedvLLMParameter
+    from vllm.scalar_type import scalar_types
+
+    from internvl_kernels import quantize_awq
+    from internvl_plugin import quant_cpu
+
+    h, inter = SHAPE["hidden_size"], SHAPE["intermediate_size"]
+    qkv = (SHAPE["num_attention_heads"] + 2 * SHAPE["num_key_value_heads"]) * h // SHAPE["num_attention_heads"]
+    gen = torch.Generator().manual_seed(0)
+    print(f"# {machine()}  load1={os.getloadavg()[0]:.2f}  plan={quant_cpu.choose_plan(h, inter, GROUP, torch.bfloat16)}")
+    print("| linear (K x N) | rows | plugin ms | stock ms | stock / plugin |\n|---|---|---|---|---|")
+    for name, (k, n) in {"wqkv": (h, qkv), "wo": (h, h), "w1w3": (h, 2 * inter), "w2": (inter, h)}.items():
+        awq = quantize_awq(torch.randn(n, k, generator=gen) / k**0.5, GROUP, scale_dtype=torch.bfloat16)
+        ours = torch.nn.Module()
+        for pname, t in zip(("qweight", "qzeros", "scales"), awq):
+            ours.register_parameter(pname, torch.nn.Parameter(t.clone(), requires_grad=False))
+        quant_cpu.repack_layer(ours, GROUP, quant_cpu.choose_plan(k, n, GROUP, torch.bfloat16))
+        stock = torch.nn.Module()  # as vLLM's AutoAWQMarlinLinearMethod builds and converts it on CPU
+        # vLLM's parameter classes ask for the tensor-parallel rank; one process, no group: rank 0 of 1
+        patches = [mock.patch(f"vllm.model_executor.parameter.get_tensor_model_parallel_{f}", return_value=v)
+                   for f, v in (("rank", 0), ("world_size", 1))]
+        for patch in patches:
+            patch.start()
+        noop = lambda *a, **kw: None  # noqa: E731
+        stock.register_parameter("qweight", PackedvLLMParameter(data=awq[0].clone(), input_dim=0, output_dim=1,
+                                                                packed_dim=1, packed_factor=8, weight_loader=noop))
+        stock.register_parameter("qzeros", PackedvLLMParameter(data=awq[1].clone(), input_dim=0, output_dim=1,
+                                                               packed_dim=1, packed_factor=8, weight_loader=noop))
+        stock.register_parameter("scales", GroupQuantScaleParameter(data=awq[2].clone(), input_dim=0, output_dim=1,
+                                                                    weight_loader=noop))
+        stock.bias = None
+        config = MPLinearLayerConfig(full_weight_shape=(k, n), partition_weight_shape=(k, n),
+                                     weight_type=scalar_types.uint4, act_type=torch.bfloat16, group_size=GROUP,
+                                     zero_points=True)
+        kernel = CPUWNA16LinearKernel(config, w_q_param_name="qweight", w_s_param_name="scales",
+                                      w_zp_param_name="qzeros")
+        _convert_awq_to_standard_format(stock, "qweight", "qzeros", 4)
+        kernel.process_weights_after_loading(stock)
+        for patch in patches:
+            patch.stop()
+        for rows in args.ab_rows:
+            x = torch.randn(rows, k, generator=gen).bfloat16()
+            calls = {"plugin": lambda: quant_cpu.apply_layer(ours, x, GROUP), "stock": lambda: kernel.apply_weights(stock, x)}
+            assert torch.equal(calls["plugin"](), calls["stock"]()), name  # the same kernel on the same weights
+            times = {key: [] for key in calls}
+            for _ in range(args.ab_iters):
+                for key, call in calls.items():
+                    t = time.perf_counter()
+                    call()
+                    times[key].append(time.perf_counter() - t)
+            med = {key: statistics.median(v) * 1e3 for key, v in times.items()}
+            print(f"| {name} ({k} x {n}) | {rows} | {med['plugin']:.3f} | {med['stock']:.3f} | "
+                  f"{med['stock'] / med['plugin']:.2f} |", flush=True)
+
+
 # ------------------------------------------------------------------------------------------ report
 
 
@@ -380,6 +460,27 @@ def wait_for_load(limit: float, every_s: int = 30, max_s: int = 900) -> float:
 def rss_now() -> int:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def rss_kinds() -> list[float]:
+    """[anonymous, file-backed] resident GiB of this process (/proc/self/status)."""
+    kinds = {}
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(("RssAnon:", "RssFile:")):
+                kinds[line.split(":")[0]] = int(line.split()[1]) / 2**20
+    return [round(kinds.get("RssAnon", 0.0), 2), round(kinds.get("RssFile", 0.0), 2)]
+
+
+def malloc_trim() -> int:
+    """RSS after glibc's malloc_trim(0) hands freed heap pages back (what loading left allocated-but-free)."""
+    import ctypes
+
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+    return rss_now()
 
 
 def machine() -> str:
