@@ -67,7 +67,16 @@ def prompts_for(name: str, path: Path) -> list:
             for tail in (" first", " second question", " third one here")] + [{"prompt": "Only text, " * 12}]
 
 
-def run_engine(path: Path, kv_cache_dtype: str, prompts, dtype: str = "bfloat16", again: bool = True) -> dict:
+LONG_PROMPT, LONG_GREEDY = 1500, 64
+
+
+def long_prompt(vocab: int) -> list[int]:
+    g = torch.Generator().manual_seed(15)
+    return torch.randint(10, min(vocab, 400), (LONG_PROMPT,), generator=g).tolist()
+
+
+def run_engine(path: Path, kv_cache_dtype: str, prompts, dtype: str = "bfloat16", again: bool = True,
+               long_ids: list[int] | None = None) -> dict:
     from vllm import LLM, SamplingParams
     from vllm.distributed import cleanup_dist_env_and_memory
 
@@ -81,7 +90,10 @@ def run_engine(path: Path, kv_cache_dtype: str, prompts, dtype: str = "bfloat16"
         again = llm.generate(prompts, SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True),
                              use_tqdm=False) if again else first
         cached = sum(o.num_cached_tokens or 0 for o in again)
+        long = llm.generate([{"prompt_token_ids": long_ids}], SamplingParams(
+            max_tokens=LONG_GREEDY, temperature=0.0, ignore_eos=True), use_tqdm=False) if long_ids else None
         return {
+            "long_tokens": list(long[0].outputs[0].token_ids) if long else None,
             "logprobs": [[d[t].logprob for d, t in zip(o.prompt_logprobs[1:], o.prompt_token_ids[1:])] for o in first],
             "tokens": [list(o.outputs[0].token_ids) for o in first],
             "tokens_again": [list(o.outputs[0].token_ids) for o in again],
@@ -109,7 +121,9 @@ def runs(request, tiny_model, tmp_path_factory, monkeypatch_module):
     path = (build_tiny_llama(tmp_path_factory.mktemp("tiny-llama") / "llama") if name == "llama"
             else tiny_model(name))
     prompts = prompts_for(name, path)
-    return name, {kv: run_engine(path, kv, prompts) for kv in KV_DTYPES}
+    vocab = json.loads((path / "config.json").read_text())
+    ids = long_prompt((vocab.get("llm_config") or vocab)["vocab_size"])
+    return name, {kv: run_engine(path, kv, prompts, long_ids=ids) for kv in KV_DTYPES}
 
 
 @pytest.mark.parametrize("kv", MEAN_BOUND)
@@ -155,6 +169,22 @@ def test_greedy_tokens_track_the_16bit_cache(runs, kv):
     """Several sequences per batch: each sequence's first greedy token agrees with the 16-bit cache's."""
     name, results = runs
     assert [t[0] for t in results[kv]["tokens"]] == [t[0] for t in results["auto"]["tokens"]]
+
+
+def test_greedy_64_tokens_after_a_1500_token_prompt(runs):
+    """The issue's long-context check: where greedy decoding over the int8 / int4 cache first leaves the 16-bit
+    cache's tokens (printed); the decode steps read 1500+ cached tokens through the fused kernel."""
+    name, results = runs
+    base = results["auto"]["long_tokens"]
+    first = {}
+    for kv in MEAN_BOUND:
+        got = results[kv]["long_tokens"]
+        assert len(got) == len(base) == LONG_GREEDY
+        first[kv] = next((i for i, (a, b) in enumerate(zip(got, base)) if a != b), None)
+        print(f"\n{name} {kv}: greedy {LONG_GREEDY} tokens after {LONG_PROMPT} prompt tokens, first divergence at "
+              f"{'none' if first[kv] is None else first[kv]}")
+    # int8 keeps at least the first tokens (its logprob drift is a fraction of the models' top-2 gaps)
+    assert first["int8_per_token_head"] is None or first["int8_per_token_head"] >= 1
 
 
 TP_SCRIPT = """
@@ -260,6 +290,11 @@ def test_engine_drift_is_the_formats(tiny_model, monkeypatch):
         got = (engine[kv] - engine["auto"]).abs().mean().item()
         print(f"\ninternlm2 float32 {kv}: engine mean |dlogprob| {got:.4f}, simulation {simulated:.4f}")
         assert abs(got - simulated) <= 0.05 * simulated + 0.001
+        if kv == "int8_per_token_head":
+            # float32 engines isolate the cache format (in bfloat16 part of the drift is the 16-bit run's own
+            # rounding noise: 0.020 there); the issue's bound holds. int4 (0.113) does not hold it on this model:
+            # its attention logits are ~4x the tiny Llama's and its head size is 32 (see the README).
+            assert got <= MEAN_BOUND[kv]
 
 
 def test_runs_where_the_cpu_has_neither_avx512_nor_amx(tiny_model, monkeypatch):
