@@ -66,7 +66,9 @@ def quantize_awq(weight: torch.Tensor, group_size: int, scale_dtype: torch.dtype
     w = weight.detach().to(torch.float32).reshape(n, k // group_size, group_size)
     mx = w.amax(dim=-1, keepdim=True)
     mn = w.amin(dim=-1, keepdim=True)
-    scale = (mx - mn).clamp(min=1e-5) / 15
+    # A full tensor, not the scalar 15: CUDA turns division by a scalar into a multiplication by its
+    # reciprocal, which rounds differently and would make GPU and CPU quantization disagree.
+    scale = (mx - mn).clamp(min=1e-5) / torch.full_like(mx, 15.0)
     zero = (-torch.round(mn / scale)).clamp(0, 15)
     q = (torch.round(w / scale) + zero).clamp(0, 15).to(torch.int32).reshape(n, k)
     scales = scale.squeeze(-1).t().contiguous().to(scale_dtype)  # [K/G, N]
