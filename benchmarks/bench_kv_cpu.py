@@ -24,6 +24,7 @@ import platform
 import time
 from types import SimpleNamespace
 
+import numba
 import torch
 
 HEADS, KV_HEADS, HEAD_SIZE, LAYERS = 16, 8, 128, 24      # InternLM2-1.8B (internlm2-chat-1_8b config.json)
@@ -60,13 +61,16 @@ def make_case(kv: str, batch: int, context: int, dtype: torch.dtype):
         impl.do_kv_cache_update(layer, k, v, cache, slots[:, start:start + n].reshape(-1))
     seq_lens = torch.full((batch,), context + 1, dtype=torch.int32)
     query_start_loc = torch.arange(batch + 1, dtype=torch.int32)
+    scheduler_args = dict(num_heads=HEADS, num_kv_heads=KV_HEADS, head_dim=HEAD_SIZE, dtype=dtype, causal=True,
+                          sliding_window_size=-1, isa=layer.isa, enable_kv_split=False)
+    # per-step metadata, built once per step for all layers as vLLM's builders do (not part of the layer step)
     metadata = SimpleNamespace(
         num_actual_tokens=batch, query_start_loc=query_start_loc, seq_lens=seq_lens, block_table=table,
         causal=True, dynamic_causal=None, max_query_len=1,
         scheduler_metadata=ops.cpu_attn_get_scheduler_metadata(
-            num_reqs=batch, num_heads=HEADS, num_kv_heads=KV_HEADS, head_dim=HEAD_SIZE, seq_lens=seq_lens,
-            dtype=dtype, query_start_loc=query_start_loc, causal=True, sliding_window_size=-1, isa=layer.isa,
-            enable_kv_split=False))
+            num_reqs=batch, seq_lens=seq_lens, query_start_loc=query_start_loc, **scheduler_args),
+        plan=None if kv == "auto" else kvq.plan_step(query_start_loc, seq_lens, table, BLOCK_SIZE, -1, True,
+                                                     scheduler_args))
     step = dict(query=torch.randn(batch, HEADS, HEAD_SIZE, generator=g).to(dtype),
                 key=torch.randn(batch, KV_HEADS, HEAD_SIZE, generator=g).to(dtype),
                 value=torch.randn(batch, KV_HEADS, HEAD_SIZE, generator=g).to(dtype),
@@ -104,8 +108,9 @@ def main() -> None:
     if args.quick:
         args.contexts, args.batches, args.iters, args.rounds = [1024], [1, 4], 5, 1
     dtype = getattr(torch, args.dtype)
+    torch.cpu._init_amx()   # the Linux permission for AMX tiles (vLLM's workers ask for it; without: SIGILL)
     print(f"# {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch threads "
-          f"{torch.get_num_threads()}, {args.dtype}; InternLM2-1.8B attention: {HEADS} heads, {KV_HEADS} KV heads, "
+          f"{torch.get_num_threads()} (Numba {numba.get_num_threads()}), {args.dtype}; InternLM2-1.8B attention: {HEADS} heads, {KV_HEADS} KV heads, "
           f"head size {HEAD_SIZE}, block {BLOCK_SIZE}; median of {args.iters} steps, best of {args.rounds} rounds")
     print(f"{'context':>7} {'batch':>5} | {'16-bit ms':>9} {'int8 ms':>8} {'int4 ms':>8} | "
           f"{'16-bit tok/s':>12} {'int8 tok/s':>10} {'int4 tok/s':>10} | {'int8/16':>7} {'int4/16':>7}")

@@ -22,10 +22,18 @@ else in the user's cache directory, or where ``NUMBA_CACHE_DIR`` points). This m
 from __future__ import annotations
 
 import math
+import os
 
+import numba
 import numpy as np
 from numba import njit, prange, types
 from numba.extending import intrinsic
+
+# Numba's "omp" threading layer is a second OpenMP runtime beside torch's: on the 2-core VM the two spun against
+# each other (median decode step 28 ms instead of 0.8 ms, benchmarks/README.md). Its own work queue does not spin.
+# Only when nobody chose a layer; it takes effect at the process's first parallel launch.
+if "NUMBA_THREADING_LAYER" not in os.environ and numba.config.THREADING_LAYER == "default":
+    numba.config.THREADING_LAYER = "workqueue"
 
 __all__ = ["decode_attention", "split_count"]
 
