@@ -8,6 +8,9 @@ attention is taken in float64.
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from types import SimpleNamespace
 
 import numpy as np
@@ -159,3 +162,16 @@ def test_backend_step_mixes_decode_and_prefill(fmt, monkeypatch):
     exact = attention_reference(q, torch.cat(ks), torch.cat(vs), head_size ** -0.5, seq_lens, query_lens)
     assert (out.double() - exact).abs().mean() < (0.05 if fmt == INT4 else 0.01)
     assert CACHE_DTYPE[fmt] == cache.dtype
+
+
+AVX2_ONLY = {"NUMBA_CPU_NAME": "haswell", "NUMBA_CPU_FEATURES": "+avx2,+fma,+avx,+sse4.2,+popcnt,+f16c,+bmi,+bmi2"}
+
+
+@pytest.mark.skipif(all(os.environ.get(k) == v for k, v in AVX2_ONLY.items()), reason="this is the AVX2 run")
+def test_the_kernel_built_for_an_avx2_only_cpu():
+    """Numba compiles for the CPU it runs on; built for Haswell (AVX2, no AVX-512), as on the AVX2 machines the
+    plugin also serves, the kernel gives the same attention (the shape tests above, run in a child process)."""
+    env = {**os.environ, **AVX2_ONLY}
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k",
+                           "matches_attention and L33"], env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0 and "2 passed" in proc.stdout, proc.stdout[-3000:] + proc.stderr[-2000:]
