@@ -383,6 +383,8 @@ class CPUKVQuantAttentionImpl(CPUAttentionBackendImpl):
             numba.set_num_threads(min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
         decode_attention(kv_cache.numpy(), q.contiguous().numpy(), plan.block_table, plan.seq_lens,
                          plan.decode_rows, self.sliding_window, int4, out.numpy(), plan.splits)
+        logger.info_once(f"{self.kv_format} decode steps: fused CPU kernel (Numba, {numba.get_num_threads()} threads, "
+                         f"{numba.threading_layer()} threading layer)")
         if int4:
             half = self.head_size // 2
             out = torch.stack([out[..., :half], out[..., half:]], -1).flatten(-2)
