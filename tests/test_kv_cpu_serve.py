@@ -41,4 +41,5 @@ def test_awq_internvl_with_the_int4_kv_cache_answers_an_image(awq_model, tmp_pat
     assert "--kv-cache-dtype int4_per_token_head" in text
     assert "Using int4_per_token_head data type to store kv cache" in text
     assert "int4_per_token_head KV cache on CPU: written and read by the plugin's CPUKVQuantAttentionBackend" in text
+    assert "int4_per_token_head decode steps: fused CPU kernel (Numba" in text          # not the scratch path
     assert "awq_w4a16" in text
