@@ -51,13 +51,12 @@ reference: an operator missing from the build, or one that computes something el
 layer no plan takes gets ``None`` (the caller's dense fallback).
 
 The preference, measured with benchmarks/bench_cpu.py (InternLM2-1.8B shapes, 24 layers, bfloat16, a
-2-core Sapphire Rapids VM with AMX, best of 3 while others shared the machine; decode tokens/s at
-batch 1 / batch 8, time to first token of 1024 tokens; benchmarks/README.md has the runs):
+2-core Sapphire Rapids VM with AMX shared with other work; decode tokens/s at batch 1 / batch 8, time to
+first token of 1024 tokens; benchmarks/README.md has the runs and their load):
 
-    dense bfloat16          6.0 / 45.5    2.76 s
-    w4a8-amx                see benchmarks/README.md "CPU W4A16 and dtypes"
-    int4pack                10.6 / 37.6   20.0 s
-    wna16-amx               4.3 / 32.7    2.63 s
+    dense bfloat16          5.4 / 40.8    2.83 s
+    w4a8-amx                11.5 / 59.9   2.69 s    (stock --quantization awq, the same kernel: 12.4 / 63.3, 2.85 s)
+    int4pack                10.6 / 37.6   20.0 s    (an earlier run; wna16-amx there: 4.3 / 32.7, 2.63 s)
 """
 
 from __future__ import annotations
