@@ -16,10 +16,10 @@ in the first three):
   The weight words take the bytes AWQ's do (plus K' - K zero rows), the scales and zero points 1.5
   bytes more a group and column (+0.09 bits a weight at G = 128). Matmul: the Triton kernels, through
   the torch operator ``w4a16_packed_mm``.
-* ``cpu_int4`` (CPU): repacked once into the formats of the library int4 kernels that
-  ``quant_cpu.choose_plan`` picks for the layer's shape and dtype (PyTorch's int4pack, vLLM's
-  CPUWNA16; on a bfloat16 AMX machine both, int4pack running decode-sized inputs and CPUWNA16 the
-  rest). Matmul: the torch operator ``torch.ops.internvl_cpu.int4_mm`` (``quant_cpu.py`` has the
+* ``cpu_int4`` (CPU): repacked once into the format of the one library int4 kernel that
+  ``quant_cpu.choose_plan`` picks for the layer's shape and dtype (on a bfloat16 AMX machine vLLM's
+  int4 GEMM with int8 activations, as stock ``awq`` runs it; elsewhere PyTorch's int4pack or vLLM's
+  CPUWNA16). Matmul: the torch operator ``torch.ops.internvl_cpu.int4_mm`` (``quant_cpu.py`` has the
   formats, their exactness and the measurements).
 * ``dense`` (any other CUDA or CPU layer: a group size the kernels do not take, such as 96 on CUDA,
   float32 activations on CUDA, no Triton, or a CPU shape no int4 kernel takes): dequantized once into
