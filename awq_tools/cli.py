@@ -13,6 +13,8 @@ from pathlib import Path
 
 import click
 
+from internvl_plugin.json_files import JsonFileError, read_json_object
+
 GiB = 1 << 30
 
 
@@ -138,14 +140,11 @@ def eval_(model: Path, dataset: str, baseline: Path | None, seqlen: int, max_sam
 
 
 def _load_config(model: Path) -> dict:
-    config_file = model / "config.json" if model.is_dir() else model
     try:
-        return json.loads(config_file.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise click.ClickException(f"{config_file}: no such file (give a checkpoint folder, its config.json or a "
-                                   "model from `hub_cli models`)")
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise click.ClickException(f"{config_file}: not valid JSON ({exc})")
+        return read_json_object(model / "config.json" if model.is_dir() else model)
+    except JsonFileError as exc:
+        hint = " (give a checkpoint folder, its config.json or a model from `hub_cli models`)" if exc.missing else ""
+        raise click.ClickException(f"{exc}{hint}") from None
 
 
 _UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9, "t": 10**12,

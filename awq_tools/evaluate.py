@@ -10,10 +10,11 @@ token ids (the first model's tokenizer), so the 16-bit and the W4A16 figures dif
 from __future__ import annotations
 
 import gc
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
+
+from internvl_plugin.json_files import JsonFileError, read_json_object
 
 __all__ = ["Perplexity", "EvalError", "perplexity_of", "evaluate_models"]
 
@@ -77,13 +78,7 @@ def evaluate_models(models: list[Path], dataset: str, *, seqlen: int = 2048, max
 
 
 def _read_config(model: Path) -> dict:
-    config_file = model / "config.json"
     try:
-        config = json.loads(config_file.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise EvalError(f"{config_file}: no such file (give a checkpoint folder)") from None
-    except (UnicodeDecodeError, ValueError) as exc:
-        raise EvalError(f"{config_file}: not valid JSON ({str(exc).splitlines()[0]})") from None
-    if not isinstance(config, dict):
-        raise EvalError(f"{config_file}: not a JSON object")
-    return config
+        return read_json_object(model / "config.json")
+    except JsonFileError as exc:
+        raise EvalError(f"{exc} (give a checkpoint folder)" if exc.missing else str(exc)) from None

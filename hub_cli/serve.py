@@ -33,6 +33,7 @@ from hub_cli.generation import TURN_END, generation_config_with_turn_end
 from hub_cli.mm_budget import plan_mm_budget
 from internvl_plugin import media_policy
 from internvl_plugin.cpu_dtype import choose_cpu_dtype
+from internvl_plugin.json_files import JsonFileError, read_json_object
 from internvl_plugin.awq_checkpoint import (METHOD_NAME, FoundQuantizationConfig, find_quantization_config,
                                            group_size_or_default)
 
@@ -306,16 +307,11 @@ def _meminfo() -> MemoryInfo | None:
 
 
 def _read_config(model_dir: Path) -> dict[str, Any]:
-    path = model_dir / "config.json"
     try:
-        config = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise UsageError(f"{model_dir} has no config.json; is it a model folder?") from None
-    except (OSError, ValueError) as exc:
-        raise UsageError(f"cannot read {path}: {exc}") from None
-    if not isinstance(config, dict):
-        raise UsageError(f"{path} is not a JSON object")
-    return config
+        return read_json_object(model_dir / "config.json")
+    except JsonFileError as exc:
+        raise UsageError(f"{model_dir} has no config.json; is it a model folder?" if exc.missing else str(exc)) \
+            from None
 
 
 def _flag_names(extra: Sequence[str]) -> set[str]:
