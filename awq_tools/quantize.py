@@ -43,10 +43,11 @@ from tqdm import tqdm
 from awq_tools.awq import (DEFAULT_ALPHA, ChannelStats, output_error_smoothed, pseudo_quantize,
                            quantize_linear, search_ratio, smoothing_scales, weight_importance)
 from awq_tools.backbones import backbone_for, llm_config_of, llm_prefix_of, rotary_tables
-from awq_tools.shards import (INDEX_FILE, CheckpointIndex, fsync_dir, save_shard_atomically, tensor_digest,
-                              write_json_atomically, write_text_atomically)
+from awq_tools.shards import (INDEX_FILE, CheckpointIndex, copy_file_atomically, fsync_dir, save_shard_atomically,
+                              tensor_digest, write_json_atomically, write_text_atomically)
 from internvl_kernels import dequantize_awq
 from internvl_plugin.awq_checkpoint import find_quantization_config
+from internvl_plugin.json_files import JsonFileError, parse_json_object, read_json_object
 
 __all__ = ["QuantizeSettings", "QuantizeError", "quantize", "partial_dir_for"]
 
@@ -118,11 +119,13 @@ class _Job:
             raise QuantizeError(f"{model}: no such folder")
         try:
             self.config_bytes = config_file.read_bytes()
-            self.config = json.loads(self.config_bytes)
+            self.config = parse_json_object(self.config_bytes, config_file)
         except FileNotFoundError:
             raise QuantizeError(f"{config_file}: no such file") from None
-        except (UnicodeDecodeError, ValueError) as exc:
-            raise QuantizeError(f"{config_file}: not valid JSON ({exc})") from None
+        except OSError as exc:
+            raise QuantizeError(f"{config_file}: cannot read ({exc.strerror or exc})") from None
+        except JsonFileError as exc:
+            raise QuantizeError(str(exc)) from None
         found = find_quantization_config(self.config, model)
         if found is not None:
             raise QuantizeError(f"{model}: already quantized ({found.file} "
@@ -430,7 +433,14 @@ class _Job:
         dtypes = stored.pop("__dtypes__")
         for name in [n for n in w if ".Plora_" in n]:
             # Partial-LoRA stays 16-bit in its stored dtype: scaled by powers of two only, so no bit is lost
-            out[name] = w.pop(name).to(dtypes[name]).cpu()
+            # unless a value leaves the dtype's range (float16: past 65504 or into subnormals)
+            t = w.pop(name)
+            out[name] = t.to(dtypes[name]).cpu()
+            lost = int((out[name].to(t.device, t.dtype) != t).sum())
+            if lost:
+                report.setdefault("plora_values_rounded", {})[name] = lost
+                self.log(f"awq_tools quantize: warning: {lost} value(s) of {name} left {dtypes[name]}'s exact range "
+                         "when the smoothing scales were folded in; the image rows will differ slightly")
         for n in bb.linears:
             if self.smooth_only:
                 out[n + ".weight"] = w[n + ".weight"].to(weight_dtype).cpu()
@@ -503,18 +513,17 @@ class _Job:
         write_text_atomically(json.dumps(config, indent=2, ensure_ascii=False) + "\n", partial / "config.json")
         for f in sorted(self.model.iterdir()):
             if f.is_file() and f.name not in _NOT_COPIED and not f.name.endswith((".safetensors", ".bin")):
-                tmp = partial / (f.name + ".tmp")
-                shutil.copy2(f, tmp)
-                tmp.replace(partial / f.name)
+                copy_file_atomically(f, partial / f.name)
         report = {"settings": asdict(self.s), "backbone": self.backbone.name, "layers": self.state["report"]}
         report["settings"].pop("device")
         write_json_atomically(report, partial / "quant_report.json")
 
 
 def _read_json(path: Path) -> dict | None:
+    """A progress record, or None where it is missing or damaged (the run then starts over)."""
     try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
+        return read_json_object(path)
+    except JsonFileError:
         return None
 
 

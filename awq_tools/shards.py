@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,7 +23,7 @@ from safetensors.torch import save_file
 from internvl_plugin.safetensors_check import DamagedSafetensors, safetensors_header_bytes
 
 __all__ = ["TensorInfo", "CheckpointIndex", "BadCheckpoint", "save_shard_atomically", "write_text_atomically",
-           "write_json_atomically", "fsync_dir", "tensor_digest"]
+           "write_json_atomically", "copy_file_atomically", "fsync_dir", "tensor_digest"]
 
 INDEX_FILE = "model.safetensors.index.json"
 
@@ -132,6 +133,15 @@ def write_text_atomically(text: str, path: Path) -> None:
     with open(tmp, "w", encoding="utf-8") as f:
         f.write(text)
         f.flush()
+        os.fsync(f.fileno())
+    _replace(tmp, path)
+
+
+def copy_file_atomically(src: Path, path: Path) -> None:
+    """shutil.copy2 under a temporary name, fsync, rename (a copied tokenizer file is whole or absent)."""
+    tmp = path.with_name(path.name + ".tmp")
+    shutil.copy2(src, tmp)
+    with open(tmp, "rb") as f:
         os.fsync(f.fileno())
     _replace(tmp, path)
 

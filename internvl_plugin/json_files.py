@@ -22,13 +22,20 @@ def read_json_object(path: str | Path) -> dict[str, Any]:
     """The JSON object in ``path`` (a config.json and the like)."""
     path = Path(path)
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = path.read_bytes()
     except FileNotFoundError:
         raise JsonFileError(f"{path}: no such file", missing=True) from None
-    except (UnicodeDecodeError, ValueError) as exc:
-        raise JsonFileError(f"{path}: not valid JSON ({str(exc).splitlines()[0]})") from None
     except OSError as exc:
         raise JsonFileError(f"{path}: cannot read ({exc.strerror or exc})") from None
-    if not isinstance(data, dict):
+    return parse_json_object(data, path)
+
+
+def parse_json_object(data: bytes, path: str | Path) -> dict[str, Any]:
+    """The JSON object in ``data``, read from ``path`` (for callers that also keep the bytes, e.g. to hash)."""
+    try:
+        obj = json.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise JsonFileError(f"{path}: not valid JSON ({str(exc).splitlines()[0]})") from None
+    if not isinstance(obj, dict):
         raise JsonFileError(f"{path}: not a JSON object")
-    return data
+    return obj

@@ -246,6 +246,7 @@ def _sharded_with_missing_shard(folder: Path) -> None:
 
 BAD = {
     "missing-config": (lambda f: (f / "config.json").unlink(), [], "config.json: no such file"),
+    "config-not-object": (lambda f: (f / "config.json").write_text("[]"), [], "config.json: not a JSON object"),
     "truncated": (_truncate, [], "model.safetensors is truncated: tensor"),
     "missing-shard": (_sharded_with_missing_shard, [], "model-00002-of-00002.safetensors: no such file"),
     "already-quantized": (lambda f: _edit_config(f, lambda c: c["llm_config"].update(quantization_config={
