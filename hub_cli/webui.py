@@ -72,6 +72,7 @@ def build_app(info, client, *, system: str = "", max_tokens: int = 512, temperat
 
     with gr.Blocks(title=f"vllm-internvl: {info.model}", analytics_enabled=False) as app:
         conv = gr.State(Conversation())
+        ticket = gr.State(0)   # the epoch a submit was made in (Conversation.begin)
         gr.Markdown(header, elem_id="header")
         with gr.Row():
             with gr.Column(scale=3):
@@ -92,7 +93,12 @@ def build_app(info, client, *, system: str = "", max_tokens: int = 512, temperat
                 tile = gr.Slider(1, MAX_TILES, value=info.tile_default, step=1, visible=bool(info.tile_key),
                                  label=f"Tile budget ({info.tile_key or 'max_dynamic_patch'})", elem_id="tiles")
 
-        async def respond(message, history, state, system_text, n_tokens, temperature_, top_p_, tiles_):
+        async def respond(message, history, state, epoch, system_text, n_tokens, temperature_, top_p_, tiles_):
+            # Reset after the submit (it already cleared the page), or a reply of this chat still streaming (the
+            # box keeps the question): nothing to do
+            if state.epoch != epoch or state.busy:
+                yield gr.skip(), gr.skip(), state, gr.skip()
+                return
             message = message or {}
             text = (message.get("text") or "").strip()
             paths = [f if isinstance(f, str) else f.get("path") for f in message.get("files") or []]
@@ -104,12 +110,23 @@ def build_app(info, client, *, system: str = "", max_tokens: int = 512, temperat
             history = list(history or [])
             history.append({"role": "user", "content": [*({"path": p} for p in paths), text]})
             history.append({"role": "assistant", "content": "..."})
-            yield history, None, state, ""
+            state.busy = True
             settings = Settings(system=system_text or "", max_tokens=n_tokens, temperature=temperature_,
                                 top_p=top_p_, tiles=tiles_ if info.tile_key else None)
+            try:
+                async with contextlib.aclosing(_stream(state, epoch, history, text, paths, settings)) as outs:
+                    async for out in outs:
+                        yield out
+            finally:
+                state.busy = False
+
+        async def _stream(state, epoch, history, text, paths, settings):
+            yield history, None, state, ""
+            if state.epoch != epoch:   # Reset while the question was drawn
+                yield [], gr.skip(), state, gr.skip()
+                return
             shown_notes, shown_at = 0, 0.0
-            epoch = state.epoch
-            async for update in state.reply(client, info, text, paths, settings):
+            async for update in state.reply(client, info, text, paths, settings, epoch):
                 if state.epoch != epoch:   # Reset while streaming: what this reply drew before goes too
                     yield [], gr.skip(), state, gr.skip()
                     return
@@ -146,16 +163,27 @@ def build_app(info, client, *, system: str = "", max_tokens: int = 512, temperat
                               f"answer {update.usage['completion_tokens']} tokens.")
                 yield history, gr.skip(), state, status
 
-        def on_reset(state):
+        # Stop and Reset are coroutines so that gradio runs them on the event loop of the streaming reply (a plain
+        # function would run on a worker thread, between the reply's checks and its changes to the turns).
+        async def on_reset(state):
             state.reset()
             return [], None, state, ""
 
-        box.submit(respond, [box, chat, conv, sys_box, max_tok, temp, topp, tile], [chat, box, conv, usage])
+        async def on_stop(state):
+            state.stop()
+
+        async def on_submit(state):
+            return state.begin()
+
+        # The submit's first step skips the queue: it runs before a Stop or Reset that comes while the answer
+        # waits in the queue, so that Stop ends that answer (Conversation.stop) and Reset drops it (the epoch).
+        box.submit(on_submit, conv, ticket, queue=False, show_progress="hidden").then(
+            respond, [box, chat, conv, ticket, sys_box, max_tok, temp, topp, tile], [chat, box, conv, usage])
         # Stop and Reset skip the queue (they act while a reply streams) and end the reply through the
         # conversation rather than by cancelling the page's task: the reply's own last update then draws the
         # outcome (the answer so far and the Stopped note, or the empty chat), and no update in flight can come
         # after it.
-        stop.click(lambda state: state.stop() and None, conv, None, queue=False, show_progress="hidden")
+        stop.click(on_stop, conv, None, queue=False, show_progress="hidden")
         reset.click(on_reset, conv, [chat, box, conv, usage], queue=False, show_progress="hidden")
         chat.clear(on_reset, conv, [chat, box, conv, usage], queue=False,
                    show_progress="hidden")   # the chat's own bin icon
@@ -177,8 +205,10 @@ def launch(app, *, server_name: str, server_port: int, block: bool = True) -> st
     url = f"http://{connect_host(server_name)}:{server_port}"
     print(f"hub_cli webui: open {url} in a browser (Ctrl-C stops)", flush=True)
     if block:
+        # not app.block_thread(): it swallows KeyboardInterrupt, and `hub_cli webui` exits 130 when interrupted
         try:
-            app.block_thread()
+            while app.is_running:
+                time.sleep(0.1)
         finally:
             app.close()
     return url

@@ -13,7 +13,9 @@ through the official ``openai`` client only:
   "At most N image(s)" answer and the request is sent again.
 * :meth:`Conversation.reply` streams one answer as :class:`Update` objects. :meth:`Conversation.stop` (Stop in
   the page) ends it: the HTTP stream is closed, which makes vLLM abort the request, and the reply's last update
-  says it was stopped. The page's own generator draws that last update, so nothing drawn later undoes it.
+  says it was stopped. The page's own generator draws that last update, so nothing drawn later undoes it. A Stop
+  that comes before the reply starts (its submit still queued) is kept and ends that reply at once;
+  :meth:`Conversation.begin` (each submit) forgets an older one.
 
 Images go exactly as uploaded (base64 data URLs of the file's bytes, no resizing), so the server's tiling and
 token count are those of the original picture.
@@ -162,6 +164,13 @@ class Conversation:
         self._urls: dict[str, str] = {}   # image path -> data URL: each image is encoded once, not every turn
         self.epoch = 0                   # bumped by reset: a reply that started before it adds no turn
         self._stopping: tuple[asyncio.Event, asyncio.AbstractEventLoop] | None = None
+        self._stop_requested = False     # Stop while no reply streams: the next reply ends at once
+        self.busy = False                # the page answers one question of a chat at a time
+
+    def begin(self) -> int:
+        """A new question was submitted: forget a Stop that came before it; returns the epoch it belongs to."""
+        self._stop_requested = False
+        return self.epoch
 
     def reset(self) -> None:
         """Forget the turns (a reply streaming now is stopped and not kept)."""
@@ -170,8 +179,9 @@ class Conversation:
         self.epoch += 1
 
     def stop(self) -> bool:
-        """End the reply streaming now, if any (from any thread); False when none is."""
+        """End the reply streaming now (from any thread), or the next one to start; False when none streams."""
         if self._stopping is None:
+            self._stop_requested = True
             return False
         event, loop = self._stopping
         try:
@@ -183,6 +193,11 @@ class Conversation:
         else:
             loop.call_soon_threadsafe(event.set)
         return True
+
+    def _forget_unused_images(self) -> None:
+        """Drop the data URLs of images no kept turn has (a failed or empty turn's), so they are not held."""
+        used = {path for turn in self.turns for path in turn.images}
+        self._urls = {path: url for path, url in self._urls.items() if path in used}
 
     def _image_url(self, path: str) -> str:
         if path not in self._urls:
@@ -225,26 +240,36 @@ class Conversation:
         return messages, notes
 
     async def reply(self, client: Any, info: ServerInfo, text: str, images: Sequence[str],
-                    settings: Settings) -> AsyncIterator[Update]:
+                    settings: Settings, epoch: int | None = None) -> AsyncIterator[Update]:
         """Stream the answer to ``text`` and ``images`` (``client`` is an ``openai.AsyncOpenAI``).
 
         The turn joins the history when the first answer text arrives and grows with it, so an answer cut by
         :meth:`stop` stays as far as it got (the last update has ``stopped``). On an error the turn is dropped
-        (its images are not sent again) and the last update carries the error line.
+        (its images are not sent again) and the last update carries the error line. ``epoch`` (from
+        :meth:`begin`, default now): a :meth:`reset` since then keeps the turn out of the history.
         """
+        turn = Turn(text, list(images))
         event = asyncio.Event()
+        if self._stop_requested:   # Stop came while this reply waited to start
+            self._stop_requested = False
+            event.set()
         self._stopping = (event, asyncio.get_running_loop())
         try:
-            async for update in self._reply(client, info, Turn(text, list(images)), settings, event):
+            async for update in self._reply(client, info, turn, settings, event,
+                                            self.epoch if epoch is None else epoch):
                 yield update
         finally:
             self._stopping = None
+            if turn not in self.turns:
+                self._forget_unused_images()
 
     async def _reply(self, client: Any, info: ServerInfo, turn: Turn, settings: Settings,
-                     stop: asyncio.Event) -> AsyncIterator[Update]:
+                     stop: asyncio.Event, epoch: int) -> AsyncIterator[Update]:
         import openai
 
-        epoch = self.epoch
+        if stop.is_set():   # no request is sent
+            yield Update(done=True, stopped=True)
+            return
         notes: list[str] = []
         extra: dict[str, Any] = {}
         if info.tile_key and settings.tiles:

@@ -113,6 +113,107 @@ def test_each_image_is_read_and_encoded_once(tmp_path, monkeypatch):
     conv.messages("", "again", [a], limit=None)
     assert encoded == [a, b, a]   # a new conversation reads its files anew
 
+    # the image of a turn that is dropped is not held: a reply that failed, a reply stopped before its first word
+    from hub_cli.webui_chat import ServerInfo, Settings
+
+    c, d = (_png(tmp_path / f"{n}.png", (0, i * 90, 0)) for i, n in enumerate("cd"))
+    conv, info = Conversation(), ServerInfo(base_url="http://127.0.0.1:1/v1", model="m")
+    conv.turns = [Turn("kept", [a], "answer")]
+    encoded.clear()
+    failed = asyncio.run(_answer(conv, _FakeAsyncClient(fail=True), info, "why?", [c]))
+    assert failed[-1].error.startswith("Cannot reach the server") and [t.text for t in conv.turns] == ["kept"]
+    assert sorted(encoded) == [a, c] and set(conv._urls) == {a}
+
+    hanging = _FakeAsyncClient(hang=True)
+
+    async def stopped_while_waiting():
+        task = asyncio.ensure_future(_answer(conv, hanging, info, "and?", [d]))
+        while not hanging.requests:   # the request is on its way (its images encoded)
+            await asyncio.sleep(0.01)
+        assert conv.stop() is True
+        return await task
+
+    stopped = asyncio.run(stopped_while_waiting())
+    assert [(u.answer, u.stopped) for u in stopped] == [("", True)] and [t.text for t in conv.turns] == ["kept"]
+    assert sorted(encoded) == [a, c, d] and set(conv._urls) == {a}
+    conv.messages("", "more", [c, d], limit=None)
+    assert sorted(encoded) == [a, c, c, d, d]   # read anew; the kept turn's image still comes from the cache
+
+
+class _FakeStream:
+    """An openai chat stream of the given words, then a usage chunk."""
+
+    def __init__(self, words):
+        self.words, self.closed = list(words), False
+
+    async def _chunks(self):
+        from types import SimpleNamespace as NS
+
+        for word in self.words:
+            yield NS(usage=None, choices=[NS(delta=NS(content=word))])
+        yield NS(usage=NS(prompt_tokens=7, completion_tokens=len(self.words)), choices=[])
+
+    def __aiter__(self):
+        return self._chunks()
+
+    async def close(self):
+        self.closed = True
+
+
+class _FakeAsyncClient:
+    """openai.AsyncOpenAI's chat.completions.create: a stream of ``words``, a connection error, or no answer."""
+
+    def __init__(self, words=("Hel", "lo"), *, fail=False, hang=False):
+        from types import SimpleNamespace
+
+        self.words, self.fail, self.hang, self.requests = words, fail, hang, []
+        self.chat = SimpleNamespace(completions=self)
+
+    async def create(self, **request):
+        import httpx
+        import openai
+
+        self.requests.append(request)
+        if self.fail:
+            raise openai.APIConnectionError(request=httpx.Request("POST", "http://127.0.0.1:1/v1/chat/completions"))
+        if self.hang:
+            await asyncio.Event().wait()
+        return _FakeStream(self.words)
+
+
+async def _answer(conv, client, info, text, images=(), epoch=None):
+    from hub_cli.webui_chat import Settings
+
+    return [u async for u in conv.reply(client, info, text, list(images), Settings(), epoch)]
+
+
+def test_stop_before_the_reply_starts_ends_it():
+    """The page's Stop while the question waits in the queue (no reply streams yet) ends that reply before it sends
+    anything; a Stop pressed while nothing was asked is forgotten by the next submit (Conversation.begin); a Reset
+    after the submit keeps its answer out of the new chat."""
+    from hub_cli.webui_chat import Conversation, ServerInfo
+
+    conv, info, client = Conversation(), ServerInfo(base_url="http://127.0.0.1:1/v1", model="m"), _FakeAsyncClient()
+    epoch = conv.begin()                 # the submit
+    assert conv.stop() is False          # Stop before the reply started
+    updates = asyncio.run(_answer(conv, client, info, "hello", epoch=epoch))
+    assert [(u.answer, u.done, u.stopped, u.error) for u in updates] == [("", True, True, None)]
+    assert client.requests == [] and conv.turns == []
+
+    last = asyncio.run(_answer(conv, client, info, "again", epoch=conv.begin()))[-1]   # the Stop was used up
+    assert (last.answer, last.stopped, last.usage) == ("Hello", False, {"prompt_tokens": 7, "completion_tokens": 2})
+    assert [(t.text, t.answer) for t in conv.turns] == [("again", "Hello")] and len(client.requests) == 1
+
+    conv.stop()                          # nothing asked, nothing streaming
+    last = asyncio.run(_answer(conv, client, info, "third", epoch=conv.begin()))[-1]
+    assert (last.answer, last.stopped) == ("Hello", False) and len(conv.turns) == 2
+
+    epoch = conv.begin()
+    conv.reset()                         # Reset while the question is queued ...
+    conv.begin()                         # ... and the next submit forgot the Stop that Reset leaves
+    last = asyncio.run(_answer(conv, client, info, "fourth", epoch=epoch))[-1]
+    assert last.answer == "Hello" and conv.turns == []   # answered into the old chat: not kept
+
 
 def test_bytes_go_unchanged(tmp_path):
     from hub_cli.webui_chat import image_url_for

@@ -129,6 +129,7 @@ def page(tmp_path_factory):
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
+    assert proc.returncode == 130, log.read_text()[-3000:]   # README: 130 = interrupted
     with pytest.raises(OSError):
         urllib.request.urlopen(api + "/health", timeout=5)
 
@@ -334,6 +335,7 @@ def test_stop_without_the_browser(page):
     info, client = connect(api)
     conv = Conversation()
     assert conv.stop() is False   # nothing streams yet
+    conv.begin()                  # the next question forgets that Stop (the page's submit does this)
 
     async def ask(text, max_tokens, interrupt_after=None, interrupt=None):
         updates = []
