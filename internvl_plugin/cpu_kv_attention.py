@@ -47,7 +47,7 @@ import numba
 import numpy as np
 import torch
 
-from internvl_plugin.cpu_kv_decode import decode_attention, split_count
+from internvl_plugin.cpu_kv_decode import decode_attention, split_count, warm
 
 __all__ = ["PER_TOKEN_HEAD_DTYPES", "RHT_SEED", "CPUKVQuantAttentionBackend", "check_head_size",
            "cell_bytes", "rht", "quantize_int8", "quantize_int4", "dequantize_int8", "dequantize_int4",
@@ -342,6 +342,8 @@ class CPUKVQuantAttentionImpl(CPUAttentionBackendImpl):
             self.kv_cache_dtype = self.kv_format
             logger.info_once(f"{self.kv_format} KV cache on CPU: written and read by the plugin's "
                              "CPUKVQuantAttentionBackend (vLLM's own CPU attention has no such cache)")
+            if self.fused:   # the model is built before the server reports healthy; the first request is not
+                warm(self.kv_format == "int4_per_token_head")
 
     def do_kv_cache_update(self, layer, key, value, kv_cache, slot_mapping) -> None:
         if self.kv_format is None:

@@ -273,3 +273,28 @@ def decode_attention(cache: np.ndarray, query: np.ndarray, block_table: np.ndarr
     cache_s = cache.view(np.int32)
     _decode_kernel(cache_q, cache_s, query, block_table, seq_lens, rows, int(window), int(splits), bool(int4),
                    out)
+
+
+_WARM: set[bool] = set()
+
+
+def warm(int4: bool) -> None:
+    """Compile (or load from Numba's on-disk cache) the kernel for one format, once per process.
+
+    vLLM's start-up dummy runs have no query of length 1, so without this the first decode step of the first
+    real request would pay the compile (about 7 s per format on a 2-core VM). The types match the engine's call:
+    a C-contiguous cache, float32 query/out, int32 tables. Cheap when the disk cache is warm (a load and one
+    launch over a one-token cache).
+    """
+    if int4 in _WARM:
+        return
+    head_size, block_size = 8, 4
+    cell = 2 * ((head_size // 2 if int4 else head_size) + 4)
+    cache = np.zeros((1, 1, block_size, cell), dtype=np.uint8 if int4 else np.int8)
+    cache.view(np.int32)[..., (cell // 2 - 4) // 4] = np.float32(1.0).view(np.int32)   # K scale
+    cache.view(np.int32)[..., (cell - 4) // 4] = np.float32(1.0).view(np.int32)        # V scale
+    query = np.zeros((1, 1, head_size), dtype=np.float32)
+    out = np.empty_like(query)
+    one = np.ones(1, dtype=np.int32)
+    decode_attention(cache, query, np.zeros((1, 1), dtype=np.int32), one, one - 1, 0, int4, out)
+    _WARM.add(int4)
