@@ -135,28 +135,34 @@ def stop_server(proc: subprocess.Popen, grace_s: float = 30.0) -> None:
 
 
 @contextlib.contextmanager
-def running_server(argv: Sequence[str], env: dict[str, str], base_url: str, *, log: IO | None = None,
-                   timeout_s: float = 600.0) -> Iterator[subprocess.Popen]:
-    """Start the server, wait until it is healthy, yield it, and stop it when the block ends.
-
-    SIGTERM inside the block is raised as KeyboardInterrupt (where the default handler is in place), so a
-    `kill` of the command stops the server it started instead of leaving it orphaned in its own session."""
+def sigterm_as_interrupt() -> Iterator[None]:
+    """SIGTERM inside the block is raised as KeyboardInterrupt (where the default handler is in place), so a
+    `kill` of a command ends it as Ctrl-C does: through its cleanup, with exit code 130."""
     restore = None
     if (threading.current_thread() is threading.main_thread()
             and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL):
         def interrupt(signum, frame):
             raise KeyboardInterrupt
         restore = signal.signal(signal.SIGTERM, interrupt)
-    proc = start_server(argv, env, log=log)
     try:
-        wait_healthy(proc, base_url, timeout_s)
-        yield proc
+        yield
     finally:
+        if restore is not None:
+            signal.signal(signal.SIGTERM, restore)
+
+
+@contextlib.contextmanager
+def running_server(argv: Sequence[str], env: dict[str, str], base_url: str, *, log: IO | None = None,
+                   timeout_s: float = 600.0) -> Iterator[subprocess.Popen]:
+    """Start the server, wait until it is healthy, yield it, and stop it when the block ends; a SIGTERM
+    stops the server it started instead of leaving it orphaned in its own session (sigterm_as_interrupt)."""
+    with sigterm_as_interrupt():
+        proc = start_server(argv, env, log=log)
         try:
-            stop_server(proc)
+            wait_healthy(proc, base_url, timeout_s)
+            yield proc
         finally:
-            if restore is not None:
-                signal.signal(signal.SIGTERM, restore)
+            stop_server(proc)
 
 
 def free_port() -> int:

@@ -243,7 +243,7 @@ def run(model_or_url: str, vllm_args: tuple[str, ...], *, server_name: str, serv
 
     from hub_cli.chat import api_base_url
     from hub_cli.errors import HubCliError
-    from hub_cli.launch import local_server
+    from hub_cli.launch import local_server, sigterm_as_interrupt
     from hub_cli.webui_chat import image_limit_from_args
 
     def fail(message: str, code: int) -> int:
@@ -257,9 +257,10 @@ def run(model_or_url: str, vllm_args: tuple[str, ...], *, server_name: str, serv
     remote = model_or_url.startswith(("http://", "https://"))
     if remote and vllm_args:
         return fail("arguments after '--' go to a server that webui starts; a URL is already running", 2)
-    # Ctrl-C, and SIGTERM while a server of ours runs (local_server), stop the page and that server
+    # Ctrl-C or SIGTERM stops the page and the server webui started, if any
     try:
         with contextlib.ExitStack() as stack:
+            stack.enter_context(sigterm_as_interrupt())
             url, served = model_or_url, model_name
             if not remote:
                 try:

@@ -40,3 +40,24 @@ def test_sigterm_inside_the_block_stops_the_server():
         assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL   # the handler is put back
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+_KILLED_INSIDE = """
+import os, signal, sys, time
+from hub_cli.launch import sigterm_as_interrupt
+try:
+    with sigterm_as_interrupt():
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(30)
+except KeyboardInterrupt:
+    print("cleaned up", signal.getsignal(signal.SIGTERM) is signal.SIG_DFL)
+    sys.exit(130)
+"""
+
+
+def test_sigterm_is_an_interrupt_inside_the_block_and_default_after():
+    """hub_cli webui on a server URL (no server of its own) ends on SIGTERM through its cleanup, exit 130."""
+    import subprocess
+
+    res = subprocess.run([sys.executable, "-c", _KILLED_INSIDE], capture_output=True, text=True, timeout=60)
+    assert res.returncode == 130 and res.stdout.strip() == "cleaned up True", (res.returncode, res.stderr[-500:])
