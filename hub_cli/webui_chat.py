@@ -33,6 +33,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from internvl_plugin.json_files import JsonFileError, read_json_object
+
 __all__ = ["ServerInfo", "Settings", "Turn", "Update", "Conversation", "probe_server", "image_limit_from_args",
            "image_url_for", "server_error_text", "DEFAULT_TILE_KEY"]
 
@@ -148,12 +150,15 @@ def probe_server(client: Any, model: str | None = None, *, image_limit: int | No
 def _tile_facts(root: str) -> tuple[str, int]:
     """(tile keyword, the model's default budget) from a local config.json when there is one."""
     try:
-        config = json.loads((Path(root) / "config.json").read_text())
-    except (OSError, ValueError, TypeError):
+        config = read_json_object(Path(root) / "config.json")   # root may be a served name, not a folder
+    except (JsonFileError, TypeError):
         return DEFAULT_TILE_KEY, 6
-    if "hd_num" in config or "xcomposer" in str(config.get("architectures", "")).lower():
-        return "hd_num", int(config.get("hd_num", 25))
-    return DEFAULT_TILE_KEY, int(config.get("max_dynamic_patch", 6))
+    key, default = (("hd_num", 25) if "hd_num" in config or "xcomposer" in str(config.get("architectures", "")).lower()
+                    else (DEFAULT_TILE_KEY, 6))
+    try:
+        return key, int(config.get(key, default))
+    except (TypeError, ValueError):   # a value the server would refuse too: the slider starts at the default
+        return key, default
 
 
 class Conversation:

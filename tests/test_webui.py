@@ -336,3 +336,19 @@ def test_serve_webui_passes_the_servers_api_key(tiny_model, monkeypatch):
                                        "--api-key", "sekret"])
     assert result.exit_code == 0, result.output
     assert seen["api_key"] == "sekret"
+
+
+@pytest.mark.parametrize("config, want", [
+    ("[]", ("max_dynamic_patch", 6)),                                  # not an object: the default, no traceback
+    ('{"max_dynamic_patch": 12}', ("max_dynamic_patch", 12)),
+    ('{"hd_num": 16}', ("hd_num", 16)),
+    ('{"hd_num": "many"}', ("hd_num", 25)),                            # garbage value: XComposer2's default
+    ('{"architectures": ["InternLMXComposer2ForCausalLM"]}', ("hd_num", 25)),
+    (None, ("max_dynamic_patch", 6)),                                  # a served name, not a folder
+])
+def test_tile_slider_facts_from_the_config(tmp_path, config, want):
+    from hub_cli.webui_chat import _tile_facts
+
+    if config is not None:
+        (tmp_path / "config.json").write_text(config)
+    assert _tile_facts(str(tmp_path) if config is not None else "OpenGVLab/InternVL2-2B") == want
