@@ -43,11 +43,8 @@ from __future__ import annotations
 from dataclasses import dataclass, fields, replace
 from typing import ClassVar
 
-import numba
 import numpy as np
 import torch
-
-from internvl_plugin.cpu_kv_decode import decode_attention, split_count, warm
 
 __all__ = ["PER_TOKEN_HEAD_DTYPES", "RHT_SEED", "CPUKVQuantAttentionBackend", "check_head_size",
            "cell_bytes", "rht", "quantize_int8", "quantize_int4", "dequantize_int8", "dequantize_int4",
@@ -58,6 +55,15 @@ PER_TOKEN_HEAD_DTYPES = ("int8_per_token_head", "int4_per_token_head")
 RHT_SEED = 0x9E3779B9
 _SCALE_BYTES = 4
 _SCALE_FLOOR = 1e-6
+
+
+def _kernel():
+    """``cpu_kv_decode``, imported on first use: it imports numba and picks Numba's threading layer for the whole
+    process, which only an engine with an int8/int4 cache should do (vLLM's own n-gram proposer runs Numba
+    parallel code too, and the work-queue layer aborts on concurrent parallel launches)."""
+    from internvl_plugin import cpu_kv_decode
+
+    return cpu_kv_decode
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -262,10 +268,11 @@ def plan_step(query_start_loc: torch.Tensor, seq_lens: torch.Tensor, block_table
     rows[decode] = torch.arange(int(decode.sum()), dtype=rows.dtype)
     decode_tokens = query_start_loc[:-1][decode].long()
     table = block_table.to(torch.int32).contiguous()
+    kernel = _kernel()
     plan = StepPlan(table.numpy(), seq_lens.to(torch.int32).contiguous().numpy(),
                     rows.to(torch.int32).numpy(), decode_tokens,
-                    split_count(decode_tokens.numel(), scheduler_args["num_kv_heads"], table.shape[1],
-                                numba.get_num_threads()), None)
+                    kernel.split_count(decode_tokens.numel(), scheduler_args["num_kv_heads"], table.shape[1],
+                                       kernel.numba.get_num_threads()), None)
     other = (~decode & (query_lens > 0)).nonzero().flatten()
     if other.numel() == 0:
         return plan
@@ -343,7 +350,7 @@ class CPUKVQuantAttentionImpl(CPUAttentionBackendImpl):
             logger.info_once(f"{self.kv_format} KV cache on CPU: written and read by the plugin's "
                              "CPUKVQuantAttentionBackend (vLLM's own CPU attention has no such cache)")
             if self.fused:   # the model is built before the server reports healthy; the first request is not
-                warm(self.kv_format == "int4_per_token_head")
+                _kernel().warm(self.kv_format == "int4_per_token_head")
 
     def do_kv_cache_update(self, layer, key, value, kv_cache, slot_mapping) -> None:
         if self.kv_format is None:
@@ -381,9 +388,11 @@ class CPUKVQuantAttentionImpl(CPUAttentionBackendImpl):
         else:
             q = q.float() * self.scale
         out = torch.empty(q.shape, dtype=torch.float32)
+        kernel = _kernel()
+        numba = kernel.numba
         if numba.get_num_threads() != min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS):
             numba.set_num_threads(min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
-        decode_attention(kv_cache.numpy(), q.contiguous().numpy(), plan.block_table, plan.seq_lens,
+        kernel.decode_attention(kv_cache.numpy(), q.contiguous().numpy(), plan.block_table, plan.seq_lens,
                          plan.decode_rows, self.sliding_window, int4, out.numpy(), plan.splits)
         logger.info_once(f"{self.kv_format} decode steps: fused CPU kernel (Numba, {numba.get_num_threads()} threads, "
                          f"{numba.threading_layer()} threading layer)")

@@ -31,7 +31,7 @@ from numba.extending import intrinsic
 
 # Numba's "omp" threading layer is a second OpenMP runtime beside torch's: on the 2-core VM the two spun against
 # each other (median decode step 28 ms instead of 0.8 ms, benchmarks/README.md). Its own work queue does not spin.
-# Only when nobody chose a layer; it takes effect at the process's first parallel launch.
+# Only when nobody chose a layer (takes effect at the first parallel launch); imported only for an int8/int4 cache.
 if "NUMBA_THREADING_LAYER" not in os.environ and numba.config.THREADING_LAYER == "default":
     numba.config.THREADING_LAYER = "workqueue"
 

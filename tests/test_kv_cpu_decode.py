@@ -175,3 +175,31 @@ def test_the_kernel_built_for_an_avx2_only_cpu():
     proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k",
                            "matches_attention and L33"], env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0 and "2 passed" in proc.stdout, proc.stdout[-3000:] + proc.stderr[-2000:]
+
+
+LAZY_SCRIPT = """
+import sys, torch
+from types import SimpleNamespace
+from vllm.v1.attention.backends import cpu_attn
+cpu_attn.get_current_vllm_config = lambda: SimpleNamespace(model_config=SimpleNamespace(dtype=torch.float32))
+from internvl_plugin import cpu_kv_attention as kvq
+kvq.CPUKVQuantAttentionImpl(8, 64, 0.125, 2, None, None, "auto")
+print("auto", "numba" in sys.modules, "internvl_plugin.cpu_kv_decode" in sys.modules)
+kvq.CPUKVQuantAttentionImpl(8, 64, 0.125, 2, None, None, sys.argv[1])
+from internvl_plugin import cpu_kv_decode
+print("quantized", "numba" in sys.modules, sys.modules["numba"].config.THREADING_LAYER,
+      len(cpu_kv_decode._decode_kernel.signatures))
+"""
+
+
+@pytest.mark.parametrize("fmt", kvq.PER_TOKEN_HEAD_DTYPES[:1])
+def test_numba_only_for_a_quantized_cache(fmt):
+    """A 16-bit KV cache leaves numba unimported and its threading layer unset (vLLM's n-gram proposer runs its own
+    Numba parallel code); an int8/int4 impl imports the kernel and compiles it when built (a fresh process)."""
+    env = {k: v for k, v in os.environ.items() if k != "NUMBA_THREADING_LAYER"}
+    proc = subprocess.run([sys.executable, "-c", LAZY_SCRIPT, fmt], env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = proc.stdout.splitlines()
+    assert "auto False False" in lines
+    assert "quantized True workqueue 1" in lines
