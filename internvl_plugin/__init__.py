@@ -51,7 +51,10 @@ def register() -> None:
 
         register_backend(AttentionBackendEnum.CPU_ATTN, "internvl_plugin.cpu_kv_attention.CPUKVQuantAttentionBackend")
         # its decode kernel imports numba, which vLLM 0.32's CPU worker init trips over (cpu_kv_vllm_fix.py)
-        from internvl_plugin.cpu_kv_vllm_fix import apply as keep_numba_out_of_kernel_rebind
+        from vllm.platforms import current_platform
 
-        keep_numba_out_of_kernel_rebind()
+        if current_platform.is_cpu():
+            from internvl_plugin.cpu_kv_vllm_fix import apply as keep_numba_out_of_kernel_rebind
+
+            keep_numba_out_of_kernel_rebind()
     _registered = True

@@ -348,3 +348,31 @@ def test_engines_start_after_numba_was_imported():
         wrapped.__wrapped__([])
     wrapped([])
     assert "numba" in __import__("sys").modules
+
+
+def test_the_rebind_fix_is_cpu_only_and_survives_a_vllm_without_it(monkeypatch):
+    """Not applied on other platforms; where vLLM has no ``_rebind_kernels`` the plugin still registers, and one
+    line says the fix was skipped."""
+    from vllm.platforms import current_platform
+    from vllm.triton_utils import dispatcher
+
+    import internvl_plugin
+    from internvl_plugin import cpu_kv_vllm_fix
+
+    def sentinel(overrides):
+        return None
+
+    monkeypatch.setattr(dispatcher, "_rebind_kernels", sentinel)
+    monkeypatch.setattr(internvl_plugin, "_registered", False)
+    monkeypatch.setattr(current_platform, "is_cpu", lambda: False)
+    internvl_plugin.register()
+    assert dispatcher._rebind_kernels is sentinel
+    warned = []
+    monkeypatch.setattr(cpu_kv_vllm_fix.logger, "warning", lambda msg, *a: warned.append(msg % a))
+    monkeypatch.delattr(dispatcher, "_rebind_kernels")
+    monkeypatch.setattr(current_platform, "is_cpu", lambda: True)
+    monkeypatch.setattr(internvl_plugin, "_registered", False)
+    internvl_plugin.register()
+    assert internvl_plugin._registered
+    assert len(warned) == 1 and "_rebind_kernels" in warned[0] and "vLLM 0.32" in warned[0]
+    cpu_kv_vllm_fix.apply()
