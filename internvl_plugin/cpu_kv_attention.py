@@ -269,10 +269,12 @@ def plan_step(query_start_loc: torch.Tensor, seq_lens: torch.Tensor, block_table
     decode_tokens = query_start_loc[:-1][decode].long()
     table = block_table.to(torch.int32).contiguous()
     kernel = _kernel()
+    # slices over the longest decoding context, not the table's width (that is the model's whole length)
+    longest = int(seq_lens[decode].max()) if decode_tokens.numel() else 0
+    splits = kernel.split_count(decode_tokens.numel(), scheduler_args["num_kv_heads"], -(-longest // block_size),
+                                kernel.use_threads(torch.get_num_threads()))
     plan = StepPlan(table.numpy(), seq_lens.to(torch.int32).contiguous().numpy(),
-                    rows.to(torch.int32).numpy(), decode_tokens,
-                    kernel.split_count(decode_tokens.numel(), scheduler_args["num_kv_heads"], table.shape[1],
-                                       kernel.numba.get_num_threads()), None)
+                    rows.to(torch.int32).numpy(), decode_tokens, splits, None)
     other = (~decode & (query_lens > 0)).nonzero().flatten()
     if other.numel() == 0:
         return plan
@@ -389,13 +391,11 @@ class CPUKVQuantAttentionImpl(CPUAttentionBackendImpl):
             q = q.float() * self.scale
         out = torch.empty(q.shape, dtype=torch.float32)
         kernel = _kernel()
-        numba = kernel.numba
-        if numba.get_num_threads() != min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS):
-            numba.set_num_threads(min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
+        threads = kernel.use_threads(torch.get_num_threads())     # as planned (Numba's count is per thread)
         kernel.decode_attention(kv_cache.numpy(), q.contiguous().numpy(), plan.block_table, plan.seq_lens,
                          plan.decode_rows, self.sliding_window, int4, out.numpy(), plan.splits)
-        logger.info_once(f"{self.kv_format} decode steps: fused CPU kernel (Numba, {numba.get_num_threads()} threads, "
-                         f"{numba.threading_layer()} threading layer)")
+        logger.info_once(f"{self.kv_format} decode steps: fused CPU kernel (Numba, {threads} threads, "
+                         f"{kernel.numba.threading_layer()} threading layer)")
         if int4:
             half = self.head_size // 2
             out = torch.stack([out[..., :half], out[..., half:]], -1).flatten(-2)

@@ -298,3 +298,12 @@ def warm(int4: bool) -> None:
     one = np.ones(1, dtype=np.int32)
     decode_attention(cache, query, np.zeros((1, 1), dtype=np.int32), one, one - 1, 0, int4, out)
     _WARM.add(int4)
+
+
+def use_threads(wanted: int) -> int:
+    """Numba's thread count for the kernel in this thread: ``wanted`` (torch's, the engine's cores) capped by
+    Numba's pool; returned, for planning the context slices."""
+    n = max(1, min(wanted, numba.config.NUMBA_NUM_THREADS))
+    if numba.get_num_threads() != n:
+        numba.set_num_threads(n)
+    return n

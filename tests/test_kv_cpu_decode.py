@@ -203,3 +203,19 @@ def test_numba_only_for_a_quantized_cache(fmt):
     lines = proc.stdout.splitlines()
     assert "auto False False" in lines
     assert "quantized True workqueue 1" in lines
+
+
+def test_context_slices_follow_the_longest_decoding_context():
+    """The block table is as wide as the model's whole length; slices are planned over the decoding rows' blocks,
+    with Numba's thread count set first (torch's)."""
+    from internvl_plugin import cpu_kv_decode
+
+    table = torch.zeros(2, 64, dtype=torch.int32)               # 64 blocks of 32: a 2048-token model
+    loc = torch.tensor([0, 1, 2], dtype=torch.int32)
+    args = dict(num_kv_heads=1)
+    threads = min(torch.get_num_threads(), cpu_kv_decode.numba.config.NUMBA_NUM_THREADS)
+    short = kvq.plan_step(loc, torch.tensor([40, 20], dtype=torch.int32), table, 32, -1, True, args)
+    assert cpu_kv_decode.numba.get_num_threads() == threads
+    assert short.splits == 1                                     # 2 blocks: one slice, not up to 16
+    long = kvq.plan_step(loc, torch.tensor([1280, 20], dtype=torch.int32), table, 32, -1, True, args)
+    assert long.splits == split_count(2, 1, 40, threads) == min(threads, 10)
