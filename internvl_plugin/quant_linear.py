@@ -19,7 +19,8 @@ in the first three):
 * ``cpu_int4`` (CPU): repacked once into the format of the one library int4 kernel that
   ``quant_cpu.choose_plan`` picks for the layer's shape and dtype (on a bfloat16 AMX machine vLLM's
   int4 GEMM with int8 activations, as stock ``awq`` runs it; elsewhere PyTorch's int4pack or vLLM's
-  CPUWNA16). Matmul: the torch operator ``torch.ops.internvl_cpu.int4_mm`` (``quant_cpu.py`` has the
+  CPUWNA16). Matmul: vLLM's ``_C.int4_scaled_mm_cpu`` called directly for w4a8-amx (as stock
+  does), else the torch operator ``torch.ops.internvl_cpu.int4_mm`` (``quant_cpu.py`` has the
   formats, their exactness and the measurements).
 * ``dense`` (any other CUDA or CPU layer: a group size the kernels do not take, such as 96 on CUDA,
   float32 activations on CUDA, no Triton, or a CPU shape no int4 kernel takes): dequantized once into
