@@ -328,8 +328,13 @@ class CPUKVQuantMetadataBuilder(CPUAttentionMetadataBuilder):
                              num_heads=self.num_heads, num_kv_heads=self.num_kv_heads, head_dim=self.head_dim,
                              dtype=self.dtype, causal=metadata.causal, sliding_window_size=self.window_size,
                              isa=self.isa, enable_kv_split=False))
-        return CPUKVQuantMetadata(**{f.name: getattr(metadata, f.name) for f in fields(CPUAttentionMetadata)},
-                                  plan=plan)
+        return with_plan(metadata, plan)
+
+
+def with_plan(metadata: CPUAttentionMetadata, plan: StepPlan) -> CPUKVQuantMetadata:
+    """vLLM's metadata with the step's plan (every dataclass field passed on; a test checks they are the
+    constructor's arguments)."""
+    return CPUKVQuantMetadata(**{f.name: getattr(metadata, f.name) for f in fields(CPUAttentionMetadata)}, plan=plan)
 
 
 class CPUKVQuantAttentionImpl(CPUAttentionBackendImpl):

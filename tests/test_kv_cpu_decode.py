@@ -164,6 +164,25 @@ def test_backend_step_mixes_decode_and_prefill(fmt, monkeypatch):
     assert CACHE_DTYPE[fmt] == cache.dtype
 
 
+def test_the_builders_metadata_keeps_every_field_of_vllms():
+    """The engine's metadata comes from CPUKVQuantMetadataBuilder.build, which copies vLLM's CPUAttentionMetadata
+    field by field (the step test above passes its own metadata): the dataclass fields must be exactly the
+    constructor's arguments, and the copy keeps each value."""
+    import inspect
+    from dataclasses import fields
+
+    from vllm.v1.attention.backends.cpu_attn import CPUAttentionMetadata
+
+    names = [f.name for f in fields(CPUAttentionMetadata)]
+    assert list(inspect.signature(CPUAttentionMetadata).parameters) == names
+    assert [f.name for f in fields(kvq.CPUKVQuantMetadata)] == [*names, "plan"]
+    values = {name: object() for name in names}
+    plan = object()
+    got = kvq.with_plan(CPUAttentionMetadata(**values), plan)
+    assert isinstance(got, CPUAttentionMetadata) and got.plan is plan
+    assert all(getattr(got, name) is value for name, value in values.items())
+
+
 AVX2_ONLY = {"NUMBA_CPU_NAME": "haswell", "NUMBA_CPU_FEATURES": "+avx2,+fma,+avx,+sse4.2,+popcnt,+f16c,+bmi,+bmi2"}
 
 
