@@ -55,7 +55,7 @@ The preference, measured with benchmarks/bench_cpu.py (InternLM2-1.8B shapes, 24
 first token of 1024 tokens; benchmarks/README.md has the runs and their load):
 
     dense bfloat16          5.4 / 40.8    2.83 s
-    w4a8-amx                11.5 / 59.9   2.69 s    (stock --quantization awq, the same kernel: 12.4 / 63.3, 2.85 s)
+    w4a8-amx                11.6 / 61.8   2.67 s    (stock --quantization awq, the same kernel: 11.6 / 62.6, 2.84 s)
     int4pack                10.6 / 37.6   20.0 s    (an earlier run; wna16-amx there: 4.3 / 32.7, 2.63 s)
 """
 
