@@ -32,7 +32,7 @@ BLOCK_SIZE = 128
 CACHES = ("auto", "int8_per_token_head", "int4_per_token_head")
 
 
-def make_case(kv: str, batch: int, context: int, dtype: torch.dtype):
+def make_case(kv: str, batch: int, context: int, dtype: torch.dtype, isa: str = "auto"):
     """(impl, layer, cache, decode inputs) with `context` tokens of each sequence already in the cache."""
     from vllm import _custom_ops as ops
     from vllm.v1.attention.backends import cpu_attn
@@ -42,7 +42,7 @@ def make_case(kv: str, batch: int, context: int, dtype: torch.dtype):
 
     cpu_attn.get_current_vllm_config = lambda: SimpleNamespace(model_config=SimpleNamespace(dtype=dtype))
     impl = kvq.CPUKVQuantAttentionImpl(HEADS, HEAD_SIZE, HEAD_SIZE ** -0.5, KV_HEADS, None, None, kv)
-    layer = SimpleNamespace(isa=_get_attn_isa(dtype, BLOCK_SIZE, HEAD_SIZE, "auto"),
+    layer = SimpleNamespace(isa=_get_attn_isa(dtype, BLOCK_SIZE, HEAD_SIZE, "auto") if isa == "auto" else isa,
                             _k_scale_float=1.0, _v_scale_float=1.0)
     blocks_per_seq = (context + 1 + BLOCK_SIZE - 1) // BLOCK_SIZE
     num_blocks = batch * blocks_per_seq
@@ -102,6 +102,9 @@ def main() -> None:
     parser.add_argument("--iters", type=int, default=20)
     parser.add_argument("--rounds", type=int, default=2, help="interleaved rounds over the three caches")
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    parser.add_argument("--isa", default="auto", choices=["auto", "vec"],
+                        help="the 16-bit cache's kernel: vLLM's choice (AMX where present) or its AVX-512/AVX2 "
+                             "`vec` kernel, what CPUs without AMX run")
     parser.add_argument("--quick", action="store_true", help="1k context, batch 1 and 4, 5 iterations")
     parser.add_argument("--out", help="also write the rows as JSON here")
     args = parser.parse_args()
@@ -110,14 +113,14 @@ def main() -> None:
     dtype = getattr(torch, args.dtype)
     torch.cpu._init_amx()   # the Linux permission for AMX tiles (vLLM's workers ask for it; without: SIGILL)
     print(f"# {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch threads "
-          f"{torch.get_num_threads()} (Numba {numba.get_num_threads()}), {args.dtype}; InternLM2-1.8B attention: {HEADS} heads, {KV_HEADS} KV heads, "
+          f"{torch.get_num_threads()} (Numba {numba.get_num_threads()}), {args.dtype}, 16-bit kernel {args.isa}; InternLM2-1.8B attention: {HEADS} heads, {KV_HEADS} KV heads, "
           f"head size {HEAD_SIZE}, block {BLOCK_SIZE}; median of {args.iters} steps, best of {args.rounds} rounds")
     print(f"{'context':>7} {'batch':>5} | {'16-bit ms':>9} {'int8 ms':>8} {'int4 ms':>8} | "
           f"{'16-bit tok/s':>12} {'int8 tok/s':>10} {'int4 tok/s':>10} | {'int8/16':>7} {'int4/16':>7}")
     rows = []
     for context in args.contexts:
         for batch in args.batches:
-            cases = {kv: make_case(kv, batch, context, dtype) for kv in CACHES}
+            cases = {kv: make_case(kv, batch, context, dtype, args.isa) for kv in CACHES}
             best = {kv: float("inf") for kv in CACHES}
             for _ in range(args.rounds):
                 for kv in CACHES:

@@ -68,32 +68,38 @@ def _exp(x):
     return p * _bits_as_float((np.int32(n) + np.int32(127)) << 23)
 
 
-@njit(fastmath=_FAST, cache=True, nogil=True, inline="always")
-def _attend_slice(cache_q, cache_s, q, q_sum, table_row, head, first, last, int4, scores, acc, zsum, m, l):
-    """Online softmax over context tokens [first, last) of one sequence for the G query rows in ``q``."""
+@njit(fastmath=_FAST, cache=True, nogil=True)
+def _attend(cells, words, row0_of, q, q_sum, table_row, first, last, int4, scores, v_step, acc, m_l):
+    """Online softmax over context tokens [first, last) of one (sequence, KV head) for the G query rows of ``q``.
+
+    ``cells``/``words``: the cache as [cells x 2, half] bytes / int32 words, row 2r the K half of cell r and
+    2r+1 its V half (data, then the scale word); cell r of table entry b is ``b * row0_of[0] + row0_of[1] +
+    slot``. Accumulates into ``acc`` [G, D] and ``m_l`` [2, G] (running max, running sum).
+    """
     group, dim = q.shape
-    block_size = cache_q.shape[2]
+    block_size = scores.shape[1]
     data = dim // 2 if int4 else dim
-    scale_at = data // 4                       # the fp32 scale word right after the data, in 4-byte units
-    v_off = data + 4
-    v_scale_at = (v_off + data) // 4
+    at = data // 4                             # the scale word's index in a half row
+    zsum = np.zeros(group, dtype=np.float32)   # int4: Σ weight·zp of V, subtracted once at the end
     t = first
     while t < last:
-        blk = table_row[t // block_size]
         off0 = t % block_size
         n = min(block_size - off0, last - t)
-        # plain indexing throughout: an array view made per token costs two reference-count calls
+        row0 = table_row[t // block_size] * row0_of[0] + row0_of[1] + off0
         for j in range(n):                     # scores of this block's tokens
-            slot = off0 + j
+            r = 2 * (row0 + j)
+            bits = words[r, at]
+            vbits = words[r + 1, at]
             if int4:
-                bits = cache_s[blk, head, slot, scale_at]
                 step = _bits_as_float(bits & -16)
                 zp = np.float32(bits & 15)
-                for g in range(0, group - 1, 2):
+                v_step[0, j] = _bits_as_float(vbits & -16)
+                v_step[1, j] = np.float32(vbits & 15)
+                for g in range(0, group - 1, 2):   # query heads in pairs: each K element widened once per pair
                     s0 = np.float32(0.0)
                     s1 = np.float32(0.0)
                     for i in range(data):
-                        byte = np.int32(cache_q[blk, head, slot, i])
+                        byte = np.int32(cells[r, i])
                         lo = np.float32(byte & 15)
                         hi = np.float32(byte >> 4)
                         s0 += q[g, i] * lo + q[g, data + i] * hi
@@ -104,16 +110,17 @@ def _attend_slice(cache_q, cache_s, q, q_sum, table_row, head, first, last, int4
                     g = group - 1
                     s = np.float32(0.0)
                     for i in range(data):
-                        byte = np.int32(cache_q[blk, head, slot, i])
+                        byte = np.int32(cells[r, i])
                         s += q[g, i] * np.float32(byte & 15) + q[g, data + i] * np.float32(byte >> 4)
                     scores[g, j] = step * (s - zp * q_sum[g])
             else:
-                step = _bits_as_float(cache_s[blk, head, slot, scale_at])
-                for g in range(0, group - 1, 2):   # query heads in pairs: each K element widened once per pair
+                step = _bits_as_float(bits)
+                v_step[0, j] = _bits_as_float(vbits)
+                for g in range(0, group - 1, 2):
                     s0 = np.float32(0.0)
                     s1 = np.float32(0.0)
                     for i in range(dim):
-                        x = np.float32(cache_q[blk, head, slot, i])
+                        x = np.float32(cells[r, i])
                         s0 += q[g, i] * x
                         s1 += q[g + 1, i] * x
                     scores[g, j] = step * s0
@@ -121,84 +128,98 @@ def _attend_slice(cache_q, cache_s, q, q_sum, table_row, head, first, last, int4
                 if group % 2:
                     s = np.float32(0.0)
                     for i in range(dim):
-                        s += q[group - 1, i] * np.float32(cache_q[blk, head, slot, i])
+                        s += q[group - 1, i] * np.float32(cells[r, i])
                     scores[group - 1, j] = step * s
-        for g in range(group):                 # rescale the running sums once per block, weights into scores
+        for g in range(group):                 # rescale the running sums once per block; weights x V step
             mb = _NEG
             for j in range(n):
                 mb = max(mb, scores[g, j])
-            m_old = m[g]
+            m_old = m_l[0, g]
             m_new = max(m_old, mb)
             alpha = _exp(m_old - m_new)
-            m[g] = m_new
-            zsum[g] *= alpha
+            m_l[0, g] = m_new
             for i in range(dim):
                 acc[g, i] *= alpha
             total = np.float32(0.0)
+            zs = np.float32(0.0)
             for j in range(n):
                 e = _exp(scores[g, j] - m_new)
-                scores[g, j] = e
                 total += e
-            l[g] = l[g] * alpha + total
-        for j in range(n):                     # accumulate V
-            slot = off0 + j
-            if int4:
-                bits = cache_s[blk, head, slot, v_scale_at]
-                step = _bits_as_float(bits & -16)
-                zp = np.float32(bits & 15)
-                for g in range(group):
-                    zsum[g] += scores[g, j] * step * zp
-                for g in range(0, group - 1, 2):
-                    w0 = scores[g, j] * step
-                    w1 = scores[g + 1, j] * step
+                w = e * v_step[0, j]
+                scores[g, j] = w
+                if int4:
+                    zs += w * v_step[1, j]
+            m_l[1, g] = m_l[1, g] * alpha + total
+            zsum[g] = zsum[g] * alpha + zs
+        # V rows two at a time: each accumulator element is loaded and stored once per pair of tokens
+        j = 0
+        while j < n:
+            r = 2 * (row0 + j) + 1
+            pair = j + 1 < n
+            r2 = r + 2 if pair else r
+            for g in range(0, group - 1, 2):
+                a0 = scores[g, j]
+                a1 = scores[g + 1, j]
+                b0 = scores[g, j + 1] if pair else np.float32(0.0)
+                b1 = scores[g + 1, j + 1] if pair else np.float32(0.0)
+                if int4:
                     for i in range(data):
-                        byte = np.int32(cache_q[blk, head, slot, v_off + i])
-                        lo = np.float32(byte & 15)
-                        hi = np.float32(byte >> 4)
-                        acc[g, i] += w0 * lo
-                        acc[g, data + i] += w0 * hi
-                        acc[g + 1, i] += w1 * lo
-                        acc[g + 1, data + i] += w1 * hi
-                if group % 2:
-                    g = group - 1
-                    w = scores[g, j] * step
+                        x = np.int32(cells[r, i])
+                        y = np.int32(cells[r2, i])
+                        xl = np.float32(x & 15)
+                        xh = np.float32(x >> 4)
+                        yl = np.float32(y & 15)
+                        yh = np.float32(y >> 4)
+                        acc[g, i] += a0 * xl + b0 * yl
+                        acc[g, data + i] += a0 * xh + b0 * yh
+                        acc[g + 1, i] += a1 * xl + b1 * yl
+                        acc[g + 1, data + i] += a1 * xh + b1 * yh
+                else:
+                    for i in range(dim):
+                        x = np.float32(cells[r, i])
+                        y = np.float32(cells[r2, i])
+                        acc[g, i] += a0 * x + b0 * y
+                        acc[g + 1, i] += a1 * x + b1 * y
+            if group % 2:
+                g = group - 1
+                a0 = scores[g, j]
+                b0 = scores[g, j + 1] if pair else np.float32(0.0)
+                if int4:
                     for i in range(data):
-                        byte = np.int32(cache_q[blk, head, slot, v_off + i])
-                        acc[g, i] += w * np.float32(byte & 15)
-                        acc[g, data + i] += w * np.float32(byte >> 4)
-            else:
-                step = _bits_as_float(cache_s[blk, head, slot, v_scale_at])
-                for g in range(0, group - 1, 2):
-                    w0 = scores[g, j] * step
-                    w1 = scores[g + 1, j] * step
+                        x = np.int32(cells[r, i])
+                        y = np.int32(cells[r2, i])
+                        acc[g, i] += a0 * np.float32(x & 15) + b0 * np.float32(y & 15)
+                        acc[g, data + i] += a0 * np.float32(x >> 4) + b0 * np.float32(y >> 4)
+                else:
                     for i in range(dim):
-                        x = np.float32(cache_q[blk, head, slot, v_off + i])
-                        acc[g, i] += w0 * x
-                        acc[g + 1, i] += w1 * x
-                if group % 2:
-                    w = scores[group - 1, j] * step
-                    for i in range(dim):
-                        acc[group - 1, i] += w * np.float32(cache_q[blk, head, slot, v_off + i])
+                        acc[g, i] += a0 * np.float32(cells[r, i]) + b0 * np.float32(cells[r2, i])
+            j += 2
         t += n
+    if int4:
+        for g in range(group):
+            for i in range(dim):
+                acc[g, i] -= zsum[g]
 
 
 @njit(parallel=True, fastmath=_FAST, cache=True, nogil=True)
-def _decode_kernel(cache_q, cache_s, query, block_table, seq_lens, rows, window, splits, int4, out):
+def _decode_kernel(cells, words, kv_heads, block_size, query, block_table, seq_lens, rows, window, splits, int4,
+                   out):
     """query/out [tokens, heads, D] float32 (scaled; int4: rotated and even/odd split); ``rows[i]`` is the query
-    row of sequence i (-1: not a decode row)."""
+    row of sequence i (-1: not a decode row). One parallel launch: each launch of Numba's work queue costs about
+    0.1 ms on the 2-core VM, as much as a short context's whole attention."""
     num_seqs = rows.shape[0]
     heads, dim = query.shape[1], query.shape[2]
-    kv_heads = cache_q.shape[1]
-    block_size = cache_q.shape[2]
     group = heads // kv_heads
     items = num_seqs * kv_heads * splits
-    part_m = np.full((items, group), _NEG, dtype=np.float32)
-    part_l = np.zeros((items, group), dtype=np.float32)
-    part_acc = np.zeros((items, group, dim), dtype=np.float32)
+    part_ml = np.empty((items, 2, group), dtype=np.float32)     # np.empty: np.zeros/np.full would be launches
+    part_acc = np.empty((items, group, dim), dtype=np.float32)
     for item in prange(items):
         seq = item // (kv_heads * splits)
         head = (item // splits) % kv_heads
         part = item % splits
+        for g in range(group):
+            part_ml[item, 0, g] = _NEG
+            part_ml[item, 1, g] = 0.0
         row = rows[seq]
         if row < 0:
             continue
@@ -218,37 +239,47 @@ def _decode_kernel(cache_q, cache_s, query, block_table, seq_lens, rows, window,
             for i in range(dim):
                 q[g, i] = query[row, head * group + g, i]
                 q_sum[g] += q[g, i]
+        acc = np.zeros((group, dim), dtype=np.float32)
         scores = np.empty((group, block_size), dtype=np.float32)
-        zsum = np.zeros(group, dtype=np.float32)
-        _attend_slice(cache_q, cache_s, q, q_sum, block_table[seq], head, lo, hi, int4, scores,
-                      part_acc[item], zsum, part_m[item], part_l[item])
-        if int4:
+        v_step = np.empty((2, block_size), dtype=np.float32)
+        row0_of = np.empty(2, dtype=np.int64)
+        row0_of[0] = kv_heads * block_size
+        row0_of[1] = head * block_size
+        m_l = part_ml[item]
+        _attend(cells, words, row0_of, q, q_sum, block_table[seq], lo, hi, int4, scores, v_step, acc, m_l)
+        if splits == 1:
+            for g in range(group):
+                inv = np.float32(1.0) / m_l[1, g]
+                for i in range(dim):
+                    out[row, head * group + g, i] = acc[g, i] * inv
+        else:
             for g in range(group):
                 for i in range(dim):
-                    part_acc[item, g, i] -= zsum[g]
-    for pair in prange(num_seqs * kv_heads):   # merge the slices
-        seq = pair // kv_heads
-        head = pair % kv_heads
-        row = rows[seq]
-        if row < 0:
-            continue
-        base = pair * splits
-        for g in range(group):
-            m_all = part_m[base, g]
-            for p in range(1, splits):
-                m_all = max(m_all, part_m[base + p, g])
-            total = np.float32(0.0)
-            o = out[row, head * group + g]
-            o[:] = 0.0
-            for p in range(splits):
-                if part_l[base + p, g] > 0:
-                    w = np.float32(math.exp(part_m[base + p, g] - m_all))
-                    total += w * part_l[base + p, g]
-                    for i in range(dim):
-                        o[i] += w * part_acc[base + p, g, i]
-            inv = np.float32(1.0) / total
-            for i in range(dim):
-                o[i] *= inv
+                    part_acc[item, g, i] = acc[g, i]
+    if splits > 1:
+        for pair in range(num_seqs * kv_heads):   # merge the slices: little work, on the calling thread
+            seq = pair // kv_heads
+            head = pair % kv_heads
+            row = rows[seq]
+            if row < 0:
+                continue
+            base = pair * splits
+            for g in range(group):
+                m_all = part_ml[base, 0, g]
+                for p in range(1, splits):
+                    m_all = max(m_all, part_ml[base + p, 0, g])
+                total = np.float32(0.0)
+                for i in range(dim):
+                    out[row, head * group + g, i] = 0.0
+                for p in range(splits):
+                    if part_ml[base + p, 1, g] > 0:
+                        w = np.float32(math.exp(part_ml[base + p, 0, g] - m_all))
+                        total += w * part_ml[base + p, 1, g]
+                        for i in range(dim):
+                            out[row, head * group + g, i] += w * part_acc[base + p, g, i]
+                inv = np.float32(1.0) / total
+                for i in range(dim):
+                    out[row, head * group + g, i] *= inv
 
 
 def split_count(num_seqs: int, kv_heads: int, max_blocks: int, threads: int) -> int:
@@ -269,10 +300,9 @@ def decode_attention(cache: np.ndarray, query: np.ndarray, block_table: np.ndarr
     seq_lens [seqs] int32 (the query row is the last position); rows [seqs] int32: each sequence's query row,
     -1 to skip it; window: keys within the last ``window`` positions only (<= 0: all).
     """
-    cache_q = cache.view(np.uint8) if int4 else cache.view(np.int8)
-    cache_s = cache.view(np.int32)
-    _decode_kernel(cache_q, cache_s, query, block_table, seq_lens, rows, int(window), int(splits), bool(int4),
-                   out)
+    halves = cache.reshape(-1, cache.shape[3] // 2)          # row 2r: cell r's K half, 2r + 1: its V half
+    _decode_kernel(halves.view(np.uint8) if int4 else halves.view(np.int8), halves.view(np.int32), cache.shape[1],
+                   cache.shape[2], query, block_table, seq_lens, rows, int(window), int(splits), bool(int4), out)
 
 
 _WARM: set[bool] = set()
