@@ -347,7 +347,7 @@ class _Job:
                     cos, sin = (t.to(device) for t in rope)
                     out[b:b + self.s.batch_size] = self.backbone.forward(w, chunk, (cos, sin), self.shape,
                                                                           observe).cpu()
-                tensors, report = self._quantize_layer(w, stats, rope, device, stored)
+                tensors, report = self._quantize_layer(w, stats, rope, device, stored, p)
             tensors = {p + n: t for n, t in tensors.items()}
             save_shard_atomically(tensors, self.partial / plan["layers"][i])
             if i + 1 < layers:  # the next layer's input, durable before the record that points at it
@@ -363,8 +363,9 @@ class _Job:
         bar.close()
 
     def _quantize_layer(self, w: dict[str, torch.Tensor], stats: dict[str, ChannelStats], rope, device,
-                        stored: dict[str, torch.Tensor]):
-        """Smooth (norm groups, then fc groups), quantize every linear; the layer's output tensors and report."""
+                        stored: dict[str, torch.Tensor], prefix: str):
+        """Smooth (norm groups, then fc groups), quantize every linear; the layer's output tensors and report
+        (``w``'s names are relative to ``prefix``, the layer's, which the warnings name in full)."""
         g, bb, shape = self.s.w_group_size, self.backbone, self.shape
         # only the small tensors are kept as they were: a linear's original weight is recovered exactly from the
         # smoothed one (power-of-two scales), and its round-to-nearest error is taken before smoothing
@@ -439,8 +440,8 @@ class _Job:
             lost = int((out[name].to(t.device, t.dtype) != t).sum())
             if lost:
                 report.setdefault("plora_values_rounded", {})[name] = lost
-                self.log(f"awq_tools quantize: warning: {lost} value(s) of {name} left {dtypes[name]}'s exact range "
-                         "when the smoothing scales were folded in; the image rows will differ slightly")
+                self.log(f"awq_tools quantize: warning: {lost} value(s) of {prefix}{name} left {dtypes[name]}'s "
+                         "exact range when the smoothing scales were folded in; the image rows will differ slightly")
         for n in bb.linears:
             if self.smooth_only:
                 out[n + ".weight"] = w[n + ".weight"].to(weight_dtype).cpu()

@@ -104,6 +104,59 @@ def test_smoothing_alone_leaves_text_and_image_rows_unchanged(layout, search, ti
     assert (la - lb)[mask].abs().max().item() > 1e-2
 
 
+PLORA = "model.layers.0.attention.wqkv.Plora_A.weight"
+
+
+def _quantize_with_a_large_plora_row(tiny_model, tmp_path: Path, dtype: torch.dtype):
+    """Layer 0's wqkv Plora_A stored in ``dtype``: row 0 at float16's largest value, the other rows 1.0, then
+    quantized (the embeddings' outlier channels make some of wqkv's input scales 2 or more). Returns the log
+    lines, the written Plora_A and the report's layers."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    from awq_tools.quantize import QuantizeSettings, quantize
+
+    src = _with_outlier_channels(tiny_model("xcomposer2-vl-1.8b"), tmp_path / "src")
+    state = load_file(str(src / "model.safetensors"))
+    a = torch.ones_like(state[PLORA], dtype=dtype)
+    a[0] = torch.finfo(torch.float16).max
+    state[PLORA] = a
+    save_file(state, str(src / "model.safetensors"), metadata={"format": "pt"})
+    lines: list[str] = []
+    settings = QuantizeSettings(calib_dataset=str(CORPUS), calib_samples=4, calib_seqlen=32, w_group_size=32)
+    out = quantize(src, tmp_path / "out", settings, quiet=True, log=lines.append)
+    shard = json.loads((out / "model.safetensors.index.json").read_text())["weight_map"][PLORA]
+    with safe_open(str(out / shard), framework="pt") as f:
+        written = f.get_tensor(PLORA)
+    return lines, written, json.loads((out / "quant_report.json").read_text())["layers"]
+
+
+def test_a_plora_value_folded_past_float16_is_one_warning_line(tiny_model, tmp_path):
+    lines, written, layers = _quantize_with_a_large_plora_row(tiny_model, tmp_path, torch.float16)
+    assert written.dtype == torch.float16
+    lost = int(torch.isinf(written).sum())
+    # only row 0 can leave the range (1.0 times a power of two stays exact), and some of it did
+    assert lost > 0 and bool(torch.isfinite(written[1:]).all())
+    warnings = [line for line in lines if "warning" in line]
+    assert warnings == [f"awq_tools quantize: warning: {lost} value(s) of {PLORA} left torch.float16's exact range "
+                        "when the smoothing scales were folded in; the image rows will differ slightly"], lines
+    assert layers[0]["plora_values_rounded"] == {"attention.wqkv.Plora_A.weight": lost}
+    assert all("plora_values_rounded" not in layer for layer in layers[1:])
+
+
+def test_the_same_plora_values_in_bfloat16_fold_exactly_without_a_warning(tiny_model, tmp_path):
+    lines, written, layers = _quantize_with_a_large_plora_row(tiny_model, tmp_path, torch.bfloat16)
+    assert written.dtype == torch.bfloat16 and bool(torch.isfinite(written).all())
+    # the values that overflowed float16 above are kept: each column scaled by an exact power of two
+    assert float(written[0].float().max()) > torch.finfo(torch.float16).max
+    stored = torch.ones_like(written)
+    stored[0] = torch.finfo(torch.float16).max
+    ratio = written.float() / stored.float()
+    assert torch.equal(ratio, torch.exp2(torch.log2(ratio).round())) and torch.equal(ratio[0], ratio[1])
+    assert not [line for line in lines if "warning" in line], lines
+    assert all("plora_values_rounded" not in layer for layer in layers)
+
+
 # ------------------------------------------------------------------------------------------ vLLM
 
 CASES = [pytest.param("xcomposer2-vl-1.8b", id="vl-1.8b"),
