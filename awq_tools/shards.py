@@ -138,12 +138,17 @@ def write_text_atomically(text: str, path: Path) -> None:
 
 
 def copy_file_atomically(src: Path, path: Path) -> None:
-    """shutil.copy2 under a temporary name, fsync, rename (a copied tokenizer file is whole or absent)."""
+    """shutil.copy2 under a temporary name, fsync, rename (a copied tokenizer file is whole or absent); a failed
+    copy removes its temporary file."""
     tmp = path.with_name(path.name + ".tmp")
-    shutil.copy2(src, tmp)
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    _replace(tmp, path)
+    try:
+        shutil.copy2(src, tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        _replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def write_json_atomically(obj, path: Path) -> None:
