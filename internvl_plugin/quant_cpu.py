@@ -37,7 +37,7 @@ The kernels are library code; this module converts layouts, probes what runs her
                (``wna16-vec``). Its cost hardly depends on the rows (at one row 3-4x int4pack's).
                bfloat16 and float16 only; needs K and N multiples of 32 and an even G.
 
-Each layer keeps one format (``PLANS`` names them; a plan is one kernel): the AWQ tensors are freed as
+Each layer keeps one format (``KERNELS`` names them; a plan is one kernel): the AWQ tensors are freed as
 soon as the layer is converted, and nothing else is kept. Then glibc is asked to hand the freed pages
 back (``malloc_trim``): its mmap threshold rises after the first large free, so the loader's later AWQ
 tensors come from the heap, which keeps their pages after they are freed (0.49 GiB of the 1.8B's 24
@@ -70,13 +70,12 @@ import torch
 
 from internvl_kernels import dequantize_awq, unpack_awq_int4
 
-__all__ = ["KERNELS", "PLANS", "PREFERENCE", "CpuInt4Weight", "available_kernels", "choose_plan", "plan_accepts",
+__all__ = ["KERNELS", "PREFERENCE", "CpuInt4Weight", "available_kernels", "choose_plan", "plan_accepts",
            "pack_awq", "cpu_int4_mm", "cpu_int4_linear", "repack_layer", "apply_layer", "activation_bound"]
 
 logger = logging.getLogger(f"vllm.{__name__}")
 
 KERNELS = ("w4a8-amx", "int4pack", "wna16-amx", "wna16-vec")
-PLANS = KERNELS  # a plan is one kernel: one copy of the 4-bit weights a layer
 PREFERENCE: dict[torch.dtype, tuple[str, ...]] = {
     # int4pack before wna16: faster at few rows, and wna16-vec (AVX-512 without AMX) measured behind it at
     # every row count; wna16 only for shapes int4pack refuses (e.g. G = 96)
@@ -217,8 +216,8 @@ def apply_layer(layer: torch.nn.Module, x: torch.Tensor, group_size: int, bias: 
 
 
 def _check_plan(plan: str) -> None:
-    if plan not in PLANS:
-        raise ValueError(f"{ENV_PLAN}={plan!r}: choose one of {', '.join(PLANS)}")
+    if plan not in KERNELS:
+        raise ValueError(f"{ENV_PLAN}={plan!r}: choose one of {', '.join(KERNELS)}")
 
 
 # ----------------------------------------------------------------------------------------- packing

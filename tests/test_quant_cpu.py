@@ -19,7 +19,7 @@ import torch
 from internvl_kernels import dequantize_awq, quantize_awq, unpack_awq_int4
 from internvl_plugin import quant_cpu
 from internvl_plugin.cpu_dtype import bf16_hardware, choose_cpu_dtype
-from internvl_plugin.quant_cpu import (PLANS, activation_bound, apply_layer, available_kernels, choose_plan,
+from internvl_plugin.quant_cpu import (KERNELS, activation_bound, apply_layer, available_kernels, choose_plan,
                                        cpu_int4_linear, pack_awq, plan_accepts, repack_layer)
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -66,7 +66,7 @@ def _cases(plans, shapes):
             for p in plans for d in DTYPES for s in shapes if _applicable(p, d, s)]
 
 
-@pytest.mark.parametrize("kernel,dtype,group_size", _cases(PLANS, [32, 64, 128, 256]))
+@pytest.mark.parametrize("kernel,dtype,group_size", _cases(KERNELS, [32, 64, 128, 256]))
 def test_identity_gives_the_dequantized_weight(kernel, dtype, group_size):
     k, n = 512, 192
     qweight, qzeros, scales = _awq(k, n, group_size, dtype)
@@ -97,7 +97,7 @@ SHAPES = [  # (K, N, G, rows, id): tiny-model and InternLM2-1.8B-like shapes, od
 ]
 
 
-@pytest.mark.parametrize("plan,dtype,shape", _cases(list(PLANS), SHAPES))
+@pytest.mark.parametrize("plan,dtype,shape", _cases(list(KERNELS), SHAPES))
 def test_random_inputs_match_the_float_reference(plan, dtype, shape):
     k, n, group_size, rows, _ = shape
     qweight, qzeros, scales = _awq(k, n, group_size, dtype, seed=k + n)
