@@ -28,7 +28,7 @@ blocks those sequences use (in their window; shared prefix blocks once) are dequ
 16-bit scratch cache in ``CPU_ATTN``'s own layout, and vLLM's CPU attention kernel (the call the 16-bit cache
 gets, with its per-machine ISA: AMX, AVX-512, AVX2, NEON) runs on that. Which rows go where, the scratch's block
 list and the kernel's scheduler metadata are worked out once per step by the metadata builder
-(:func:`plan_step`), not per layer. Writing quantizes with torch ops. Hand-written because no library writes or
+(:func:`plan_step`), not per layer. Writing is one Numba loop (int4's rotation a torch matmul). Hand-written because no library writes or
 reads this format on CPU; nothing here needs AVX-512.
 
 vLLM internals touched (vLLM 0.32; ``tests/test_kv_cpu_format.py`` fails when they change):
@@ -47,14 +47,13 @@ import numpy as np
 import torch
 
 __all__ = ["PER_TOKEN_HEAD_DTYPES", "RHT_SEED", "CPUKVQuantAttentionBackend", "check_head_size",
-           "cell_bytes", "rht", "quantize_int8", "quantize_int4", "dequantize_int8", "dequantize_int4",
+           "cell_bytes", "rht", "dequantize_int8", "dequantize_int4",
            "write_cells", "read_blocks", "plan_step"]
 
 PER_TOKEN_HEAD_DTYPES = ("int8_per_token_head", "int4_per_token_head")
 # vLLM 0.32 int4_per_token_head._get_rht_signs: torch.Generator(cpu).manual_seed(0x9E3779B9), Bernoulli(0.5)
 RHT_SEED = 0x9E3779B9
 _SCALE_BYTES = 4
-_SCALE_FLOOR = 1e-6
 
 
 def _kernel():
@@ -64,6 +63,14 @@ def _kernel():
     from internvl_plugin import cpu_kv_decode
 
     return cpu_kv_decode
+
+
+_KERNEL_DTYPES = (torch.bfloat16, torch.float32)
+
+
+def _as_numpy(t: torch.Tensor) -> np.ndarray:
+    """A CPU tensor as numpy without a copy; bfloat16 (which numpy lacks) as its uint16 bits."""
+    return t.view(torch.int16).numpy().view(np.uint16) if t.dtype == torch.bfloat16 else t.numpy()
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -84,10 +91,6 @@ def data_bytes(kv_cache_dtype: str, head_size: int) -> int:
 def cell_bytes(kv_cache_dtype: str, head_size: int) -> int:
     """Bytes of one (block, head, slot) cell: K data, K scale, V data, V scale (vLLM's customize_spec)."""
     return 2 * (data_bytes(kv_cache_dtype, head_size) + _SCALE_BYTES)
-
-
-def _round_half_away(x: torch.Tensor) -> torch.Tensor:
-    return torch.where(x >= 0, x + 0.5, x - 0.5).trunc()
 
 
 _RHT_CACHE: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -120,26 +123,6 @@ def rht(x: torch.Tensor, inverse: bool = False) -> torch.Tensor:
     return y.reshape(x.shape)
 
 
-def quantize_int8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """x [..., D] -> (int8 [..., D], float32 scale [...])."""
-    x = x.float()
-    scale = (x.abs().amax(-1) / 127.0).clamp_min(_SCALE_FLOOR)
-    q = _round_half_away(x * (1.0 / scale)[..., None]).clamp(-128, 127)
-    return q.to(torch.int8), scale
-
-
-def quantize_int4(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """x [..., D] (already rotated) -> (packed uint8 [..., D/2], float32 scale with zp in its low 4 bits [...])."""
-    x = x.float()
-    mn, mx = x.amin(-1), x.amax(-1)
-    scale = ((mx - mn) / 15.0).clamp_min(_SCALE_FLOOR)
-    zp = _round_half_away(-mn / scale).clamp(0, 15)
-    q = _round_half_away(x * (1.0 / scale)[..., None] + zp[..., None]).clamp(0, 15).to(torch.uint8)
-    packed = q[..., 0::2] | (q[..., 1::2] << 4)
-    bits = (scale.view(torch.int32) & -16) | zp.to(torch.int32)
-    return packed, bits.view(torch.float32)
-
-
 def dequantize_int8(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return (q.to(torch.float32) * scale[..., None]).to(dtype)
 
@@ -153,27 +136,18 @@ def dequantize_int4(packed: torch.Tensor, scale: torch.Tensor, dtype: torch.dtyp
     return ((q - zp[..., None]) * step[..., None]).to(dtype)
 
 
-def _encode(kv_cache_dtype: str, x: torch.Tensor) -> torch.Tensor:
-    """x [T, H, D] -> the [data | scale] half-cell bytes [T, H, data + 4] as int8."""
-    if kv_cache_dtype == "int4_per_token_head":
-        data, scale = quantize_int4(rht(x).to(x.dtype))
-    else:
-        data, scale = quantize_int8(x)
-    return torch.cat([data.view(torch.int8), scale.unsqueeze(-1).view(torch.int8)], dim=-1)
-
-
 def write_cells(kv_cache_dtype: str, kv_cache: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                 slot_mapping: torch.Tensor) -> None:
-    """Quantize key/value [T, H, D] into the cache [blocks, H, block_size, cell] at ``slot_mapping``."""
-    keep = slot_mapping >= 0
-    if not bool(keep.all()):
-        key, value, slot_mapping = key[keep], value[keep], slot_mapping[keep]
-    if slot_mapping.numel() == 0:
-        return
-    block_size = kv_cache.shape[2]
-    cells = torch.cat([_encode(kv_cache_dtype, key), _encode(kv_cache_dtype, value)], dim=-1)
-    slot_mapping = slot_mapping.long()
-    kv_cache.view(torch.int8)[slot_mapping // block_size, :, slot_mapping % block_size] = cells
+    """Quantize key/value [T, H, D] into the cache [blocks, H, block_size, cell] at ``slot_mapping`` (< 0: skipped).
+
+    int4 rotates with torch (one matmul) and rounds to the model dtype, as vLLM does; the quantization and the
+    stores are one Numba loop (cpu_kv_decode.write_cells): torch's chain of small ops cost 0.1-0.2 ms a call,
+    which every layer of every decode step pays.
+    """
+    int4 = kv_cache_dtype == "int4_per_token_head"
+    key, value = (rht(key).to(key.dtype), rht(value).to(value.dtype)) if int4 else (key, value)
+    _kernel().write_cells(kv_cache.numpy(), key.float().contiguous().numpy(), value.float().contiguous().numpy(),
+                          slot_mapping.long().contiguous().numpy(), int4)
 
 
 def read_blocks(kv_cache_dtype: str, cells: torch.Tensor, head_size: int, dtype: torch.dtype
@@ -249,6 +223,7 @@ class StepPlan:
     block_table: np.ndarray             # [seqs, max_blocks] int32, for the fused kernel
     seq_lens: np.ndarray                # [seqs] int32
     decode_rows: np.ndarray             # [seqs] int32: the sequence's row in ``decode_tokens``, -1 if not decoding
+    decode_query_rows: np.ndarray       # [seqs] int32: the sequence's row in the step's query, -1 if not decoding
     decode_tokens: torch.Tensor         # [d] int64: the query rows that decode
     splits: int
     prefill_tokens: torch.Tensor | None   # [p] int64: query rows of the other sequences (None: there are none)
@@ -273,8 +248,10 @@ def plan_step(query_start_loc: torch.Tensor, seq_lens: torch.Tensor, block_table
     longest = int(seq_lens[decode].max()) if decode_tokens.numel() else 0
     splits = kernel.split_count(decode_tokens.numel(), scheduler_args["num_kv_heads"], -(-longest // block_size),
                                 kernel.use_threads(torch.get_num_threads()))
-    plan = StepPlan(table.numpy(), seq_lens.to(torch.int32).contiguous().numpy(),
-                    rows.to(torch.int32).numpy(), decode_tokens, splits, None)
+    query_rows = torch.full_like(query_lens, -1)
+    query_rows[decode] = query_start_loc[:-1][decode]
+    plan = StepPlan(table.numpy(), seq_lens.to(torch.int32).contiguous().numpy(), rows.to(torch.int32).numpy(),
+                    query_rows.to(torch.int32).numpy(), decode_tokens, splits, None)
     other = (~decode & (query_lens > 0)).nonzero().flatten()
     if other.numel() == 0:
         return plan
@@ -357,7 +334,8 @@ class CPUKVQuantAttentionImpl(CPUAttentionBackendImpl):
             logger.info_once(f"{self.kv_format} KV cache on CPU: written and read by the plugin's "
                              "CPUKVQuantAttentionBackend (vLLM's own CPU attention has no such cache)")
             if self.fused:   # the model is built before the server reports healthy; the first request is not
-                _kernel().warm(self.kv_format == "int4_per_token_head")
+                int4 = self.kv_format == "int4_per_token_head"   # the model is built under its dtype
+                _kernel().warm(int4, not int4 and torch.get_default_dtype() == torch.bfloat16)
 
     def do_kv_cache_update(self, layer, key, value, kv_cache, slot_mapping) -> None:
         if self.kv_format is None:
@@ -386,26 +364,32 @@ class CPUKVQuantAttentionImpl(CPUAttentionBackendImpl):
         return output
 
     def _decode(self, query, kv_cache, plan: StepPlan, output) -> None:
-        """The fused kernel: one query row per sequence, the packed cache read in place."""
-        int4 = self.kv_format == "int4_per_token_head"
-        q = query.index_select(0, plan.decode_tokens)
-        if int4:   # rotated like K; b from H^T H = b·I; even/odd split for the kernel's nibble loops
-            q = rht(q) * (self.scale / rht_block(self.head_size))
-            q = torch.cat([q[..., 0::2], q[..., 1::2]], -1)
-        else:
-            q = q.float() * self.scale
-        out = torch.empty(q.shape, dtype=torch.float32)
+        """The fused kernel: one query row per sequence, the packed cache read in place. int8 reads the query and
+        writes the output in place (bfloat16 or float32): a decode step's torch ops cost more than its attention."""
         kernel = _kernel()
-        threads = kernel.use_threads(torch.get_num_threads())     # as planned (Numba's count is per thread)
-        kernel.decode_attention(kv_cache.numpy(), q.contiguous().numpy(), plan.block_table, plan.seq_lens,
-                         plan.decode_rows, self.sliding_window, int4, out.numpy(), plan.splits)
-        logger.info_once(f"{self.kv_format} decode steps: fused CPU kernel (Numba, {threads} threads, "
-                         f"{kernel.numba.threading_layer()} threading layer)")
-        if int4:
-            half = self.head_size // 2
-            out = torch.stack([out[..., :half], out[..., half:]], -1).flatten(-2)
-            out = rht(out, inverse=True) / rht_block(self.head_size)
-        output.view(-1, self.num_heads, self.head_size).index_copy_(0, plan.decode_tokens, out.to(output.dtype))
+        kernel.use_threads(torch.get_num_threads())     # as planned (Numba's count is per thread)
+        cache = kv_cache.numpy()
+        if self.kv_format == "int4_per_token_head":     # rotated like K (b from H^T H = b·I); back after
+            b = rht_block(self.head_size)
+            q = rht(query.index_select(0, plan.decode_tokens))
+            out = torch.empty(q.shape, dtype=torch.float32)
+            kernel.decode_attention(cache, q.numpy(), plan.block_table, plan.seq_lens, plan.decode_rows,
+                                    self.sliding_window, True, out.numpy(), plan.splits, self.scale / b)
+            out = rht(out, inverse=True) / b
+            output.view(-1, self.num_heads, self.head_size).index_copy_(0, plan.decode_tokens, out.to(output.dtype))
+            return
+        q = query.view(-1, self.num_heads, self.head_size)
+        out = output.view(-1, self.num_heads, self.head_size)
+        if query.dtype in _KERNEL_DTYPES and output.dtype == query.dtype:
+            kernel.decode_attention(cache, _as_numpy(q.contiguous()), plan.block_table, plan.seq_lens,
+                                    plan.decode_query_rows, self.sliding_window, False, _as_numpy(out), plan.splits,
+                                    self.scale)
+            return
+        q32 = q.float()                                  # float16: the kernel reads float32 or bfloat16
+        o32 = torch.empty(q32.shape, dtype=torch.float32)
+        kernel.decode_attention(cache, q32.numpy(), plan.block_table, plan.seq_lens, plan.decode_query_rows,
+                                self.sliding_window, False, o32.numpy(), plan.splits, self.scale)
+        out.index_copy_(0, plan.decode_tokens, o32.index_select(0, plan.decode_tokens).to(out.dtype))
 
     def _prefill(self, layer, query, kv_cache, attn_metadata, plan: StepPlan, output) -> None:
         """vLLM's kernel over a 16-bit scratch copy of the blocks the prefilling sequences use."""

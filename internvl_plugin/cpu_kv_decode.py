@@ -27,7 +27,7 @@ import os
 import numba
 import numpy as np
 from numba import njit, prange, types
-from numba.extending import intrinsic
+from numba.extending import intrinsic, overload
 
 # Numba's "omp" threading layer is a second OpenMP runtime beside torch's: on the 2-core VM the two spun against
 # each other (median decode step 28 ms instead of 0.8 ms, benchmarks/README.md). Its own work queue does not spin.
@@ -35,7 +35,7 @@ from numba.extending import intrinsic
 if "NUMBA_THREADING_LAYER" not in os.environ and numba.config.THREADING_LAYER == "default":
     numba.config.THREADING_LAYER = "workqueue"
 
-__all__ = ["decode_attention", "split_count"]
+__all__ = ["decode_attention", "split_count", "write_cells"]
 
 
 @intrinsic
@@ -44,6 +44,41 @@ def _bits_as_float(typingctx, bits):
     def codegen(context, builder, signature, args):
         return builder.bitcast(args[0], context.get_value_type(types.float32))
     return types.float32(types.int32), codegen
+
+
+@intrinsic
+def _float_bits(typingctx, x):
+    """The int32 bit pattern of the float32 ``x``."""
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], context.get_value_type(types.int32))
+    return types.int32(types.float32), codegen
+
+
+def _widen(x):
+    """An element of a float32 array or of a bfloat16 one seen as uint16 (numpy has no bfloat16), as float32."""
+
+
+@overload(_widen, inline="always")
+def _widen_impl(x):
+    if x == types.uint16:
+        return lambda x: _bits_as_float(np.int32(x) << 16)
+    return lambda x: np.float32(x)
+
+
+def _narrow(v, like):
+    """float32 ``v`` as an element of ``like``'s array: bfloat16 bits rounded to nearest even (torch's rounding)."""
+
+
+@overload(_narrow, inline="always")
+def _narrow_impl(v, like):
+    if like == types.uint16:
+        def to_bf16(v, like):
+            if v != v:
+                return np.uint16(0x7FC0)
+            b = np.uint32(_float_bits(v))
+            return np.uint16((b + np.uint32(0x7FFF) + ((b >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16))
+        return to_bf16
+    return lambda v, like: np.float32(v)
 
 
 # no nnan/ninf: the kernel's running maxima start at a finite sentinel, but keep comparisons exact
@@ -201,15 +236,30 @@ def _attend(cells, words, row0_of, q, q_sum, table_row, first, last, int4, score
                 acc[g, i] -= zsum[g]
 
 
+@njit(fastmath=_FAST, cache=True, nogil=True, inline="always")
+def _emit(out, row, first_head, o, inv, int4):
+    """One query head's normalized output ``o * inv`` into ``out[row, first_head]`` (int4: back from the split
+    order, values 2i and 2i + 1 from o[i] and o[D/2 + i])."""
+    dim = o.shape[0]
+    if int4:
+        half = dim // 2
+        for i in range(half):
+            out[row, first_head, 2 * i] = _narrow(o[i] * inv, out[row, first_head, 0])
+            out[row, first_head, 2 * i + 1] = _narrow(o[half + i] * inv, out[row, first_head, 0])
+    else:
+        for i in range(dim):
+            out[row, first_head, i] = _narrow(o[i] * inv, out[row, first_head, 0])
+
+
 @njit(parallel=True, fastmath=_FAST, cache=True, nogil=True)
-def _decode_kernel(cells, words, kv_heads, block_size, query, block_table, seq_lens, rows, window, splits, int4,
-                   out):
-    """query/out [tokens, heads, D] float32 (scaled; int4: rotated and even/odd split); ``rows[i]`` is the query
-    row of sequence i (-1: not a decode row). One parallel launch: each launch of Numba's work queue costs about
-    0.1 ms on the 2-core VM, as much as a short context's whole attention."""
+def _decode_kernel(cells, words, kv_heads, block_size, query, q_scale, block_table, seq_lens, rows, window, splits,
+                   int4, out):
+    """See decode_attention. One parallel launch: each launch of Numba's work queue costs about 0.1 ms on the
+    2-core VM, as much as a short context's whole attention."""
     num_seqs = rows.shape[0]
     heads, dim = query.shape[1], query.shape[2]
     group = heads // kv_heads
+    half = dim // 2
     items = num_seqs * kv_heads * splits
     part_ml = np.empty((items, 2, group), dtype=np.float32)     # np.empty: np.zeros/np.full would be launches
     part_acc = np.empty((items, group, dim), dtype=np.float32)
@@ -233,12 +283,16 @@ def _decode_kernel(cells, words, kv_heads, block_size, query, block_table, seq_l
         hi = min(seq_len, (first_block + (part + 1) * per) * block_size)
         if lo >= hi:
             continue
-        q = np.empty((group, dim), dtype=np.float32)          # contiguous: the inner loops vectorize
+        # the group's query rows, scaled, contiguous (the inner loops vectorize); int4: even elements first, so
+        # that a byte's low and high nibbles meet contiguous query elements
+        q = np.empty((group, dim), dtype=np.float32)
         q_sum = np.zeros(group, dtype=np.float32)
         for g in range(group):
+            h = head * group + g
             for i in range(dim):
-                q[g, i] = query[row, head * group + g, i]
-                q_sum[g] += q[g, i]
+                x = _widen(query[row, h, i]) * q_scale
+                q[g, (i >> 1) + (i & 1) * half if int4 else i] = x
+                q_sum[g] += x
         acc = np.zeros((group, dim), dtype=np.float32)
         scores = np.empty((group, block_size), dtype=np.float32)
         v_step = np.empty((2, block_size), dtype=np.float32)
@@ -249,14 +303,13 @@ def _decode_kernel(cells, words, kv_heads, block_size, query, block_table, seq_l
         _attend(cells, words, row0_of, q, q_sum, block_table[seq], lo, hi, int4, scores, v_step, acc, m_l)
         if splits == 1:
             for g in range(group):
-                inv = np.float32(1.0) / m_l[1, g]
-                for i in range(dim):
-                    out[row, head * group + g, i] = acc[g, i] * inv
+                _emit(out, row, head * group + g, acc[g], np.float32(1.0) / m_l[1, g], int4)
         else:
             for g in range(group):
                 for i in range(dim):
                     part_acc[item, g, i] = acc[g, i]
     if splits > 1:
+        o = np.empty(dim, dtype=np.float32)
         for pair in range(num_seqs * kv_heads):   # merge the slices: little work, on the calling thread
             seq = pair // kv_heads
             head = pair % kv_heads
@@ -269,17 +322,72 @@ def _decode_kernel(cells, words, kv_heads, block_size, query, block_table, seq_l
                 for p in range(1, splits):
                     m_all = max(m_all, part_ml[base + p, 0, g])
                 total = np.float32(0.0)
-                for i in range(dim):
-                    out[row, head * group + g, i] = 0.0
+                o[:] = 0.0
                 for p in range(splits):
                     if part_ml[base + p, 1, g] > 0:
                         w = np.float32(math.exp(part_ml[base + p, 0, g] - m_all))
                         total += w * part_ml[base + p, 1, g]
                         for i in range(dim):
-                            out[row, head * group + g, i] += w * part_acc[base + p, g, i]
-                inv = np.float32(1.0) / total
+                            o[i] += w * part_acc[base + p, g, i]
+                _emit(out, row, head * group + g, o, np.float32(1.0) / total, int4)
+
+
+@njit(cache=True, nogil=True)     # no fastmath: the bytes must equal cpu_kv_attention.quantize_int8/int4's
+def _write_kernel(cells, words, x, slots, kv_heads, block_size, side, int4):
+    """Quantize x [T, H, D] (float32; int4: already rotated and rounded to the model dtype) into the K (side 0)
+    or V (side 1) halves of the cells at ``slots`` (< 0: skipped)."""
+    tokens, heads, dim = x.shape
+    data = dim // 2 if int4 else dim
+    at = data // 4
+    floor = np.float32(1e-6)
+    for t in range(tokens):
+        slot = slots[t]
+        if slot < 0:
+            continue
+        for h in range(heads):
+            r = 2 * ((slot // block_size * kv_heads + h) * block_size + slot % block_size) + side
+            if int4:
+                mn = x[t, h, 0]
+                mx = x[t, h, 0]
                 for i in range(dim):
-                    out[row, head * group + g, i] *= inv
+                    mn = min(mn, x[t, h, i])
+                    mx = max(mx, x[t, h, i])
+                scale = max((mx - mn) / np.float32(15.0), floor)
+                inv = np.float32(1.0) / scale
+                z = -mn / scale
+                zp = min(max(np.trunc(z + np.float32(0.5)) if z >= 0 else np.trunc(z - np.float32(0.5)),
+                             np.float32(0.0)), np.float32(15.0))
+                for i in range(data):
+                    a = x[t, h, 2 * i] * inv + zp
+                    b = x[t, h, 2 * i + 1] * inv + zp
+                    a = min(max(np.trunc(a + np.float32(0.5)) if a >= 0 else np.trunc(a - np.float32(0.5)),
+                                np.float32(0.0)), np.float32(15.0))
+                    b = min(max(np.trunc(b + np.float32(0.5)) if b >= 0 else np.trunc(b - np.float32(0.5)),
+                                np.float32(0.0)), np.float32(15.0))
+                    cells[r, i] = np.uint8(np.int32(a) | (np.int32(b) << 4))
+                words[r, at] = (_float_bits(scale) & -16) | np.int32(zp)
+            else:
+                m = np.float32(0.0)
+                for i in range(dim):
+                    m = max(m, abs(x[t, h, i]))
+                scale = max(m / np.float32(127.0), floor)
+                inv = np.float32(1.0) / scale
+                for i in range(dim):
+                    v = x[t, h, i] * inv
+                    v = min(max(np.trunc(v + np.float32(0.5)) if v >= 0 else np.trunc(v - np.float32(0.5)),
+                                np.float32(-128.0)), np.float32(127.0))
+                    cells[r, i] = np.int8(v)
+                words[r, at] = _float_bits(scale)
+
+
+def write_cells(cache: np.ndarray, key: np.ndarray, value: np.ndarray, slots: np.ndarray, int4: bool) -> None:
+    """Quantize key/value [T, H, D] float32 (int4: rotated) into the cache at ``slots`` (int64, < 0 skipped),
+    the bytes of cpu_kv_attention.write_cells. One loop per call: a decode step writes a token or a few per
+    layer, where torch's chain of quantization ops costs 0.1-0.2 ms."""
+    halves = cache.reshape(-1, cache.shape[3] // 2)
+    cells = halves.view(np.uint8) if int4 else halves.view(np.int8)
+    for side, x in enumerate((key, value)):
+        _write_kernel(cells, halves.view(np.int32), x, slots, cache.shape[1], cache.shape[2], side, bool(int4))
 
 
 def split_count(num_seqs: int, kv_heads: int, max_blocks: int, threads: int) -> int:
@@ -291,43 +399,47 @@ def split_count(num_seqs: int, kv_heads: int, max_blocks: int, threads: int) -> 
 
 
 def decode_attention(cache: np.ndarray, query: np.ndarray, block_table: np.ndarray, seq_lens: np.ndarray,
-                     rows: np.ndarray, window: int, int4: bool, out: np.ndarray, splits: int = 1) -> None:
+                     rows: np.ndarray, window: int, int4: bool, out: np.ndarray, splits: int = 1,
+                     scale: float = 1.0) -> None:
     """Attention of one query row per sequence over its cached context, written into ``out``.
 
     cache: the layer's cache [blocks, kv_heads, block_size, cell] (int8 or uint8, vLLM's per-token-head cells);
-    query/out: float32 [tokens, heads, D], the query already multiplied by the softmax scale (int4: rotated,
-    scale / b, and even/odd split; ``out`` comes back split and rotated); block_table [seqs, max_blocks] int32;
-    seq_lens [seqs] int32 (the query row is the last position); rows [seqs] int32: each sequence's query row,
-    -1 to skip it; window: keys within the last ``window`` positions only (<= 0: all).
+    query/out [tokens, heads, D]: float32, or bfloat16 seen as uint16 (``t.view(torch.int16).numpy().view(
+    np.uint16)``), so the model's own tensors go in and out without copies; the query is multiplied by
+    ``scale`` (int4: pass it rotated, like the cache; ``out`` comes back rotated); block_table [seqs,
+    max_blocks] int32; seq_lens [seqs] int32 (the query row is the last position); rows [seqs] int32: each
+    sequence's row in query and out, -1 to skip it; window: keys within the last ``window`` positions only
+    (<= 0: all).
     """
     halves = cache.reshape(-1, cache.shape[3] // 2)          # row 2r: cell r's K half, 2r + 1: its V half
     _decode_kernel(halves.view(np.uint8) if int4 else halves.view(np.int8), halves.view(np.int32), cache.shape[1],
-                   cache.shape[2], query, block_table, seq_lens, rows, int(window), int(splits), bool(int4), out)
+                   cache.shape[2], query, np.float32(scale), block_table, seq_lens, rows, int(window), int(splits),
+                   bool(int4), out)
 
 
-_WARM: set[bool] = set()
+_WARM: set[tuple[bool, bool]] = set()
 
 
-def warm(int4: bool) -> None:
-    """Compile (or load from Numba's on-disk cache) the kernel for one format, once per process.
+def warm(int4: bool, bf16: bool = False) -> None:
+    """Compile (or load from Numba's on-disk cache) the kernel for one format and query type, once per process.
 
     vLLM's start-up dummy runs have no query of length 1, so without this the first decode step of the first
     real request would pay the compile (about 7 s per format on a 2-core VM). The types match the engine's call:
-    a C-contiguous cache, float32 query/out, int32 tables. Cheap when the disk cache is warm (a load and one
-    launch over a one-token cache).
+    a C-contiguous cache, int32 tables, a float32 or (``bf16``) bfloat16-bits query and output. Cheap when the
+    disk cache is warm (a load and one launch over a one-token cache).
     """
-    if int4 in _WARM:
+    if (int4, bf16) in _WARM:
         return
     head_size, block_size = 8, 4
     cell = 2 * ((head_size // 2 if int4 else head_size) + 4)
     cache = np.zeros((1, 1, block_size, cell), dtype=np.uint8 if int4 else np.int8)
     cache.view(np.int32)[..., (cell // 2 - 4) // 4] = np.float32(1.0).view(np.int32)   # K scale
     cache.view(np.int32)[..., (cell - 4) // 4] = np.float32(1.0).view(np.int32)        # V scale
-    query = np.zeros((1, 1, head_size), dtype=np.float32)
+    query = np.zeros((1, 1, head_size), dtype=np.uint16 if bf16 else np.float32)
     out = np.empty_like(query)
     one = np.ones(1, dtype=np.int32)
     decode_attention(cache, query, np.zeros((1, 1), dtype=np.int32), one, one - 1, 0, int4, out)
-    _WARM.add(int4)
+    _WARM.add((int4, bf16))
 
 
 def use_threads(wanted: int) -> int:

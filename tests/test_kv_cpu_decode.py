@@ -19,7 +19,8 @@ import torch
 
 from internvl_plugin import cpu_kv_attention as kvq
 from internvl_plugin.cpu_kv_decode import decode_attention, split_count
-from test_kv_cpu_format import CACHE_DTYPE, INT4, attention_reference, cache_for, dequant_reference
+from test_kv_cpu_format import (CACHE_DTYPE, INT4, attention_reference, cache_for, dequant_reference,
+                                torch_write_cells)
 
 
 def filled_cache(fmt, seq_lens, kv_heads, head_size, block_size, seed):
@@ -78,23 +79,62 @@ def test_fused_decode_matches_attention_over_the_dequantized_cache(fmt, case):
     q = torch.randn(len(seq_lens), heads, head_size, generator=g) * 1.5
     scale = head_size ** -0.5
     ref = reference(fmt, cache, slots, q, scale, window)
-    if fmt == INT4:
-        qk = kvq.rht(q) * (scale / kvq.rht_block(head_size))
-        qk = torch.cat([qk[..., 0::2], qk[..., 1::2]], -1).contiguous()
-    else:
-        qk = (q * scale).contiguous()
+    # the kernel takes the query unscaled (int4: rotated like the cache) and the softmax scale apart
+    qk, qk_scale = (kvq.rht(q), scale / kvq.rht_block(head_size)) if fmt == INT4 else (q, scale)
     max_blocks = table.shape[1]
     for splits in sorted({1, 2, split_count(len(seq_lens), kv_heads, max_blocks, 2), max_blocks + 3}):
         out = np.full(q.shape, np.nan, dtype=np.float32)
-        decode_attention(cache.numpy(), qk.numpy(), table.numpy(), np.array(seq_lens, dtype=np.int32),
-                         np.arange(len(seq_lens), dtype=np.int32), window or 0, fmt == INT4, out, splits)
+        decode_attention(cache.numpy(), qk.contiguous().numpy(), table.numpy(), np.array(seq_lens, dtype=np.int32),
+                         np.arange(len(seq_lens), dtype=np.int32), window or 0, fmt == INT4, out, splits, qk_scale)
         got = torch.from_numpy(out).double()
         if fmt == INT4:
-            half = head_size // 2
-            got = torch.stack([got[..., :half], got[..., half:]], -1).flatten(-2)
             got = kvq.rht(got, inverse=True).double() / kvq.rht_block(head_size)
         err = (got - ref).abs().max().item()
         assert err < 1e-5 * ref.abs().max().item(), (splits, err)          # float32 rounding, relative
+
+
+@pytest.mark.parametrize("fmt", kvq.PER_TOKEN_HEAD_DTYPES)
+def test_bfloat16_query_and_output_in_place(fmt):
+    """A bfloat16 model's query is read and its output written where they are (as uint16 bits, numpy has no
+    bfloat16), at the sequences' rows of the whole step: equal to the float32 call on the same query, rounded
+    to nearest even like torch's cast; rows of other sequences untouched."""
+    seq_lens = [150, 33, 260]
+    cache, table, _ = filled_cache(fmt, seq_lens, 2, 64, 32, seed=11)
+    g = torch.Generator().manual_seed(5)
+    q = (torch.randn(7, 8, 64, generator=g) * 2).to(torch.bfloat16)
+    rows = np.array([4, -1, 1], dtype=np.int32)                      # sequence 1 is prefilling elsewhere
+    out = torch.full((7, 8, 64), 9.0, dtype=torch.bfloat16)
+    args = (table.numpy(), np.array(seq_lens, dtype=np.int32), rows, 0, fmt == INT4)
+    decode_attention(cache.numpy(), q.view(torch.int16).numpy().view(np.uint16), *args,
+                     out.view(torch.int16).numpy().view(np.uint16), 2, 0.125)
+    want = np.full((7, 8, 64), np.nan, dtype=np.float32)
+    decode_attention(cache.numpy(), q.float().numpy(), *args, want, 2, 0.125)
+    for r in (1, 4):
+        assert torch.equal(out[r], torch.from_numpy(want[r]).to(torch.bfloat16))
+        assert (out[r] != 9.0).all()
+    assert (out[[0, 2, 3, 5, 6]] == 9.0).all()
+
+
+@pytest.mark.parametrize("fmt", kvq.PER_TOKEN_HEAD_DTYPES)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_the_writer_writes_the_bytes_of_the_torch_definition(fmt, dtype):
+    """kvq.write_cells (Numba) against the format written as torch ops (test_kv_cpu_format): the same bytes on
+    random K/V, ties at .5 and all-zero rows included, padding slots (-1) skipped, head sizes 64 / 96 / 128."""
+    g = torch.Generator().manual_seed(3)
+    for head_size in (64, 96, 128):
+        k = (torch.randn(40, 4, head_size, generator=g) * torch.rand(40, 4, 1, generator=g) * 3).to(dtype)
+        v = (torch.randn(40, 4, head_size, generator=g) + 0.3).to(dtype)
+        k[0, 0], v[0, 1] = 0, 0
+        k[1, 1] = torch.arange(head_size) * (1.5 / 127)         # x / scale lands on .5: rounded away from zero
+        k[2, 2] = -k[1, 1]
+        slots = torch.randperm(64, generator=g)[:40]
+        slots[5] = -1
+        want = cache_for(fmt, 4, 4, 16, head_size)
+        torch_write_cells(fmt, want, k, v, slots)
+        got = cache_for(fmt, 4, 4, 16, head_size)
+        kvq.write_cells(fmt, got, k, v, slots)
+        assert torch.equal(got, want), (head_size, (got != want).sum())
+        assert (want.view(torch.int8) != 0).sum() > 0.5 * 39 * 4 * want.shape[-1]
 
 
 def test_rows_not_decoding_are_left_alone():

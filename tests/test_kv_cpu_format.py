@@ -46,6 +46,51 @@ def cell(cache, slot, head=0):
     return cache.view(torch.uint8)[slot // block_size, head, slot % block_size].tolist()
 
 
+# ------------------------------------------------------------- the write path in torch ops (a second oracle)
+# The format's definition as torch tensor ops, on whole tensors: the plugin writes with a Numba loop
+# (test_kv_cpu_decode checks the two give the same bytes on random inputs, ties included).
+
+SCALE_FLOOR = 1e-6
+
+
+def round_half_away(x: torch.Tensor) -> torch.Tensor:
+    return torch.where(x >= 0, x + 0.5, x - 0.5).trunc()
+
+
+def torch_quantize_int8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [..., D] -> (int8 [..., D], float32 scale [...])."""
+    x = x.float()
+    scale = (x.abs().amax(-1) / 127.0).clamp_min(SCALE_FLOOR)
+    q = round_half_away(x * (1.0 / scale)[..., None]).clamp(-128, 127)
+    return q.to(torch.int8), scale
+
+
+def torch_quantize_int4(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [..., D] (already rotated) -> (packed uint8 [..., D/2], float32 scale with zp in its low 4 bits [...])."""
+    x = x.float()
+    mn, mx = x.amin(-1), x.amax(-1)
+    scale = ((mx - mn) / 15.0).clamp_min(SCALE_FLOOR)
+    zp = round_half_away(-mn / scale).clamp(0, 15)
+    q = round_half_away(x * (1.0 / scale)[..., None] + zp[..., None]).clamp(0, 15).to(torch.uint8)
+    packed = q[..., 0::2] | (q[..., 1::2] << 4)
+    bits = (scale.view(torch.int32) & -16) | zp.to(torch.int32)
+    return packed, bits.view(torch.float32)
+
+
+def torch_write_cells(fmt: str, kv_cache: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                      slot_mapping: torch.Tensor) -> None:
+    keep = slot_mapping >= 0
+    key, value, slot_mapping = key[keep], value[keep], slot_mapping[keep].long()
+
+    def encode(x):
+        data, scale = torch_quantize_int4(kvq.rht(x).to(x.dtype)) if fmt == INT4 else torch_quantize_int8(x)
+        return torch.cat([data.view(torch.int8), scale.unsqueeze(-1).view(torch.int8)], dim=-1)
+
+    block_size = kv_cache.shape[2]
+    cells = torch.cat([encode(key), encode(value)], dim=-1)
+    kv_cache.view(torch.int8)[slot_mapping // block_size, :, slot_mapping % block_size] = cells
+
+
 # ------------------------------------------------------------------------------------------ write path bytes
 
 
@@ -92,10 +137,10 @@ def test_padding_slots_are_not_written():
 def test_scale_floor_and_constant_heads():
     """An all-zero head gets scale 1e-6 (the format's floor) and decodes to zeros; a constant head is exact."""
     x = torch.zeros(1, 1, 8)
-    data, scale = kvq.quantize_int4(x)
+    data, scale = torch_quantize_int4(x)
     assert (struct.unpack("<I", scale.numpy().tobytes())[0] & ~0xF) == f32_bits(1e-6) & ~0xF
     assert kvq.dequantize_int4(data, scale, torch.float32).abs().max() < 1e-5
-    q8, s8 = kvq.quantize_int8(torch.full((1, 8), -0.75))
+    q8, s8 = torch_quantize_int8(torch.full((1, 8), -0.75))
     assert q8.tolist() == [[-127] * 8] and kvq.dequantize_int8(q8, s8, torch.float32).allclose(torch.tensor(-0.75))
 
 
@@ -293,7 +338,7 @@ def test_page_and_scale_placement_are_vllms(fmt):
     triton_impl._ensure_scale_caches(cache)                # vLLM's own fp32 views into the page (filled with 1.0)
     k, v = torch.randn(2, 7, 2, 128).unbind(0)
     kvq.write_cells(fmt, cache, k, v, torch.arange(30, 37))
-    quant = kvq.quantize_int4 if fmt == INT4 else kvq.quantize_int8
+    quant = torch_quantize_int4 if fmt == INT4 else torch_quantize_int8
     rot = kvq.rht if fmt == INT4 else (lambda t: t)
     for got, x in ((triton_impl._k_scale_cache, k), (triton_impl._v_scale_cache, v)):
         slots = got.reshape(-1, 2)[30:37]                  # (block, slot) -> flat slot, per head
