@@ -115,6 +115,8 @@ def _attend(cells, words, row0_of, q, q_sum, table_row, first, last, int4, score
     block_size = scores.shape[1]
     data = dim // 2 if int4 else dim
     at = data // 4                             # the scale word's index in a half row
+    # int4 nibbles by float math (hi = floor(byte / 16), lo = byte - 16 hi, both exact): Numba widens integer
+    # ops to 64 bits, and 64-bit lanes halve the vector width
     zsum = np.zeros(group, dtype=np.float32)   # int4: Σ weight·zp of V, subtracted once at the end
     t = first
     while t < last:
@@ -134,9 +136,9 @@ def _attend(cells, words, row0_of, q, q_sum, table_row, first, last, int4, score
                     s0 = np.float32(0.0)
                     s1 = np.float32(0.0)
                     for i in range(data):
-                        byte = np.int32(cells[r, i])
-                        lo = np.float32(byte & 15)
-                        hi = np.float32(byte >> 4)
+                        byte = np.float32(cells[r, i])
+                        hi = np.floor(byte * np.float32(0.0625))
+                        lo = byte - np.float32(16.0) * hi
                         s0 += q[g, i] * lo + q[g, data + i] * hi
                         s1 += q[g + 1, i] * lo + q[g + 1, data + i] * hi
                     scores[g, j] = step * (s0 - zp * q_sum[g])
@@ -145,8 +147,9 @@ def _attend(cells, words, row0_of, q, q_sum, table_row, first, last, int4, score
                     g = group - 1
                     s = np.float32(0.0)
                     for i in range(data):
-                        byte = np.int32(cells[r, i])
-                        s += q[g, i] * np.float32(byte & 15) + q[g, data + i] * np.float32(byte >> 4)
+                        byte = np.float32(cells[r, i])
+                        hi = np.floor(byte * np.float32(0.0625))
+                        s += q[g, i] * (byte - np.float32(16.0) * hi) + q[g, data + i] * hi
                     scores[g, j] = step * (s - zp * q_sum[g])
             else:
                 step = _bits_as_float(bits)
@@ -199,12 +202,12 @@ def _attend(cells, words, row0_of, q, q_sum, table_row, first, last, int4, score
                 b1 = scores[g + 1, j + 1] if pair else np.float32(0.0)
                 if int4:
                     for i in range(data):
-                        x = np.int32(cells[r, i])
-                        y = np.int32(cells[r2, i])
-                        xl = np.float32(x & 15)
-                        xh = np.float32(x >> 4)
-                        yl = np.float32(y & 15)
-                        yh = np.float32(y >> 4)
+                        x = np.float32(cells[r, i])
+                        y = np.float32(cells[r2, i])
+                        xh = np.floor(x * np.float32(0.0625))
+                        yh = np.floor(y * np.float32(0.0625))
+                        xl = x - np.float32(16.0) * xh
+                        yl = y - np.float32(16.0) * yh
                         acc[g, i] += a0 * xl + b0 * yl
                         acc[g, data + i] += a0 * xh + b0 * yh
                         acc[g + 1, i] += a1 * xl + b1 * yl
@@ -221,10 +224,12 @@ def _attend(cells, words, row0_of, q, q_sum, table_row, first, last, int4, score
                 b0 = scores[g, j + 1] if pair else np.float32(0.0)
                 if int4:
                     for i in range(data):
-                        x = np.int32(cells[r, i])
-                        y = np.int32(cells[r2, i])
-                        acc[g, i] += a0 * np.float32(x & 15) + b0 * np.float32(y & 15)
-                        acc[g, data + i] += a0 * np.float32(x >> 4) + b0 * np.float32(y >> 4)
+                        x = np.float32(cells[r, i])
+                        y = np.float32(cells[r2, i])
+                        xh = np.floor(x * np.float32(0.0625))
+                        yh = np.floor(y * np.float32(0.0625))
+                        acc[g, i] += a0 * (x - np.float32(16.0) * xh) + b0 * (y - np.float32(16.0) * yh)
+                        acc[g, data + i] += a0 * xh + b0 * yh
                 else:
                     for i in range(dim):
                         acc[g, i] += a0 * np.float32(cells[r, i]) + b0 * np.float32(cells[r2, i])
