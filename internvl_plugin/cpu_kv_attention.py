@@ -335,7 +335,11 @@ class CPUKVQuantAttentionImpl(CPUAttentionBackendImpl):
                              "CPUKVQuantAttentionBackend (vLLM's own CPU attention has no such cache)")
             if self.fused:   # the model is built before the server reports healthy; the first request is not
                 int4 = self.kv_format == "int4_per_token_head"   # the model is built under its dtype
-                _kernel().warm(int4, not int4 and torch.get_default_dtype() == torch.bfloat16)
+                kernel = _kernel()
+                kernel.warm(int4, not int4 and torch.get_default_dtype() == torch.bfloat16)
+                logger.info_once(f"{self.kv_format} decode steps: fused CPU kernel (Numba, up to "
+                                 f"{kernel.numba.config.NUMBA_NUM_THREADS} threads, "
+                                 f"{kernel.numba.threading_layer()} threading layer)")
 
     def do_kv_cache_update(self, layer, key, value, kv_cache, slot_mapping) -> None:
         if self.kv_format is None:

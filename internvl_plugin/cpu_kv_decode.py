@@ -10,9 +10,15 @@ dequantized into memory.
 int4 needs no rotation inside the kernel: the cache holds H·K and H·V (H the format's randomized Hadamard
 transform, H^T H = b·I), so q·k = (Hq)·(Hk) / b and Σ p_i v_i = H^T (Σ p_i H v_i) / b. The caller rotates
 the queries once and rotates the output back once. The zero point is folded out of the inner loops:
-Σ q_d (n_d - zp) = Σ q_d n_d - zp Σ q_d, and the V side subtracts Σ p·step·zp once per output. The query is
-passed with its even and odd elements split ([q_0, q_2, ..., q_1, q_3, ...]) so that the low and high nibbles
-of each byte meet contiguous query elements; the output comes back in the same split order.
+Σ q_d (n_d - zp) = Σ q_d n_d - zp Σ q_d, and the V side subtracts Σ p·step·zp once per output. The kernel's
+own copy of a query keeps its even and odd elements apart ([q_0, q_2, ..., q_1, q_3, ...]) so that the low and
+high nibbles of each byte meet contiguous query elements; the output is written back in natural order.
+
+The query and the output may be the model's own bfloat16 tensors (as uint16 bits): with the softmax scale
+applied inside, an int8 decode step needs no torch op around the kernel (a decode step's handful of small
+torch ops cost more than the attention at short contexts). ``write_cells`` quantizes new tokens into the
+cache the same way, in one loop. One parallel launch per call: a launch of Numba's work queue costs about
+0.1 ms on the 2-core VM.
 
 Hand-written because no library reads this format on CPU. Numba (a vLLM dependency) compiles it for the
 machine it runs on (AVX2, AVX-512, NEON alike) and caches the machine code (``cache=True``: next to this file,
@@ -29,11 +35,36 @@ import numpy as np
 from numba import njit, prange, types
 from numba.extending import intrinsic, overload
 
-# Numba's "omp" threading layer is a second OpenMP runtime beside torch's: on the 2-core VM the two spun against
-# each other (median decode step 28 ms instead of 0.8 ms, benchmarks/README.md). Its own work queue does not spin.
-# Only when nobody chose a layer (takes effect at the first parallel launch); imported only for an int8/int4 cache.
+
+
+def _share_torchs_openmp() -> bool:
+    """Put the OpenMP runtime that torch loaded (its own libgomp) into the process's global symbol scope, so that
+    Numba's "omp" threading layer, whose library links a libgomp of its own, binds to torch's instead: one pool
+    of OpenMP threads for torch's ops and this kernel. vLLM does the same for its CPU workers (LD_PRELOAD of
+    torch's libgomp, vllm/platforms/cpu.py), where this is a no-op. False where torch has no libgomp loaded."""
+    import ctypes
+    import glob
+
+    import torch
+
+    here = os.path.dirname(torch.__file__)
+    for path in sorted(glob.glob(os.path.join(here, "lib", "libgomp*.so*"))
+                       + glob.glob(os.path.join(os.path.dirname(here), "torch.libs", "libgomp*.so*"))):
+        try:
+            ctypes.CDLL(path, mode=os.RTLD_GLOBAL | os.RTLD_NOLOAD)      # only if already loaded: never a 2nd copy
+            return True
+        except OSError:
+            continue
+    return False
+
+
+# Two OpenMP runtimes (torch's and another) spin against each other: on the 2-core VM Numba's own "omp" layer
+# beside torch's made a decode step 28 ms instead of 0.8, and even the work queue (which does not spin) lost
+# half its speed in a real engine to torch's threads spinning after every linear. So: torch's runtime if it can
+# be shared, else the work queue. Only when nobody chose a layer (it takes effect at the first parallel launch);
+# this module is imported only for an int8/int4 cache.
 if "NUMBA_THREADING_LAYER" not in os.environ and numba.config.THREADING_LAYER == "default":
-    numba.config.THREADING_LAYER = "workqueue"
+    numba.config.THREADING_LAYER = "omp" if _share_torchs_openmp() else "workqueue"
 
 __all__ = ["decode_attention", "split_count", "write_cells"]
 
@@ -428,8 +459,8 @@ _WARM: set[tuple[bool, bool]] = set()
 def warm(int4: bool, bf16: bool = False) -> None:
     """Compile (or load from Numba's on-disk cache) the kernel for one format and query type, once per process.
 
-    vLLM's start-up dummy runs have no query of length 1, so without this the first decode step of the first
-    real request would pay the compile (about 7 s per format on a 2-core VM). The types match the engine's call:
+    vLLM's start-up dummy runs have no query of length 1 and write no cache, so without this the first request
+    would pay the compile (about 8 s per format on a 2-core VM): the decode kernel and the writer. The types match the engine's call:
     a C-contiguous cache, int32 tables, a float32 or (``bf16``) bfloat16-bits query and output. Cheap when the
     disk cache is warm (a load and one launch over a one-token cache).
     """
@@ -444,6 +475,8 @@ def warm(int4: bool, bf16: bool = False) -> None:
     out = np.empty_like(query)
     one = np.ones(1, dtype=np.int32)
     decode_attention(cache, query, np.zeros((1, 1), dtype=np.int32), one, one - 1, 0, int4, out)
+    x = np.zeros((1, 1, head_size), dtype=np.float32)
+    write_cells(cache, x, x, np.full(1, -1, dtype=np.int64), int4)
     _WARM.add((int4, bf16))
 
 

@@ -237,31 +237,37 @@ def test_the_kernel_built_for_an_avx2_only_cpu():
 
 
 LAZY_SCRIPT = """
-import sys, torch
+import os, sys, torch
 from types import SimpleNamespace
 from vllm.v1.attention.backends import cpu_attn
 cpu_attn.get_current_vllm_config = lambda: SimpleNamespace(model_config=SimpleNamespace(dtype=torch.float32))
 from internvl_plugin import cpu_kv_attention as kvq
 kvq.CPUKVQuantAttentionImpl(8, 64, 0.125, 2, None, None, "auto")
 print("auto", "numba" in sys.modules, "internvl_plugin.cpu_kv_decode" in sys.modules)
-kvq.CPUKVQuantAttentionImpl(8, 64, 0.125, 2, None, None, sys.argv[1])
+torch.set_num_threads(2)
+x = torch.randn(512, 512); (x @ x).sum()               # torch's OpenMP threads exist from here on
+threads = len(os.listdir("/proc/self/task"))
+kvq.CPUKVQuantAttentionImpl(8, 64, 0.125, 2, None, None, sys.argv[1])   # compiles and runs the kernel once
 from internvl_plugin import cpu_kv_decode
 print("quantized", "numba" in sys.modules, sys.modules["numba"].config.THREADING_LAYER,
-      len(cpu_kv_decode._decode_kernel.signatures))
+      len(cpu_kv_decode._decode_kernel.signatures), sys.modules["numba"].threading_layer(),
+      "new threads", len(os.listdir("/proc/self/task")) - threads)
 """
 
 
 @pytest.mark.parametrize("fmt", kvq.PER_TOKEN_HEAD_DTYPES[:1])
 def test_numba_only_for_a_quantized_cache(fmt):
     """A 16-bit KV cache leaves numba unimported and its threading layer unset (vLLM's n-gram proposer runs its own
-    Numba parallel code); an int8/int4 impl imports the kernel and compiles it when built (a fresh process)."""
+    Numba parallel code); an int8/int4 impl imports the kernel and compiles it when built (a fresh process), on
+    Numba's "omp" layer bound to torch's OpenMP runtime: the kernel's parallel launch starts no thread of its
+    own (a second runtime or the work queue would start workers that fight torch's for the cores)."""
     env = {k: v for k, v in os.environ.items() if k != "NUMBA_THREADING_LAYER"}
     proc = subprocess.run([sys.executable, "-c", LAZY_SCRIPT, fmt], env=env, capture_output=True, text=True,
                           timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = proc.stdout.splitlines()
     assert "auto False False" in lines
-    assert "quantized True workqueue 1" in lines
+    assert "quantized True omp 1 omp new threads 0" in lines, lines
 
 
 def test_context_slices_follow_the_longest_decoding_context():
