@@ -4,7 +4,8 @@ bench_kv_cpu.py times one attention layer's step; this runs the model: vLLM-CPU 
 InternLM2-1.8B-shaped random checkpoint (bench_cpu.py's, 24 layers; W4A16 weights by default, the README's
 "W4A16 + KV4" pairing, or the dense bfloat16 copy), once per KV cache dtype, each in a process of its own.
 For each context length it prefills one random prompt of that length shared by the batch (prefix caching on,
-so the batch's sequences share those blocks; each adds 16 tokens of its own), then decodes and reports decode
+so the batch's sequences share those blocks; each adds 16 tokens of its own; ``--distinct``: a prompt of its
+own per sequence, nothing shared), then decodes and reports decode
 tokens/s at each batch size: the tokens after each request's first over the time from the last first token
 to the last token, from vLLM's per-request timestamps, so the prefill is not in it.
 
@@ -55,14 +56,17 @@ def run_cache(kv: str, args) -> dict:
         return sum(m.num_generation_tokens - 1 for m in stats) / span if span > 0 else float("nan")
 
     for context in args.contexts:
-        prefix = torch.randint(3, 400, (context,), generator=gen).tolist()
-        suffixes = torch.randint(3, 400, (max(args.batches), SUFFIX), generator=gen).tolist()
+        n = max(args.batches)
+        if args.distinct:      # a prompt of its own per sequence: nothing shared, the cache read is batch x context
+            prompts = torch.randint(3, 400, (n, context + SUFFIX), generator=gen).tolist()
+        else:
+            prefix = torch.randint(3, 400, (context,), generator=gen).tolist()
+            prompts = [prefix + s for s in torch.randint(3, 400, (n, SUFFIX), generator=gen).tolist()]
         t = time.perf_counter()
-        run([prefix + s for s in suffixes], 1)                  # prefill once: the prefix is cached from here on
+        run(prompts, 1)              # prefill once: with prefix caching the timed runs below only decode
         prefill_s = time.perf_counter() - t
         for batch in args.batches:
-            rate = max(run([prefix + s for s in suffixes[:batch]], 1 + args.decode_tokens)
-                       for _ in range(args.repeats))
+            rate = max(run(prompts[:batch], 1 + args.decode_tokens) for _ in range(args.repeats))
             result["cases"].append({"context": context, "batch": batch, "decode_tok_s": round(rate, 2),
                                     "prefill_s": round(prefill_s, 1)})
             print(f"  [{kv}] context {context} batch {batch}: {rate:.2f} tok/s", file=sys.stderr, flush=True)
@@ -77,6 +81,9 @@ def main() -> None:
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--decode-tokens", type=int, default=48)
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--distinct", action="store_true",
+                        help="a random prompt per sequence instead of one shared prompt (prefills batch x context "
+                             "tokens; give --kv-space-gib room for them)")
     parser.add_argument("--caches", nargs="+", default=list(CACHES), choices=CACHES)
     parser.add_argument("--kv-space-gib", type=int, default=3, help="VLLM_CPU_KVCACHE_SPACE for every run")
     parser.add_argument("--work-dir", default=os.path.expanduser("~/.cache/vllm-internvl-bench"))
@@ -100,8 +107,9 @@ def main() -> None:
         results[kv] = json.loads(line[len("RESULT "):])
         print(f"# {kv}: loaded in {results[kv]['load_s']} s, load average {results[kv]['load_avg']:.2f}",
               flush=True)
+    prompts = "a prompt of its own per sequence" if args.distinct else "one prompt shared by the batch"
     print(f"# {args.layers} layers, {args.weights} weights, bfloat16, {os.cpu_count()} CPUs; decode tok/s (best of "
-          f"{args.repeats}), {args.decode_tokens} tokens after a shared prompt of the context's length")
+          f"{args.repeats}), {args.decode_tokens} tokens after {prompts} of the context's length (+{SUFFIX})")
     names = [kv for kv in CACHES if kv in results]
     print(f"{'context':>7} {'batch':>5} | " + " ".join(f"{kv.split('_')[0]:>8}" for kv in names)
           + " | " + " ".join(f"{kv.split('_')[0] + '/16':>8}" for kv in names if kv != "auto"))

@@ -134,6 +134,14 @@ def _exp(x):
     return p * _bits_as_float((np.int32(n) + np.int32(127)) << 23)
 
 
+@njit(fastmath=_FAST, cache=True, nogil=True, inline="always")
+def _nibbles(byte):
+    """(low, high) nibble of a byte given as float32, by exact float math: Numba widens integer ops to 64 bits,
+    and 64-bit lanes would halve the vector width."""
+    high = np.floor(byte * np.float32(0.0625))
+    return byte - np.float32(16.0) * high, high
+
+
 @njit(fastmath=_FAST, cache=True, nogil=True)
 def _attend(cells, words, row0_of, q, q_sum, table_row, first, last, int4, scores, v_step, acc, m_l):
     """Online softmax over context tokens [first, last) of one (sequence, KV head) for the G query rows of ``q``.
@@ -146,8 +154,6 @@ def _attend(cells, words, row0_of, q, q_sum, table_row, first, last, int4, score
     block_size = scores.shape[1]
     data = dim // 2 if int4 else dim
     at = data // 4                             # the scale word's index in a half row
-    # int4 nibbles by float math (hi = floor(byte / 16), lo = byte - 16 hi, both exact): Numba widens integer
-    # ops to 64 bits, and 64-bit lanes halve the vector width
     zsum = np.zeros(group, dtype=np.float32)   # int4: Σ weight·zp of V, subtracted once at the end
     t = first
     while t < last:
@@ -167,9 +173,7 @@ def _attend(cells, words, row0_of, q, q_sum, table_row, first, last, int4, score
                     s0 = np.float32(0.0)
                     s1 = np.float32(0.0)
                     for i in range(data):
-                        byte = np.float32(cells[r, i])
-                        hi = np.floor(byte * np.float32(0.0625))
-                        lo = byte - np.float32(16.0) * hi
+                        lo, hi = _nibbles(np.float32(cells[r, i]))
                         s0 += q[g, i] * lo + q[g, data + i] * hi
                         s1 += q[g + 1, i] * lo + q[g + 1, data + i] * hi
                     scores[g, j] = step * (s0 - zp * q_sum[g])
@@ -178,9 +182,8 @@ def _attend(cells, words, row0_of, q, q_sum, table_row, first, last, int4, score
                     g = group - 1
                     s = np.float32(0.0)
                     for i in range(data):
-                        byte = np.float32(cells[r, i])
-                        hi = np.floor(byte * np.float32(0.0625))
-                        s += q[g, i] * (byte - np.float32(16.0) * hi) + q[g, data + i] * hi
+                        lo, hi = _nibbles(np.float32(cells[r, i]))
+                        s += q[g, i] * lo + q[g, data + i] * hi
                     scores[g, j] = step * (s - zp * q_sum[g])
             else:
                 step = _bits_as_float(bits)
@@ -233,12 +236,8 @@ def _attend(cells, words, row0_of, q, q_sum, table_row, first, last, int4, score
                 b1 = scores[g + 1, j + 1] if pair else np.float32(0.0)
                 if int4:
                     for i in range(data):
-                        x = np.float32(cells[r, i])
-                        y = np.float32(cells[r2, i])
-                        xh = np.floor(x * np.float32(0.0625))
-                        yh = np.floor(y * np.float32(0.0625))
-                        xl = x - np.float32(16.0) * xh
-                        yl = y - np.float32(16.0) * yh
+                        xl, xh = _nibbles(np.float32(cells[r, i]))
+                        yl, yh = _nibbles(np.float32(cells[r2, i]))
                         acc[g, i] += a0 * xl + b0 * yl
                         acc[g, data + i] += a0 * xh + b0 * yh
                         acc[g + 1, i] += a1 * xl + b1 * yl
@@ -255,11 +254,9 @@ def _attend(cells, words, row0_of, q, q_sum, table_row, first, last, int4, score
                 b0 = scores[g, j + 1] if pair else np.float32(0.0)
                 if int4:
                     for i in range(data):
-                        x = np.float32(cells[r, i])
-                        y = np.float32(cells[r2, i])
-                        xh = np.floor(x * np.float32(0.0625))
-                        yh = np.floor(y * np.float32(0.0625))
-                        acc[g, i] += a0 * (x - np.float32(16.0) * xh) + b0 * (y - np.float32(16.0) * yh)
+                        xl, xh = _nibbles(np.float32(cells[r, i]))
+                        yl, yh = _nibbles(np.float32(cells[r2, i]))
+                        acc[g, i] += a0 * xl + b0 * yl
                         acc[g, data + i] += a0 * xh + b0 * yh
                 else:
                     for i in range(dim):
