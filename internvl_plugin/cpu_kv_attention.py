@@ -384,12 +384,12 @@ class CPUKVQuantAttentionImpl(CPUAttentionBackendImpl):
             return
         q = query.view(-1, self.num_heads, self.head_size)
         out = output.view(-1, self.num_heads, self.head_size)
-        if query.dtype in _KERNEL_DTYPES and output.dtype == query.dtype:
+        if query.dtype in _KERNEL_DTYPES and output.dtype == query.dtype and out.is_contiguous():
             kernel.decode_attention(cache, _as_numpy(q.contiguous()), plan.block_table, plan.seq_lens,
                                     plan.decode_query_rows, self.sliding_window, False, _as_numpy(out), plan.splits,
                                     self.scale)
             return
-        q32 = q.float()                                  # float16: the kernel reads float32 or bfloat16
+        q32 = q.float().contiguous()                     # float16: the kernel reads float32 or bfloat16
         o32 = torch.empty(q32.shape, dtype=torch.float32)
         kernel.decode_attention(cache, q32.numpy(), plan.block_table, plan.seq_lens, plan.decode_query_rows,
                                 self.sliding_window, False, o32.numpy(), plan.splits, self.scale)

@@ -29,12 +29,19 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 
-import numba
-import numpy as np
-from numba import njit, prange, types
-from numba.extending import intrinsic, overload
+import torch
 
+# Numba sizes its thread pool once, when imported; the engine's CPU threads are torch's (vLLM sets them per worker
+# from its core binding), so the same count unless someone chose one.
+if "numba" not in sys.modules and "NUMBA_NUM_THREADS" not in os.environ:
+    os.environ["NUMBA_NUM_THREADS"] = str(torch.get_num_threads())
+
+import numba  # noqa: E402
+import numpy as np  # noqa: E402
+from numba import njit, prange, types  # noqa: E402
+from numba.extending import intrinsic, overload  # noqa: E402
 
 
 def _share_torchs_openmp() -> bool:
@@ -44,8 +51,6 @@ def _share_torchs_openmp() -> bool:
     torch's libgomp, vllm/platforms/cpu.py), where this is a no-op. False where torch has no libgomp loaded."""
     import ctypes
     import glob
-
-    import torch
 
     here = os.path.dirname(torch.__file__)
     for path in sorted(glob.glob(os.path.join(here, "lib", "libgomp*.so*"))
@@ -58,13 +63,33 @@ def _share_torchs_openmp() -> bool:
     return False
 
 
+def _omp_layer_loads() -> bool:
+    try:
+        from numba.np.ufunc import omppool  # noqa: F401   (needs a libgomp.so.1.0.0 of the system's)
+    except ImportError:
+        return False
+    return True
+
+
+def _start_threads() -> None:
+    """Start Numba's pool now, then give torch back its thread count: the omp layer's start-up sets the OpenMP
+    thread count to Numba's, and the runtime being torch's, torch's count would follow."""
+    threads = torch.get_num_threads()
+    numba.get_num_threads()                      # the first call launches the pool
+    if torch.get_num_threads() != threads:
+        torch._C.set_num_threads(threads)       # not torch.set_num_threads: vLLM's CPU worker makes it a no-op
+
+
 # Two OpenMP runtimes (torch's and another) spin against each other: on the 2-core VM Numba's own "omp" layer
 # beside torch's made a decode step 28 ms instead of 0.8, and even the work queue (which does not spin) lost
 # half its speed in a real engine to torch's threads spinning after every linear. So: torch's runtime if it can
-# be shared, else the work queue. Only when nobody chose a layer (it takes effect at the first parallel launch);
-# this module is imported only for an int8/int4 cache.
+# be shared, else the work queue, unless someone chose a layer. GNU OpenMP is not fork-safe: a process forked
+# after the kernel ran must not run it (the same holds for torch's own ops). This module is imported only for an
+# int8/int4 cache.
+_SHARED = _share_torchs_openmp()
 if "NUMBA_THREADING_LAYER" not in os.environ and numba.config.THREADING_LAYER == "default":
-    numba.config.THREADING_LAYER = "omp" if _share_torchs_openmp() else "workqueue"
+    numba.config.THREADING_LAYER = "omp" if _SHARED and _omp_layer_loads() else "workqueue"
+_start_threads()
 
 __all__ = ["decode_attention", "split_count", "write_cells"]
 
@@ -365,7 +390,7 @@ def _decode_kernel(cells, words, kv_heads, block_size, query, q_scale, block_tab
                 _emit(out, row, head * group + g, o, np.float32(1.0) / total, int4)
 
 
-@njit(cache=True, nogil=True)     # no fastmath: the bytes must equal cpu_kv_attention.quantize_int8/int4's
+@njit(cache=True, nogil=True)     # no fastmath: the bytes must equal the format's (tests: torch_quantize_*)
 def _write_kernel(cells, words, x, slots, kv_heads, block_size, side, int4):
     """Quantize x [T, H, D] (float32; int4: already rotated and rounded to the model dtype) into the K (side 0)
     or V (side 1) halves of the cells at ``slots`` (< 0: skipped)."""
@@ -413,11 +438,21 @@ def _write_kernel(cells, words, x, slots, kv_heads, block_size, side, int4):
                 words[r, at] = _float_bits(scale)
 
 
+def _halves(cache: np.ndarray) -> np.ndarray:
+    """The cache [blocks, H, block_size, cell] as [cells x 2, cell / 2]: row 2r cell r's K half, 2r + 1 its V half
+    (a view: vLLM's cache is one contiguous tensor; a copy would lose the writes)."""
+    if not cache.flags.c_contiguous:
+        raise ValueError("the per-token-head KV cache must be C-contiguous")
+    return cache.reshape(-1, cache.shape[3] // 2)
+
+
 def write_cells(cache: np.ndarray, key: np.ndarray, value: np.ndarray, slots: np.ndarray, int4: bool) -> None:
     """Quantize key/value [T, H, D] float32 (int4: rotated) into the cache at ``slots`` (int64, < 0 skipped),
     the bytes of cpu_kv_attention.write_cells. One loop per call: a decode step writes a token or a few per
     layer, where torch's chain of quantization ops costs 0.1-0.2 ms."""
-    halves = cache.reshape(-1, cache.shape[3] // 2)
+    if key.shape != value.shape or key.shape[0] != slots.shape[0]:
+        raise ValueError(f"KV cache write: key {key.shape}, value {value.shape} and {slots.shape[0]} slots differ")
+    halves = _halves(cache)
     cells = halves.view(np.uint8) if int4 else halves.view(np.int8)
     for side, x in enumerate((key, value)):
         _write_kernel(cells, halves.view(np.int32), x, slots, cache.shape[1], cache.shape[2], side, bool(int4))
@@ -444,7 +479,7 @@ def decode_attention(cache: np.ndarray, query: np.ndarray, block_table: np.ndarr
     sequence's row in query and out, -1 to skip it; window: keys within the last ``window`` positions only
     (<= 0: all).
     """
-    halves = cache.reshape(-1, cache.shape[3] // 2)          # row 2r: cell r's K half, 2r + 1: its V half
+    halves = _halves(cache)
     _decode_kernel(halves.view(np.uint8) if int4 else halves.view(np.int8), halves.view(np.int32), cache.shape[1],
                    cache.shape[2], query, np.float32(scale), block_table, seq_lens, rows, int(window), int(splits),
                    bool(int4), out)

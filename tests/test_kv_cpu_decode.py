@@ -8,6 +8,7 @@ attention is taken in float64.
 
 from __future__ import annotations
 
+import itertools
 import os
 import subprocess
 import sys
@@ -150,13 +151,17 @@ def test_rows_not_decoding_are_left_alone():
 
 
 @pytest.mark.parametrize("fmt", kvq.PER_TOKEN_HEAD_DTYPES)
-def test_backend_step_mixes_decode_and_prefill(fmt, monkeypatch):
+@pytest.mark.parametrize("dtype,order", [(torch.float32, (0, 1, 2)), (torch.bfloat16, (2, 0, 1)),
+                                         (torch.float16, (1, 2, 0))])
+def test_backend_step_mixes_decode_and_prefill(fmt, dtype, order, monkeypatch):
     """Through the impl with the per-step plan: two decoding sequences share prefix blocks with a prefill chunk;
-    the decode rows take the fused kernel, the chunk vLLM's kernel over a scratch copy holding each block once."""
+    the decode rows take the fused kernel, the chunk vLLM's kernel over a scratch copy holding each block once.
+    In the model's dtype (bfloat16: query and output in place; float16: through float32), with the prefill chunk
+    anywhere in the step (a decode row's place in the query is not its place among the decode rows)."""
     from vllm.v1.attention.backends import cpu_attn
 
     monkeypatch.setattr(cpu_attn, "get_current_vllm_config", lambda: SimpleNamespace(
-        model_config=SimpleNamespace(dtype=torch.float32)))
+        model_config=SimpleNamespace(dtype=dtype)))
     heads, kv_heads, head_size, block_size = 8, 2, 128, 32
     impl = kvq.CPUKVQuantAttentionImpl(heads, head_size, head_size ** -0.5, kv_heads, None, None, fmt)
     layer = SimpleNamespace(isa="vec", _k_scale_float=1.0, _v_scale_float=1.0)
@@ -165,7 +170,8 @@ def test_backend_step_mixes_decode_and_prefill(fmt, monkeypatch):
     prefix = torch.tensor([3, 8])                                   # two shared blocks (64 tokens)
     tables = [torch.cat([prefix, torch.tensor([1])]), torch.cat([prefix, torch.tensor([6])]),
               torch.cat([prefix, torch.tensor([0, 9])])]
-    seq_lens, query_lens = [70, 90, 120], [1, 1, 30]
+    seq_lens, query_lens = [[70, 90, 120][i] for i in order], [[1, 1, 30][i] for i in order]
+    tables = [tables[i] for i in order]
     kp, vp = torch.randn(2, 64, kv_heads, head_size, generator=g).unbind(0)
     slot = lambda tb, t: int(tb[t // block_size]) * block_size + t % block_size  # noqa: E731
     kvq.write_cells(fmt, cache, kp, vp, torch.tensor([slot(tables[0], t) for t in range(64)]))
@@ -176,19 +182,23 @@ def test_backend_step_mixes_decode_and_prefill(fmt, monkeypatch):
         s = torch.tensor([slot(tb, t) for t in range(n)])
         kvq.write_cells(fmt, cache, k[64:], v[64:], s[64:])
         ks.append(k), vs.append(v), slots.append(s)
-    q = torch.randn(sum(query_lens), heads, head_size, generator=g)
-    loc = torch.tensor([0, 1, 2, 32], dtype=torch.int32)
+    q = torch.randn(sum(query_lens), heads, head_size, generator=g).to(dtype)
+    loc = torch.tensor([0] + list(itertools.accumulate(query_lens)), dtype=torch.int32)
     table = torch.zeros(3, 5, dtype=torch.int32)
     for i, tb in enumerate(tables):
         table[i, :len(tb)] = tb.to(torch.int32)
     metadata = SimpleNamespace(num_actual_tokens=32, query_start_loc=loc, block_table=table, causal=True,
                                seq_lens=torch.tensor(seq_lens, dtype=torch.int32), dynamic_causal=None)
-    out = torch.full((32, heads, head_size), float("nan"))
+    out = torch.full((32, heads, head_size), float("nan"), dtype=dtype)
     impl.forward(layer, q, None, None, cache, metadata, out)
     plan = kvq.plan_step(loc, metadata.seq_lens, table, block_size, -1, True, dict(
-        num_heads=heads, num_kv_heads=kv_heads, head_dim=head_size, dtype=torch.float32, causal=True,
+        num_heads=heads, num_kv_heads=kv_heads, head_dim=head_size, dtype=dtype, causal=True,
         sliding_window_size=-1, isa="vec", enable_kv_split=False))
-    assert plan.decode_rows.tolist() == [0, 1, -1] and plan.prefill_tokens.tolist() == list(range(2, 32))
+    decoding = [i for i, n in enumerate(query_lens) if n == 1]
+    assert plan.decode_rows.tolist() == [decoding.index(i) if i in decoding else -1 for i in range(3)]
+    assert plan.decode_query_rows.tolist() == [int(loc[i]) if i in decoding else -1 for i in range(3)]
+    chunk = query_lens.index(30)
+    assert plan.prefill_tokens.tolist() == list(range(int(loc[chunk]), int(loc[chunk]) + 30))
     assert sorted(plan.prefill_blocks.tolist()) == [0, 3, 8, 9]      # only the prefilling sequence's blocks
     deq = dequant_reference(fmt, cache, head_size)
     rows = torch.cat([deq[s // block_size, :, s % block_size] for s in slots])
@@ -196,10 +206,11 @@ def test_backend_step_mixes_decode_and_prefill(fmt, monkeypatch):
     if fmt == INT4:
         b = kvq.rht_block(head_size)
         k, v = kvq.rht(k, inverse=True) / b, kvq.rht(v, inverse=True) / b
-    ref = attention_reference(q, k, v, head_size ** -0.5, seq_lens, query_lens)
-    torch.testing.assert_close(out.double(), ref, rtol=0, atol=2e-5)
+    ref = attention_reference(q.float(), k, v, head_size ** -0.5, seq_lens, query_lens)
+    # float32: rounding only; 16-bit: the output's rounding and the prefill scratch's (K, V in the model dtype)
+    torch.testing.assert_close(out.double(), ref, rtol=0, atol=2e-5 if dtype == torch.float32 else 2e-2)
     # and the format's error itself stays small against the original K, V
-    exact = attention_reference(q, torch.cat(ks), torch.cat(vs), head_size ** -0.5, seq_lens, query_lens)
+    exact = attention_reference(q.float(), torch.cat(ks), torch.cat(vs), head_size ** -0.5, seq_lens, query_lens)
     assert (out.double() - exact).abs().mean() < (0.05 if fmt == INT4 else 0.01)
     assert CACHE_DTYPE[fmt] == cache.dtype
 
@@ -244,7 +255,7 @@ cpu_attn.get_current_vllm_config = lambda: SimpleNamespace(model_config=SimpleNa
 from internvl_plugin import cpu_kv_attention as kvq
 kvq.CPUKVQuantAttentionImpl(8, 64, 0.125, 2, None, None, "auto")
 print("auto", "numba" in sys.modules, "internvl_plugin.cpu_kv_decode" in sys.modules)
-torch.set_num_threads(2)
+torch.set_num_threads(int(sys.argv[2]))
 x = torch.randn(512, 512); (x @ x).sum()               # torch's OpenMP threads exist from here on
 threads = len(os.listdir("/proc/self/task"))
 kvq.CPUKVQuantAttentionImpl(8, 64, 0.125, 2, None, None, sys.argv[1])   # compiles and runs the kernel once
@@ -252,22 +263,32 @@ from internvl_plugin import cpu_kv_decode
 print("quantized", "numba" in sys.modules, sys.modules["numba"].config.THREADING_LAYER,
       len(cpu_kv_decode._decode_kernel.signatures), sys.modules["numba"].threading_layer(),
       "new threads", len(os.listdir("/proc/self/task")) - threads)
+print("threads: torch", torch.get_num_threads(), "numba", sys.modules["numba"].config.NUMBA_NUM_THREADS)
 """
 
 
-@pytest.mark.parametrize("fmt", kvq.PER_TOKEN_HEAD_DTYPES[:1])
-def test_numba_only_for_a_quantized_cache(fmt):
+@pytest.mark.parametrize("fmt,torch_threads,numba_env", [(kvq.PER_TOKEN_HEAD_DTYPES[0], 2, None),
+                                                         (kvq.PER_TOKEN_HEAD_DTYPES[0], 1, "2")])
+def test_numba_only_for_a_quantized_cache(fmt, torch_threads, numba_env):
     """A 16-bit KV cache leaves numba unimported and its threading layer unset (vLLM's n-gram proposer runs its own
     Numba parallel code); an int8/int4 impl imports the kernel and compiles it when built (a fresh process), on
     Numba's "omp" layer bound to torch's OpenMP runtime: the kernel's parallel launch starts no thread of its
-    own (a second runtime or the work queue would start workers that fight torch's for the cores)."""
-    env = {k: v for k, v in os.environ.items() if k != "NUMBA_THREADING_LAYER"}
-    proc = subprocess.run([sys.executable, "-c", LAZY_SCRIPT, fmt], env=env, capture_output=True, text=True,
-                          timeout=600)
+    own beyond torch's (a second runtime or the work queue would start workers that fight torch's for the cores).
+    Numba's pool
+    takes torch's thread count unless NUMBA_NUM_THREADS says otherwise, and starting it (which sets the shared
+    runtime's count to Numba's) leaves torch's count as it was."""
+    env = {k: v for k, v in os.environ.items() if k not in ("NUMBA_THREADING_LAYER", "NUMBA_NUM_THREADS")}
+    if numba_env:
+        env["NUMBA_NUM_THREADS"] = numba_env
+    proc = subprocess.run([sys.executable, "-c", LAZY_SCRIPT, fmt, str(torch_threads)], env=env,
+                          capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = proc.stdout.splitlines()
     assert "auto False False" in lines
-    assert "quantized True omp 1 omp new threads 0" in lines, lines
+    numba_threads = int(numba_env or torch_threads)
+    # the runtime's pool grows only by the threads Numba wants beyond torch's (a pool of its own: all of them)
+    assert f"quantized True omp 1 omp new threads {numba_threads - torch_threads}" in lines, lines
+    assert f"threads: torch {torch_threads} numba {numba_env or torch_threads}" in lines, lines
 
 
 def test_context_slices_follow_the_longest_decoding_context():
