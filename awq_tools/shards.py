@@ -119,36 +119,32 @@ def tensor_digest(tensors: dict[str, torch.Tensor]) -> str:
     return h.hexdigest()
 
 
-def save_shard_atomically(tensors: dict[str, torch.Tensor], path: Path) -> None:
-    """save_file under a temporary name in the same folder, fsync, rename: a shard is whole or absent."""
-    tmp = path.with_name(path.name + ".tmp")
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata={"format": "pt"})
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    _replace(tmp, path)
-
-
-def write_text_atomically(text: str, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    _replace(tmp, path)
-
-
-def copy_file_atomically(src: Path, path: Path) -> None:
-    """shutil.copy2 under a temporary name, fsync, rename (a copied tokenizer file is whole or absent); a failed
-    copy removes its temporary file."""
+def _write_atomically(path: Path, write) -> None:
+    """``write(tmp)`` into a temporary name in the same folder, fsync, rename: the file is whole or absent, and a
+    failure at any step removes the temporary file."""
     tmp = path.with_name(path.name + ".tmp")
     try:
-        shutil.copy2(src, tmp)
+        write(tmp)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         _replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def save_shard_atomically(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    _write_atomically(path, lambda tmp: save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp),
+                                                  metadata={"format": "pt"}))
+
+
+def write_text_atomically(text: str, path: Path) -> None:
+    _write_atomically(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+
+
+def copy_file_atomically(src: Path, path: Path) -> None:
+    """A copied tokenizer or processor file: whole or absent."""
+    _write_atomically(path, lambda tmp: shutil.copy2(src, tmp))
 
 
 def write_json_atomically(obj, path: Path) -> None:

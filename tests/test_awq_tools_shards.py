@@ -1,6 +1,6 @@
-"""awq_tools.shards.copy_file_atomically: the tokenizer and processor files copied into a quantized checkpoint are
-whole or absent. The copy goes to a temporary name, is fsynced, then renamed; a copy that fails midway leaves
-neither the destination nor the temporary file."""
+"""awq_tools.shards' atomic writers: the shards, JSON files and the tokenizer and processor files of a quantized
+checkpoint are whole or absent. Each goes to a temporary name, is fsynced, then renamed; a write that fails
+midway leaves neither the destination nor the temporary file."""
 
 from __future__ import annotations
 
@@ -75,3 +75,35 @@ def test_a_failed_copy_leaves_neither_the_file_nor_a_temporary(fail, tmp_path, m
         shards.copy_file_atomically(src, out / "tokenizer.model")
     assert list(out.iterdir()) == []
     assert src.read_bytes() == DATA
+
+
+def _half_save(tensors, filename, metadata=None):
+    with open(filename, "wb") as w:
+        w.write(b"\0" * 1000)
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+
+@pytest.mark.parametrize("writer", ["shard", "text"])
+def test_a_failed_shard_or_text_write_leaves_neither_the_file_nor_a_temporary(writer, tmp_path, monkeypatch):
+    import torch
+
+    if writer == "shard":
+        monkeypatch.setattr(shards, "save_file", _half_save)
+        call = lambda: shards.save_shard_atomically({"w": torch.ones(4)}, tmp_path / "model.safetensors")  # noqa
+    else:
+        monkeypatch.setattr(os, "fsync", _failing_fsync)
+        call = lambda: shards.write_text_atomically("{}", tmp_path / "config.json")  # noqa: E731
+    with pytest.raises(OSError):
+        call()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_shard_and_a_text_file_are_written_whole(tmp_path):
+    import torch
+    from safetensors.torch import load_file
+
+    shards.save_shard_atomically({"w": torch.arange(6.0).view(2, 3)}, tmp_path / "model.safetensors")
+    shards.write_text_atomically("héllo\n", tmp_path / "a.txt")
+    assert torch.equal(load_file(str(tmp_path / "model.safetensors"))["w"], torch.arange(6.0).view(2, 3))
+    assert (tmp_path / "a.txt").read_text(encoding="utf-8") == "héllo\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.txt", "model.safetensors"]
