@@ -113,7 +113,8 @@ def main() -> None:
     dtype = getattr(torch, args.dtype)
     torch.cpu._init_amx()   # the Linux permission for AMX tiles (vLLM's workers ask for it; without: SIGILL)
     print(f"# {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch threads "
-          f"{torch.get_num_threads()} (Numba {numba.get_num_threads()}), {args.dtype}, 16-bit kernel {args.isa}; InternLM2-1.8B attention: {HEADS} heads, {KV_HEADS} KV heads, "
+          f"{torch.get_num_threads()} (Numba {numba.get_num_threads()}), {args.dtype}, 16-bit kernel {args.isa}; "
+          f"InternLM2-1.8B attention: {HEADS} heads, {KV_HEADS} KV heads, "
           f"head size {HEAD_SIZE}, block {BLOCK_SIZE}; median of {args.iters} steps, best of {args.rounds} rounds")
     print(f"{'context':>7} {'batch':>5} | {'16-bit ms':>9} {'int8 ms':>8} {'int4 ms':>8} | "
           f"{'16-bit tok/s':>12} {'int8 tok/s':>10} {'int4 tok/s':>10} | {'int8/16':>7} {'int4/16':>7}")

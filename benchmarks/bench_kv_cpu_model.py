@@ -98,7 +98,7 @@ def main() -> None:
            "VLLM_TARGET_DEVICE": "cpu", "HF_HUB_OFFLINE": "1"}      # as bench_cpu.py runs its vLLM paths
     results = {}
     for kv in args.caches:
-        cmd = [sys.executable, __file__, "--child", kv] + [a for a in sys.argv[1:]]
+        cmd = [sys.executable, __file__, "--child", kv, *sys.argv[1:]]
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
         line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
         if line is None:

@@ -28,8 +28,8 @@ blocks those sequences use (in their window; shared prefix blocks once) are dequ
 16-bit scratch cache in ``CPU_ATTN``'s own layout, and vLLM's CPU attention kernel (the call the 16-bit cache
 gets, with its per-machine ISA: AMX, AVX-512, AVX2, NEON) runs on that. Which rows go where, the scratch's block
 list and the kernel's scheduler metadata are worked out once per step by the metadata builder
-(:func:`plan_step`), not per layer. Writing is one Numba loop (int4's rotation a torch matmul). Hand-written because no library writes or
-reads this format on CPU; nothing here needs AVX-512.
+(:func:`plan_step`), not per layer. Writing is one Numba loop (int4's rotation a torch matmul). Hand-written
+because no library writes or reads this format on CPU; nothing here needs AVX-512.
 
 vLLM internals touched (vLLM 0.32; ``tests/test_kv_cpu_format.py`` fails when they change):
 ``CPUAttentionBackend`` / ``CPUAttentionBackendImpl`` / ``CPUAttentionMetadataBuilder`` are subclassed,
@@ -57,9 +57,9 @@ _SCALE_BYTES = 4
 
 
 def _kernel():
-    """``cpu_kv_decode``, imported on first use: it imports numba and picks Numba's threading layer for the whole
-    process, which only an engine with an int8/int4 cache should do (vLLM's own n-gram proposer runs Numba
-    parallel code too, and the work-queue layer aborts on concurrent parallel launches)."""
+    """``cpu_kv_decode``, imported on first use: it imports numba and picks Numba's threading layer and thread pool
+    for the whole process, which only an engine with an int8/int4 cache should do (vLLM's own n-gram proposer runs
+    Numba parallel code too)."""
     from internvl_plugin import cpu_kv_decode
 
     return cpu_kv_decode

@@ -86,9 +86,9 @@ def _start_threads() -> None:
 # be shared, else the work queue, unless someone chose a layer. GNU OpenMP is not fork-safe: a process forked
 # after the kernel ran must not run it (the same holds for torch's own ops). This module is imported only for an
 # int8/int4 cache.
-_SHARED = _share_torchs_openmp()
+_shared = _share_torchs_openmp()     # also when someone chose "omp": then it is the only runtime it binds to
 if "NUMBA_THREADING_LAYER" not in os.environ and numba.config.THREADING_LAYER == "default":
-    numba.config.THREADING_LAYER = "omp" if _SHARED and _omp_layer_loads() else "workqueue"
+    numba.config.THREADING_LAYER = "omp" if _shared and _omp_layer_loads() else "workqueue"
 _start_threads()
 
 __all__ = ["decode_attention", "split_count", "write_cells"]
@@ -390,6 +390,13 @@ def _decode_kernel(cells, words, kv_heads, block_size, query, q_scale, block_tab
                 _emit(out, row, head * group + g, o, np.float32(1.0) / total, int4)
 
 
+@njit(cache=True, nogil=True, inline="always")
+def _round_clamp(v, lo, hi):
+    """The format's rounding: half away from zero, then clamped to [lo, hi] (float32)."""
+    r = np.trunc(v + np.float32(0.5)) if v >= 0 else np.trunc(v - np.float32(0.5))
+    return min(max(r, np.float32(lo)), np.float32(hi))
+
+
 @njit(cache=True, nogil=True)     # no fastmath: the bytes must equal the format's (tests: torch_quantize_*)
 def _write_kernel(cells, words, x, slots, kv_heads, block_size, side, int4):
     """Quantize x [T, H, D] (float32; int4: already rotated and rounded to the model dtype) into the K (side 0)
@@ -413,16 +420,11 @@ def _write_kernel(cells, words, x, slots, kv_heads, block_size, side, int4):
                 scale = max((mx - mn) / np.float32(15.0), floor)
                 inv = np.float32(1.0) / scale
                 z = -mn / scale
-                zp = min(max(np.trunc(z + np.float32(0.5)) if z >= 0 else np.trunc(z - np.float32(0.5)),
-                             np.float32(0.0)), np.float32(15.0))
+                zp = _round_clamp(z, 0.0, 15.0)
                 for i in range(data):
-                    a = x[t, h, 2 * i] * inv + zp
-                    b = x[t, h, 2 * i + 1] * inv + zp
-                    a = min(max(np.trunc(a + np.float32(0.5)) if a >= 0 else np.trunc(a - np.float32(0.5)),
-                                np.float32(0.0)), np.float32(15.0))
-                    b = min(max(np.trunc(b + np.float32(0.5)) if b >= 0 else np.trunc(b - np.float32(0.5)),
-                                np.float32(0.0)), np.float32(15.0))
-                    cells[r, i] = np.uint8(np.int32(a) | (np.int32(b) << 4))
+                    lo = _round_clamp(x[t, h, 2 * i] * inv + zp, 0.0, 15.0)
+                    hi = _round_clamp(x[t, h, 2 * i + 1] * inv + zp, 0.0, 15.0)
+                    cells[r, i] = np.uint8(np.int32(lo) | (np.int32(hi) << 4))
                 words[r, at] = (_float_bits(scale) & -16) | np.int32(zp)
             else:
                 m = np.float32(0.0)
@@ -431,10 +433,7 @@ def _write_kernel(cells, words, x, slots, kv_heads, block_size, side, int4):
                 scale = max(m / np.float32(127.0), floor)
                 inv = np.float32(1.0) / scale
                 for i in range(dim):
-                    v = x[t, h, i] * inv
-                    v = min(max(np.trunc(v + np.float32(0.5)) if v >= 0 else np.trunc(v - np.float32(0.5)),
-                                np.float32(-128.0)), np.float32(127.0))
-                    cells[r, i] = np.int8(v)
+                    cells[r, i] = np.int8(_round_clamp(x[t, h, i] * inv, -128.0, 127.0))
                 words[r, at] = _float_bits(scale)
 
 
@@ -492,9 +491,9 @@ def warm(int4: bool, bf16: bool = False) -> None:
     """Compile (or load from Numba's on-disk cache) the kernel for one format and query type, once per process.
 
     vLLM's start-up dummy runs have no query of length 1 and write no cache, so without this the first request
-    would pay the compile (about 8 s per format on a 2-core VM): the decode kernel and the writer. The types match the engine's call:
-    a C-contiguous cache, int32 tables, a float32 or (``bf16``) bfloat16-bits query and output. Cheap when the
-    disk cache is warm (a load and one launch over a one-token cache).
+    would pay the compile (about 8 s per format on a 2-core VM): the decode kernel and the writer. The types
+    match the engine's call: a C-contiguous cache, int32 tables, a float32 or (``bf16``) bfloat16-bits query and
+    output. Cheap when the disk cache is warm (a load and one launch over a one-token cache).
     """
     if (int4, bf16) in _WARM:
         return
