@@ -2,10 +2,12 @@
 
 A decode step reads every context token's K and V once; with the cache in 8 or 4 bits that read is 2-3.5x
 smaller than the 16-bit cache's, which is where a quantized cache pays on CPU. So the kernel reads the packed
-cells in place through the block table: per (sequence, KV head, slice of the context) it dots the query heads
-of the GQA group with each K row (the per-token scale applied to the score, not to the row), runs a block-wise
-online softmax and accumulates the V rows, then a second pass merges the slices (flash-decoding). Nothing is
-dequantized into memory.
+cells in place through the block table: per (sequence, KV head, slice of the context) and block it dots the
+query heads of the GQA group with each K row (the per-token scale applied to the score, not to the row), runs
+the online softmax and accumulates the V rows, then a second pass merges the slices (flash-decoding). Nothing
+is dequantized into memory. The dot products and the V sums are explicit vector loops (cpu_kv_simd.py); while
+a block is read, the next one (wherever the block table puts it) is fetched into the cache ahead of use, which
+the hardware prefetcher cannot guess: 1.2-1.5x at 8k context and 8 sequences, where the read is from DRAM.
 
 int4 needs no rotation inside the kernel: the cache holds H·K and H·V (H the format's randomized Hadamard
 transform, H^T H = b·I), so q·k = (Hq)·(Hk) / b and Σ p_i v_i = H^T (Σ p_i H v_i) / b. The caller rotates
@@ -22,7 +24,9 @@ cache the same way, in one loop. One parallel launch per call: a launch of Numba
 
 Hand-written because no library reads this format on CPU. Numba (a vLLM dependency) compiles it for the
 machine it runs on (AVX2, AVX-512, NEON alike) and caches the machine code (``cache=True``: next to this file,
-else in the user's cache directory, or where ``NUMBA_CACHE_DIR`` points). This module knows nothing of vLLM.
+else in the user's cache directory, or where ``NUMBA_CACHE_DIR`` points). Numba checks only this file's time
+stamp for that cache: after editing cpu_kv_simd.py alone, touch this file too. This module knows nothing of
+vLLM.
 """
 
 from __future__ import annotations
@@ -42,6 +46,9 @@ import numba  # noqa: E402
 import numpy as np  # noqa: E402
 from numba import njit, prange, types  # noqa: E402
 from numba.extending import intrinsic, overload  # noqa: E402
+
+from internvl_plugin.cpu_kv_simd import (  # noqa: E402
+    acc1_i8, acc1_u4, acc2_i8, acc2_u4, prefetch, scores1_i8, scores1_u4, scores2_i8, scores2_u4)
 
 
 def _share_torchs_openmp() -> bool:
@@ -159,12 +166,16 @@ def _exp(x):
     return p * _bits_as_float((np.int32(n) + np.int32(127)) << 23)
 
 
-@njit(fastmath=_FAST, cache=True, nogil=True, inline="always")
-def _nibbles(byte):
-    """(low, high) nibble of a byte given as float32, by exact float math: Numba widens integer ops to 64 bits,
-    and 64-bit lanes would halve the vector width."""
-    high = np.floor(byte * np.float32(0.0625))
-    return byte - np.float32(16.0) * high, high
+@njit(fastmath=_FAST | {"nnan", "ninf"}, cache=True, nogil=True)
+def _scale(scores, k_step, n, q_sum, int4):
+    """Raw dot products -> scores (times the token's K step; int4: less zp · Σq first), and their maximum.
+    Separate from _attend for its flags: with no NaN or inf assumed, the maximum vectorizes."""
+    best = _NEG
+    for j in range(n):
+        s = (scores[j] - k_step[1, j] * q_sum) * k_step[0, j] if int4 else scores[j] * k_step[0, j]
+        scores[j] = s
+        best = max(best, s)
+    return best
 
 
 @njit(fastmath=_FAST, cache=True, nogil=True)
@@ -173,120 +184,90 @@ def _attend(cells, words, row0_of, q, q_sum, table_row, first, last, int4, score
 
     ``cells``/``words``: the cache as [cells x 2, half] bytes / int32 words, row 2r the K half of cell r and
     2r+1 its V half (data, then the scale word); cell r of table entry b is ``b * row0_of[0] + row0_of[1] +
-    slot``. Accumulates into ``acc`` [G, D] and ``m_l`` [2, G] (running max, running sum).
+    slot``. Accumulates into ``acc`` [G, D] and ``m_l`` [2, G] (running max, running sum). The query heads go
+    in pairs through the vector loops (cpu_kv_simd), so each K and V byte is widened once per pair.
     """
     group, dim = q.shape
     block_size = scores.shape[1]
+    half = cells.shape[1]
     data = dim // 2 if int4 else dim
     at = data // 4                             # the scale word's index in a half row
     zsum = np.zeros(group, dtype=np.float32)   # int4: Σ weight·zp of V, subtracted once at the end
+    block_max = np.empty(group, dtype=np.float32)
+    k_step = np.empty((2, block_size), dtype=np.float32)
     t = first
     while t < last:
         off0 = t % block_size
         n = min(block_size - off0, last - t)
         row0 = table_row[t // block_size] * row0_of[0] + row0_of[1] + off0
-        for j in range(n):                     # scores of this block's tokens
+        ahead = -1                             # the next block's first cell, fetched while this one is read
+        if t + n < last:
+            ahead = 2 * (table_row[(t + n) // block_size] * row0_of[0] + row0_of[1]) * half
+        k_at = 2 * row0 * half
+        for g in range(0, group - 1, 2):      # this block's raw scores, two query heads per pass
+            if int4:
+                scores2_u4(cells, k_at, 2 * half, q, g * dim, (g + 1) * dim, data, n, scores, g * block_size,
+                           (g + 1) * block_size)
+            else:
+                scores2_i8(cells, k_at, 2 * half, q, g * dim, (g + 1) * dim, data, n, scores, g * block_size,
+                           (g + 1) * block_size)
+        if group % 2:
+            g = group - 1
+            if int4:
+                scores1_u4(cells, k_at, 2 * half, q, g * dim, g * dim, data, n, scores, g * block_size,
+                           g * block_size)
+            else:
+                scores1_i8(cells, k_at, 2 * half, q, g * dim, g * dim, data, n, scores, g * block_size,
+                           g * block_size)
+        for j in range(n):                     # the per-token scales; the next block asked for meanwhile
+            if ahead >= 0:
+                for o in range(0, 2 * half, 64):
+                    prefetch(cells, ahead + 2 * j * half + o)
             r = 2 * (row0 + j)
             bits = words[r, at]
             vbits = words[r + 1, at]
             if int4:
-                step = _bits_as_float(bits & -16)
-                zp = np.float32(bits & 15)
+                k_step[0, j] = _bits_as_float(bits & -16)
+                k_step[1, j] = np.float32(bits & 15)
                 v_step[0, j] = _bits_as_float(vbits & -16)
                 v_step[1, j] = np.float32(vbits & 15)
-                for g in range(0, group - 1, 2):   # query heads in pairs: each K element widened once per pair
-                    s0 = np.float32(0.0)
-                    s1 = np.float32(0.0)
-                    for i in range(data):
-                        lo, hi = _nibbles(np.float32(cells[r, i]))
-                        s0 += q[g, i] * lo + q[g, data + i] * hi
-                        s1 += q[g + 1, i] * lo + q[g + 1, data + i] * hi
-                    scores[g, j] = step * (s0 - zp * q_sum[g])
-                    scores[g + 1, j] = step * (s1 - zp * q_sum[g + 1])
-                if group % 2:
-                    g = group - 1
-                    s = np.float32(0.0)
-                    for i in range(data):
-                        lo, hi = _nibbles(np.float32(cells[r, i]))
-                        s += q[g, i] * lo + q[g, data + i] * hi
-                    scores[g, j] = step * (s - zp * q_sum[g])
             else:
-                step = _bits_as_float(bits)
+                k_step[0, j] = _bits_as_float(bits)
                 v_step[0, j] = _bits_as_float(vbits)
-                for g in range(0, group - 1, 2):
-                    s0 = np.float32(0.0)
-                    s1 = np.float32(0.0)
-                    for i in range(dim):
-                        x = np.float32(cells[r, i])
-                        s0 += q[g, i] * x
-                        s1 += q[g + 1, i] * x
-                    scores[g, j] = step * s0
-                    scores[g + 1, j] = step * s1
-                if group % 2:
-                    s = np.float32(0.0)
-                    for i in range(dim):
-                        s += q[group - 1, i] * np.float32(cells[r, i])
-                    scores[group - 1, j] = step * s
+        for g in range(group):
+            block_max[g] = _scale(scores[g], k_step, n, q_sum[g], int4)
         for g in range(group):                 # rescale the running sums once per block; weights x V step
-            mb = _NEG
-            for j in range(n):
-                mb = max(mb, scores[g, j])
             m_old = m_l[0, g]
-            m_new = max(m_old, mb)
+            m_new = max(m_old, block_max[g])
             alpha = _exp(m_old - m_new)
             m_l[0, g] = m_new
             for i in range(dim):
                 acc[g, i] *= alpha
             total = np.float32(0.0)
-            zs = np.float32(0.0)
             for j in range(n):
                 e = _exp(scores[g, j] - m_new)
                 total += e
-                w = e * v_step[0, j]
-                scores[g, j] = w
-                if int4:
-                    zs += w * v_step[1, j]
+                scores[g, j] = e * v_step[0, j]
             m_l[1, g] = m_l[1, g] * alpha + total
-            zsum[g] = zsum[g] * alpha + zs
-        # V rows two at a time: each accumulator element is loaded and stored once per pair of tokens
-        j = 0
-        while j < n:
-            r = 2 * (row0 + j) + 1
-            pair = j + 1 < n
-            r2 = r + 2 if pair else r
-            for g in range(0, group - 1, 2):
-                a0 = scores[g, j]
-                a1 = scores[g + 1, j]
-                b0 = scores[g, j + 1] if pair else np.float32(0.0)
-                b1 = scores[g + 1, j + 1] if pair else np.float32(0.0)
-                if int4:
-                    for i in range(data):
-                        xl, xh = _nibbles(np.float32(cells[r, i]))
-                        yl, yh = _nibbles(np.float32(cells[r2, i]))
-                        acc[g, i] += a0 * xl + b0 * yl
-                        acc[g, data + i] += a0 * xh + b0 * yh
-                        acc[g + 1, i] += a1 * xl + b1 * yl
-                        acc[g + 1, data + i] += a1 * xh + b1 * yh
-                else:
-                    for i in range(dim):
-                        x = np.float32(cells[r, i])
-                        y = np.float32(cells[r2, i])
-                        acc[g, i] += a0 * x + b0 * y
-                        acc[g + 1, i] += a1 * x + b1 * y
-            if group % 2:
-                g = group - 1
-                a0 = scores[g, j]
-                b0 = scores[g, j + 1] if pair else np.float32(0.0)
-                if int4:
-                    for i in range(data):
-                        xl, xh = _nibbles(np.float32(cells[r, i]))
-                        yl, yh = _nibbles(np.float32(cells[r2, i]))
-                        acc[g, i] += a0 * xl + b0 * yl
-                        acc[g, data + i] += a0 * xh + b0 * yh
-                else:
-                    for i in range(dim):
-                        acc[g, i] += a0 * np.float32(cells[r, i]) + b0 * np.float32(cells[r2, i])
-            j += 2
+            if int4:
+                zs = np.float32(0.0)
+                for j in range(n):
+                    zs += scores[g, j] * v_step[1, j]
+                zsum[g] = zsum[g] * alpha + zs
+        v_at = (2 * row0 + 1) * half
+        for g in range(0, group - 1, 2):
+            if int4:
+                acc2_u4(acc, g * dim, (g + 1) * dim, cells, v_at, 2 * half, scores, g * block_size,
+                        (g + 1) * block_size, n, data)
+            else:
+                acc2_i8(acc, g * dim, (g + 1) * dim, cells, v_at, 2 * half, scores, g * block_size,
+                        (g + 1) * block_size, n, data)
+        if group % 2:
+            g = group - 1
+            if int4:
+                acc1_u4(acc, g * dim, g * dim, cells, v_at, 2 * half, scores, g * block_size, g * block_size, n, data)
+            else:
+                acc1_i8(acc, g * dim, g * dim, cells, v_at, 2 * half, scores, g * block_size, g * block_size, n, data)
         t += n
     if int4:
         for g in range(group):

@@ -68,6 +68,8 @@ CASES = [  # (seq_lens, heads, kv_heads, head_size, block_size, window)
     ([129, 300, 64], 8, 1, 64, 64, None),
     ([250, 40], 8, 4, 128, 32, 50),
     ([513], 4, 2, 96, 128, 200),
+    ([70, 9], 6, 2, 80, 16, None),        # row lengths without straight-line code (cpu_kv_simd): 80 / 40 bytes
+    ([21], 4, 4, 8, 16, None),            # shorter than one 16-lane chunk
 ]
 
 
