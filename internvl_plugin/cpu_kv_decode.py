@@ -7,7 +7,7 @@ query heads of the GQA group with each K row (the per-token scale applied to the
 the online softmax and accumulates the V rows, then a second pass merges the slices (flash-decoding). Nothing
 is dequantized into memory. The dot products and the V sums are explicit vector loops (cpu_kv_simd.py); while
 a block is read, the next one (wherever the block table puts it) is fetched into the cache ahead of use, which
-the hardware prefetcher cannot guess: 1.2-1.5x at 8k context and 8 sequences, where the read is from DRAM.
+the hardware prefetcher cannot guess.
 
 int4 needs no rotation inside the kernel: the cache holds H·K and H·V (H the format's randomized Hadamard
 transform, H^T H = b·I), so q·k = (Hq)·(Hk) / b and Σ p_i v_i = H^T (Σ p_i H v_i) / b. The caller rotates
@@ -48,7 +48,7 @@ from numba import njit, prange, types  # noqa: E402
 from numba.extending import intrinsic, overload  # noqa: E402
 
 from internvl_plugin.cpu_kv_simd import (  # noqa: E402
-    acc1_i8, acc1_u4, acc2_i8, acc2_u4, prefetch, scores1_i8, scores1_u4, scores2_i8, scores2_u4)
+    acc1_i8, acc1_u4, acc2_i8, acc2_u4, scores1_i8, scores1_u4, scores2_i8, scores2_u4)
 
 
 def _share_torchs_openmp() -> bool:
@@ -200,7 +200,7 @@ def _attend(cells, words, row0_of, q, q_sum, table_row, first, last, int4, score
         off0 = t % block_size
         n = min(block_size - off0, last - t)
         row0 = table_row[t // block_size] * row0_of[0] + row0_of[1] + off0
-        ahead = -1                             # the next block's first cell, fetched while this one is read
+        ahead = -1                             # the next block's first byte, fetched while this one is read
         if t + n < last:
             ahead = 2 * (table_row[(t + n) // block_size] * row0_of[0] + row0_of[1]) * half
         k_at = 2 * row0 * half
@@ -219,10 +219,7 @@ def _attend(cells, words, row0_of, q, q_sum, table_row, first, last, int4, score
             else:
                 scores1_i8(cells, k_at, 2 * half, q, g * dim, g * dim, data, n, scores, g * block_size,
                            g * block_size)
-        for j in range(n):                     # the per-token scales; the next block asked for meanwhile
-            if ahead >= 0:
-                for o in range(0, 2 * half, 64):
-                    prefetch(cells, ahead + 2 * j * half + o)
+        for j in range(n):                     # the per-token scales
             r = 2 * (row0 + j)
             bits = words[r, at]
             vbits = words[r + 1, at]
@@ -255,19 +252,23 @@ def _attend(cells, words, row0_of, q, q_sum, table_row, first, last, int4, score
                     zs += scores[g, j] * v_step[1, j]
                 zsum[g] = zsum[g] * alpha + zs
         v_at = (2 * row0 + 1) * half
+        fetch = ahead                          # the first V pass also asks for the next block, spread over it
         for g in range(0, group - 1, 2):
             if int4:
                 acc2_u4(acc, g * dim, (g + 1) * dim, cells, v_at, 2 * half, scores, g * block_size,
-                        (g + 1) * block_size, n, data)
+                        (g + 1) * block_size, n, data, fetch, 2 * half * n)
             else:
                 acc2_i8(acc, g * dim, (g + 1) * dim, cells, v_at, 2 * half, scores, g * block_size,
-                        (g + 1) * block_size, n, data)
+                        (g + 1) * block_size, n, data, fetch, 2 * half * n)
+            fetch = -1
         if group % 2:
             g = group - 1
             if int4:
-                acc1_u4(acc, g * dim, g * dim, cells, v_at, 2 * half, scores, g * block_size, g * block_size, n, data)
+                acc1_u4(acc, g * dim, g * dim, cells, v_at, 2 * half, scores, g * block_size, g * block_size, n,
+                        data, fetch, 2 * half * n)
             else:
-                acc1_i8(acc, g * dim, g * dim, cells, v_at, 2 * half, scores, g * block_size, g * block_size, n, data)
+                acc1_i8(acc, g * dim, g * dim, cells, v_at, 2 * half, scores, g * block_size, g * block_size, n,
+                        data, fetch, 2 * half * n)
         t += n
     if int4:
         for g in range(group):

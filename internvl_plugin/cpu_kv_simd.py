@@ -23,7 +23,7 @@ from numba import types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-__all__ = ["acc1_i8", "acc1_u4", "acc2_i8", "acc2_u4", "prefetch", "scores1_i8", "scores1_u4", "scores2_i8",
+__all__ = ["acc1_i8", "acc1_u4", "acc2_i8", "acc2_u4", "scores1_i8", "scores1_u4", "scores2_i8",
            "scores2_u4"]
 
 LANES = 16
@@ -189,13 +189,16 @@ def _make_scores(int4: bool, heads: int):
 
 def _make_acc(int4: bool, heads: int):
     """acc[a_at_h + i] += Σ_j w[w_at_h + j] · v_j,i for j < tokens, where v_j = cells.flat[v_at + j * stride:][:n]
-    (int4: low nibbles into acc[a_at_h + i], high ones into acc[a_at_h + n + i])."""
+    (int4: low nibbles into acc[a_at_h + i], high ones into acc[a_at_h + n + i]). Meanwhile the ``pf_len``
+    bytes at cells.flat[pf_at:] (the next block; pf_at < 0: none) are asked for, three lines every 4-token step
+    of the 16-lane chunks: spread over the loop, not in a burst, which measured 10-15 % slower where the cache
+    sits in L3 (8k context, one sequence)."""
 
-    def typer(typingctx, acc, a_at0, a_at1, cells, v_at, stride, weights, w_at0, w_at1, tokens, n):
-        sig = types.void(acc, a_at0, a_at1, cells, v_at, stride, weights, w_at0, w_at1, tokens, n)
+    def typer(typingctx, acc, a_at0, a_at1, cells, v_at, stride, weights, w_at0, w_at1, tokens, n, pf_at, pf_len):
+        sig = types.void(acc, a_at0, a_at1, cells, v_at, stride, weights, w_at0, w_at1, tokens, n, pf_at, pf_len)
 
         def codegen(context, builder, signature, args):
-            acc_v, a_at0, a_at1, cells_v, v_at, stride, w_v, w_at0, w_at1, tokens, n = args
+            acc_v, a_at0, a_at1, cells_v, v_at, stride, w_v, w_at0, w_at1, tokens, n, pf_at, pf_len = args
             ap = _data(context, builder, signature.args[0], acc_v)
             cp = _data(context, builder, signature.args[3], cells_v)
             wp = _data(context, builder, signature.args[6], w_v)
@@ -223,6 +226,14 @@ def _make_acc(int4: bool, heads: int):
                 steps = builder.udiv(tokens, _i64(UNROLL))
                 with cgutils.for_range(builder, steps) as loop:
                     first = builder.mul(loop.index, _i64(UNROLL))
+                    if w > 1:
+                        gs = builder.add(builder.mul(builder.udiv(off, _i64(LANES)), steps), loop.index)
+                        for extra in range(3):
+                            byte = builder.mul(builder.add(builder.mul(gs, _i64(3)), _i64(extra)), _i64(64))
+                            ok = builder.and_(builder.icmp_signed(">=", pf_at, _i64(0)),
+                                              builder.icmp_signed("<", byte, pf_len))
+                            with builder.if_then(ok):
+                                _prefetch_at(builder, cp, builder.add(pf_at, byte))
                     for u in range(UNROLL):
                         token(builder.add(first, _i64(u)), u)
                 done = builder.mul(steps, _i64(UNROLL))
@@ -252,20 +263,11 @@ acc1_i8, acc2_i8 = _make_acc(False, 1), _make_acc(False, 2)
 acc1_u4, acc2_u4 = _make_acc(True, 1), _make_acc(True, 2)
 
 
-@intrinsic
-def prefetch(typingctx, ary, at):
-    """Ask for the cache line holding ``ary.flat[at]``, into L2 (a hint: no fault, no effect on results). The
-    kernel reads a block's cells in order, but the next block is wherever the block table says, so the hardware
-    prefetcher stalls at each block boundary; the kernel asks for the next block while it works on this one.
-    L2, not L1: a 128-token block of a 128-wide head is 33 KB, and L1 would have to hold two."""
-    sig = types.void(ary, at)
-
-    def codegen(context, builder, signature, args):
-        ptr = builder.bitcast(builder.gep(_data(context, builder, signature.args[0], args[0]), [args[1]]),
-                              _I8.as_pointer())
-        fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ir.VoidType(), [ptr.type] + [_I32] * 3),
-                                            "llvm.prefetch.p0")
-        builder.call(fn, [ptr, ir.Constant(_I32, 0), ir.Constant(_I32, 2), ir.Constant(_I32, 1)])
-        return context.get_dummy_value()
-
-    return sig, codegen
+def _prefetch_at(builder, base, at):
+    """Ask for the cache line holding ``base[at]``, into L2 (a hint: no fault, no effect on results). A block's
+    cells are read in order, but the next block is wherever the block table says, so the hardware prefetcher
+    stalls at each block boundary. L2, not L1: a 128-token block of a 128-wide head is 33 KB."""
+    ptr = builder.bitcast(builder.gep(base, [at]), _I8.as_pointer())
+    fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ir.VoidType(), [ptr.type] + [_I32] * 3),
+                                        "llvm.prefetch.p0")
+    builder.call(fn, [ptr, ir.Constant(_I32, 0), ir.Constant(_I32, 2), ir.Constant(_I32, 1)])

@@ -31,16 +31,16 @@ def _scores(cells, k_at, stride, q, q_len, n, tokens, out, int4, heads):
 
 
 @njit(cache=False)
-def _accumulate(acc, acc_len, cells, v_at, stride, weights, tokens, n, int4, heads):
+def _accumulate(acc, acc_len, cells, v_at, stride, weights, tokens, n, int4, heads, fetch):
     if int4:
         if heads == 2:
-            simd.acc2_u4(acc, 0, acc_len, cells, v_at, stride, weights, 0, tokens, tokens, n)
+            simd.acc2_u4(acc, 0, acc_len, cells, v_at, stride, weights, 0, tokens, tokens, n, fetch, 4000)
         else:
-            simd.acc1_u4(acc, 0, 0, cells, v_at, stride, weights, 0, 0, tokens, n)
+            simd.acc1_u4(acc, 0, 0, cells, v_at, stride, weights, 0, 0, tokens, n, fetch, 4000)
     elif heads == 2:
-        simd.acc2_i8(acc, 0, acc_len, cells, v_at, stride, weights, 0, tokens, tokens, n)
+        simd.acc2_i8(acc, 0, acc_len, cells, v_at, stride, weights, 0, tokens, tokens, n, fetch, 4000)
     else:
-        simd.acc1_i8(acc, 0, 0, cells, v_at, stride, weights, 0, 0, tokens, n)
+        simd.acc1_i8(acc, 0, 0, cells, v_at, stride, weights, 0, 0, tokens, n, fetch, 4000)
 
 
 def _values(cells: np.ndarray, at: int, n: int, int4: bool) -> np.ndarray:
@@ -91,7 +91,8 @@ def test_accumulate_equals_float64_weighted_sums(int4, heads):
                 for j in range(tokens):
                     want[h * acc_len:(h + 1) * acc_len] += (weights[h * tokens + j]
                                                              * _values(cells, v_at + j * stride, n, int4))
-            _accumulate(acc, acc_len, cells, v_at, stride, weights, tokens, n, int4, heads)
+            fetch = -1 if tokens % 2 else int(rng.integers(0, 4000))     # a prefetch hint changes nothing
+            _accumulate(acc, acc_len, cells, v_at, stride, weights, tokens, n, int4, heads, fetch)
             np.testing.assert_allclose(acc, want, rtol=0, atol=1e-4, err_msg=f"n={n} T={tokens}")  # sums < 1300
             if heads == 1:                                                 # the rest untouched
                 assert np.array_equal(acc[acc_len:], want[acc_len:].astype(np.float32))
