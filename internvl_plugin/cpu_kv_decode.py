@@ -201,6 +201,7 @@ def _attend(cells, words, row0_of, q, q_sum, table_row, first, last, int4, score
         n = min(block_size - off0, last - t)
         row0 = table_row[t // block_size] * row0_of[0] + row0_of[1] + off0
         ahead = -1                             # the next block's first byte, fetched while this one is read
+        ahead_len = 2 * half * min(block_size, last - t - n)
         if t + n < last:
             ahead = 2 * (table_row[(t + n) // block_size] * row0_of[0] + row0_of[1]) * half
         k_at = 2 * row0 * half
@@ -256,19 +257,19 @@ def _attend(cells, words, row0_of, q, q_sum, table_row, first, last, int4, score
         for g in range(0, group - 1, 2):
             if int4:
                 acc2_u4(acc, g * dim, (g + 1) * dim, cells, v_at, 2 * half, scores, g * block_size,
-                        (g + 1) * block_size, n, data, fetch, 2 * half * n)
+                        (g + 1) * block_size, n, data, fetch, ahead_len)
             else:
                 acc2_i8(acc, g * dim, (g + 1) * dim, cells, v_at, 2 * half, scores, g * block_size,
-                        (g + 1) * block_size, n, data, fetch, 2 * half * n)
+                        (g + 1) * block_size, n, data, fetch, ahead_len)
             fetch = -1
         if group % 2:
             g = group - 1
             if int4:
                 acc1_u4(acc, g * dim, g * dim, cells, v_at, 2 * half, scores, g * block_size, g * block_size, n,
-                        data, fetch, 2 * half * n)
+                        data, fetch, ahead_len)
             else:
                 acc1_i8(acc, g * dim, g * dim, cells, v_at, 2 * half, scores, g * block_size, g * block_size, n,
-                        data, fetch, 2 * half * n)
+                        data, fetch, ahead_len)
         t += n
     if int4:
         for g in range(group):

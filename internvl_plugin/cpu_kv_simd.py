@@ -1,13 +1,14 @@
 """The inner loops of the CPU int8/int4 KV decode kernel as explicit LLVM vector code (Numba intrinsics).
 
 Numba's auto-vectorized loops left the decode kernel compute-bound at 32 ns a (token, KV head) on one core of
-the 2-core VM: LLVM picks 256-bit vectors on AVX-512 machines, keeps the V accumulators in memory, and spends as
-much on each token's bookkeeping as on its dot products. These loops say what to do instead: 16-lane vectors
-(one zmm register on AVX-512, two ymm on AVX2, four on NEON: LLVM splits them for the machine), the query
+the 2-core AVX-512 VM: LLVM picks 256-bit vectors on AVX-512 machines, keeps the V accumulators in memory, and
+spends as much on each token's bookkeeping as on its dot products. These loops say what to do instead: 16-lane
+vectors (one zmm register on AVX-512; LLVM splits them into two ymm on AVX2, four registers on NEON), the query
 loaded once per block, independent accumulators so that the FMA latency overlaps, straight-line code per token
-for the usual head sizes, and the V accumulators kept in registers over a run of tokens: 17-20 ns. Written as
-intrinsics because Numba has no vector type; the kernel (cpu_kv_decode.py) calls them like functions and LLVM
-inlines them.
+for the usual head sizes, and the V accumulators kept in registers over a run of tokens: 17-20 ns there. On
+machines with 16 vector registers (AVX2) the widest cases (int4, two heads) spill some accumulators.
+Written as intrinsics because Numba has no vector type; the kernel (cpu_kv_decode.py) calls them like functions
+and LLVM inlines them.
 
 Element layout is the cache's (cpu_kv_decode): int8 cells are signed bytes; an int4 byte holds element 2i in
 its low nibble and 2i + 1 in its high one, and the callers keep queries and accumulators in split order (the
@@ -19,6 +20,7 @@ data (int8: the head size; int4: half of it); any ``n`` works (a scalar tail aft
 from __future__ import annotations
 
 from llvmlite import ir
+import numba
 from numba import types
 from numba.core import cgutils
 from numba.extending import intrinsic
@@ -32,7 +34,7 @@ _F32 = ir.FloatType()
 _I8 = ir.IntType(8)
 _I32 = ir.IntType(32)
 _I64 = ir.IntType(64)
-_FAST = ("fast",)
+_FAST = ("nsz", "arcp", "contract", "reassoc")     # not nnan/ninf: a NaN query stays a visible NaN
 
 
 def _vec(t, w):
@@ -41,6 +43,23 @@ def _vec(t, w):
 
 def _i64(v):
     return ir.Constant(_I64, v)
+
+
+_BYTES = (types.int8, types.uint8)     # the kernel types both formats' branches with one cache type
+
+
+def _check(name, ary, dtypes):
+    """A typing error unless ``ary`` is a C-contiguous array of one of ``dtypes``: the loops index it flat."""
+    if not (isinstance(ary, types.Array) and ary.layout == "C" and ary.dtype in dtypes):
+        raise numba.core.errors.TypingError(f"{name}: a C-contiguous array of {dtypes} expected, got {ary}")
+
+
+def _int64(name, *values):
+    """int64 for each integer argument (the call converts them), a typing error for anything else."""
+    for v in values:
+        if not isinstance(v, types.Integer):
+            raise numba.core.errors.TypingError(f"{name}: integer offsets and counts expected, got {v}")
+    return [types.int64] * len(values)
 
 
 def _data(context, builder, aryty, ary):
@@ -86,13 +105,23 @@ def _hsum(builder, v, w):
 
 
 def _chunks(builder, n, body):
-    """body(offset, w, 0) over offsets [0, n): chunks of w = LANES, then the remainder one element at a time."""
+    """body(offset, w) over offsets [0, n): chunks of w = LANES, then the remainder one element at a time."""
     full = builder.udiv(n, _i64(LANES))
     with cgutils.for_range(builder, full) as loop:
-        body(builder.mul(loop.index, _i64(LANES)), LANES, 0)
+        body(builder.mul(loop.index, _i64(LANES)), LANES)
     done = builder.mul(full, _i64(LANES))
     with cgutils.for_range(builder, builder.sub(n, done)) as loop:
-        body(builder.add(done, loop.index), 1, 0)
+        body(builder.add(done, loop.index), 1)
+
+
+def _prefetch_at(builder, base, at):
+    """Ask for the cache line holding ``base[at]``, into L2 (a hint: no fault, no effect on results). A block's
+    cells are read in order, but the next block is wherever the block table says, so the hardware prefetcher
+    stalls at each block boundary. L2, not L1: a 128-token block of a 128-wide head is 33 KB."""
+    ptr = builder.bitcast(builder.gep(base, [at]), _I8.as_pointer())
+    fn = builder.module.declare_intrinsic("llvm.prefetch", [ptr.type],
+                                          ir.FunctionType(ir.VoidType(), [ptr.type] + [_I32] * 3))
+    builder.call(fn, [ptr, ir.Constant(_I32, 0), ir.Constant(_I32, 2), ir.Constant(_I32, 1)])
 
 
 _SIZES = (32, 48, 64, 96, 128)      # row lengths (bytes) given straight-line code: head sizes 32-128, 64-256 (int4)
@@ -105,6 +134,11 @@ def _make_scores(int4: bool, heads: int):
     (``_SIZES``) each token's dot product is straight-line code, two accumulators per head."""
 
     def typer(typingctx, cells, k_at, stride, q, q_at0, q_at1, n, tokens, out, o_at0, o_at1):
+        _check("scores: cells", cells, _BYTES)
+        _check("scores: q", q, (types.float32,))
+        _check("scores: out", out, (types.float32,))
+        k_at, stride, q_at0, q_at1, n, tokens, o_at0, o_at1 = _int64("scores", k_at, stride, q_at0, q_at1, n, tokens,
+                                                                     o_at0, o_at1)
         sig = types.void(cells, k_at, stride, q, q_at0, q_at1, n, tokens, out, o_at0, o_at1)
 
         def codegen(context, builder, signature, args):
@@ -126,7 +160,7 @@ def _make_scores(int4: bool, heads: int):
                         for h in range(heads):
                             builder.store(ir.Constant(_vec(_F32, w), [0.0] * w), regs[w][h])
 
-                    def body(off, w, k):
+                    def body(off, w):
                         xs = _codes(builder, kp, builder.add(row, off), w, int4)
                         for h in range(heads):
                             for part, x in enumerate(xs):
@@ -189,12 +223,17 @@ def _make_scores(int4: bool, heads: int):
 
 def _make_acc(int4: bool, heads: int):
     """acc[a_at_h + i] += Σ_j w[w_at_h + j] · v_j,i for j < tokens, where v_j = cells.flat[v_at + j * stride:][:n]
-    (int4: low nibbles into acc[a_at_h + i], high ones into acc[a_at_h + n + i]). Meanwhile the ``pf_len``
+    (int4: low nibbles into acc[a_at_h + i], high ones into acc[a_at_h + n + i]). Meanwhile up to ``pf_len``
     bytes at cells.flat[pf_at:] (the next block; pf_at < 0: none) are asked for, three lines every 4-token step
-    of the 16-lane chunks: spread over the loop, not in a burst, which measured 10-15 % slower where the cache
-    sits in L3 (8k context, one sequence)."""
+    of the 16-lane chunks (at most 192 bytes a step): spread over the loop, not in a burst, which measured
+    10-15 % slower where the cache sits in L3 (8k context, one sequence)."""
 
     def typer(typingctx, acc, a_at0, a_at1, cells, v_at, stride, weights, w_at0, w_at1, tokens, n, pf_at, pf_len):
+        _check("acc: acc", acc, (types.float32,))
+        _check("acc: cells", cells, _BYTES)
+        _check("acc: weights", weights, (types.float32,))
+        a_at0, a_at1, v_at, stride, w_at0, w_at1, tokens, n, pf_at, pf_len = _int64(
+            "acc", a_at0, a_at1, v_at, stride, w_at0, w_at1, tokens, n, pf_at, pf_len)
         sig = types.void(acc, a_at0, a_at1, cells, v_at, stride, weights, w_at0, w_at1, tokens, n, pf_at, pf_len)
 
         def codegen(context, builder, signature, args):
@@ -207,7 +246,7 @@ def _make_acc(int4: bool, heads: int):
             slots = {w: [[[cgutils.alloca_once(builder, _vec(_F32, w)) for _ in range(UNROLL)]
                           for _ in range(parts)] for _ in range(heads)] for w in (LANES, 1)}
 
-            def body(off, w, k):
+            def body(off, w):
                 # this chunk of every head's accumulator stays in registers while the tokens stream by
                 zero = ir.Constant(_vec(_F32, w), [0.0] * w)
                 regs = slots[w]
@@ -261,13 +300,3 @@ scores1_i8, scores2_i8 = _make_scores(False, 1), _make_scores(False, 2)
 scores1_u4, scores2_u4 = _make_scores(True, 1), _make_scores(True, 2)
 acc1_i8, acc2_i8 = _make_acc(False, 1), _make_acc(False, 2)
 acc1_u4, acc2_u4 = _make_acc(True, 1), _make_acc(True, 2)
-
-
-def _prefetch_at(builder, base, at):
-    """Ask for the cache line holding ``base[at]``, into L2 (a hint: no fault, no effect on results). A block's
-    cells are read in order, but the next block is wherever the block table says, so the hardware prefetcher
-    stalls at each block boundary. L2, not L1: a 128-token block of a 128-wide head is 33 KB."""
-    ptr = builder.bitcast(builder.gep(base, [at]), _I8.as_pointer())
-    fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ir.VoidType(), [ptr.type] + [_I32] * 3),
-                                        "llvm.prefetch.p0")
-    builder.call(fn, [ptr, ir.Constant(_I32, 0), ir.Constant(_I32, 2), ir.Constant(_I32, 1)])

@@ -1,7 +1,7 @@
 """The fused decode kernel (internvl_plugin/cpu_kv_decode.py) against attention over the dequantized cache.
 
 Random K, V, Q (never zeros) of many shapes: batch sizes, context lengths that are not multiples of the block,
-GQA ratios, head sizes 64 / 96 / 128, int8 and int4, sliding windows and context slices (flash-decoding
+GQA ratios, head sizes 8 / 64 / 80 / 96 / 128, int8 and int4, sliding windows and context slices (flash-decoding
 splits). The cache is decoded by test_kv_cpu_format's reference (straight from the format definition) and
 attention is taken in float64.
 """
@@ -70,6 +70,7 @@ CASES = [  # (seq_lens, heads, kv_heads, head_size, block_size, window)
     ([513], 4, 2, 96, 128, 200),
     ([70, 9], 6, 2, 80, 16, None),        # row lengths without straight-line code (cpu_kv_simd): 80 / 40 bytes
     ([21], 4, 4, 8, 16, None),            # shorter than one 16-lane chunk
+    ([100, 45], 4, 4, 64, 16, None),      # one query head per KV head over many blocks
 ]
 
 

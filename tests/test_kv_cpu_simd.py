@@ -32,15 +32,16 @@ def _scores(cells, k_at, stride, q, q_len, n, tokens, out, int4, heads):
 
 @njit(cache=False)
 def _accumulate(acc, acc_len, cells, v_at, stride, weights, tokens, n, int4, heads, fetch):
+    size = cells.size - fetch
     if int4:
         if heads == 2:
-            simd.acc2_u4(acc, 0, acc_len, cells, v_at, stride, weights, 0, tokens, tokens, n, fetch, 4000)
+            simd.acc2_u4(acc, 0, acc_len, cells, v_at, stride, weights, 0, tokens, tokens, n, fetch, size)
         else:
-            simd.acc1_u4(acc, 0, 0, cells, v_at, stride, weights, 0, 0, tokens, n, fetch, 4000)
+            simd.acc1_u4(acc, 0, 0, cells, v_at, stride, weights, 0, 0, tokens, n, fetch, size)
     elif heads == 2:
-        simd.acc2_i8(acc, 0, acc_len, cells, v_at, stride, weights, 0, tokens, tokens, n, fetch, 4000)
+        simd.acc2_i8(acc, 0, acc_len, cells, v_at, stride, weights, 0, tokens, tokens, n, fetch, size)
     else:
-        simd.acc1_i8(acc, 0, 0, cells, v_at, stride, weights, 0, 0, tokens, n, fetch, 4000)
+        simd.acc1_i8(acc, 0, 0, cells, v_at, stride, weights, 0, 0, tokens, n, fetch, size)
 
 
 def _values(cells: np.ndarray, at: int, n: int, int4: bool) -> np.ndarray:
