@@ -97,3 +97,24 @@ def test_accumulate_equals_float64_weighted_sums(int4, heads):
             np.testing.assert_allclose(acc, want, rtol=0, atol=1e-4, err_msg=f"n={n} T={tokens}")  # sums < 1300
             if heads == 1:                                                 # the rest untouched
                 assert np.array_equal(acc[acc_len:], want[acc_len:].astype(np.float32))
+
+
+def test_wrong_arrays_and_offsets_are_typing_errors_naming_the_argument():
+    """The loops index their arrays flat: a float64 query, a non-contiguous output or a float offset must not
+    compile into reads of the wrong bytes."""
+    from numba.core.errors import TypingError
+
+    cells = np.zeros(64, dtype=np.int8)
+    out = np.zeros(4, dtype=np.float32)
+
+    @njit(cache=False)
+    def call(q, out, at):
+        simd.scores1_i8(cells, at, 16, q, 0, 0, 16, 1, out, 0, 0)
+
+    call(np.ones(16, dtype=np.float32), out, 0)                       # the right types compile and run
+    assert out[0] == 0.0
+    for args, culprit in (((np.ones(16), out, 0), "scores: q"),
+                          ((np.ones(16, dtype=np.float32), np.zeros((4, 2), np.float32)[:, 0], 0), "scores: out"),
+                          ((np.ones(16, dtype=np.float32), out, 0.5), "integer offsets")):
+        with pytest.raises(TypingError, match=culprit):
+            call(*args)
