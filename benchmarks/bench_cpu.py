@@ -20,7 +20,15 @@ cache, prefix caching off, random prompt token ids. Reported per path: decode to
 vLLM's per-request timestamps or a transformers streamer), time to first token of one 1024-token prompt,
 peak RSS (and where it goes: the process before the engine, the peak while loading, the model's
 parameter bytes by kind, RSS after loading), and the kernel each W4A16 path used. Paths that cannot run here (e.g. stock AWQ where the
-vLLM build has no CPU int4 kernel) report the one-line error.
+vLLM build has no CPU int4 kernel) report the one-line error. The ``-compiled`` paths run vLLM's
+torch.compile graph instead (what ``hub_cli serve MODEL -- --no-enforce-eager`` serves); their start-up
+time includes the compile (vLLM caches it under ~/.cache/vllm, so a second start is shorter).
+
+The decode ceiling: before and after the paths the script measures the machine's read bandwidth (a
+float32 matrix-vector product over 1 GiB, the fastest dense read torch has here). A decode step must
+read every linear's weights and the LM head once, so no kernel can decode faster than batch x bandwidth
+/ those bytes; each path prints the share of that ceiling it reached, and the last lines its ratio to
+transformers beside the ratio its ceiling allows.
 """
 
 from __future__ import annotations
@@ -52,6 +60,10 @@ PATHS: dict[str, tuple[str, str, dict, dict]] = {
     "w4a16-fp16": ("awq", "float16", {}, {}),
     "stock-awq": ("awq", "bfloat16", {"quantization": "awq"}, {}),           # vLLM's default on the machine
     "stock-awq-w4a16": ("awq", "bfloat16", {"quantization": "awq"}, {"VLLM_CPU_INT4_W4A8": "0"}),
+    # torch.compile (vLLM's inductor graph) instead of eager: what serving gets with --no-enforce-eager
+    "vllm-bf16-compiled": ("dense", "bfloat16", {"enforce_eager": False}, {}),
+    "w4a16-compiled": ("awq", "bfloat16", {"enforce_eager": False}, {}),
+    "stock-awq-compiled": ("awq", "bfloat16", {"quantization": "awq", "enforce_eager": False}, {}),
     "hf-bf16": ("dense", "bfloat16", {}, {}),
     "hf-fp32": ("dense", "float32", {}, {}),
 }
@@ -86,6 +98,8 @@ def main() -> None:
 
     folders = build_checkpoints(Path(args.work_dir) / f"internlm2-1.8b-L{args.layers}", args.layers)
     print(f"# {machine()}  layers={args.layers}  load1={os.getloadavg()[0]:.2f}", flush=True)
+    bandwidth = [read_bandwidth_gbs()]
+    print(f"# read bandwidth (float32 GEMV over 1 GiB): {bandwidth[0]:.1f} GB/s", flush=True)
     results = []
     for path in args.paths:
         load = wait_for_load(args.wait_load) if args.wait_load else os.getloadavg()[0]
@@ -99,17 +113,24 @@ def main() -> None:
         lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
         if lines:
             result = json.loads(lines[-1][len("RESULT "):])
+        elif proc.returncode < 0:  # killed (e.g. a path too slow to wait for): say so, not stderr's last line
+            result = {"path": path, "error": f"stopped by signal {-proc.returncode}"}
         else:
             tail = [ln for ln in (proc.stderr or "").splitlines() if ln.strip()][-1:] or ["no output"]
             result = {"path": path, "error": tail[0][:200]}
         result["load1_at_start"] = round(load, 2)
         results.append(result)
         print(json.dumps(result), flush=True)
+    bandwidth.append(read_bandwidth_gbs())
+    print(f"# read bandwidth after the paths: {bandwidth[1]:.1f} GB/s", flush=True)
+    add_ceilings(results, args, max(bandwidth))
     print()
     print(table(results, args))
+    print()
+    print(ratios(results, args))
     if args.json:
         Path(args.json).write_text(json.dumps({"machine": machine(), "layers": args.layers, "folders": folders,
-                                               "results": results}, indent=2))
+                                               "read_bandwidth_gbs": bandwidth, "results": results}, indent=2))
 
 
 # ------------------------------------------------------------------------------------------ checkpoints
@@ -224,7 +245,8 @@ class VLLMRunner:
         from vllm import LLM
 
         t = time.perf_counter()
-        self.llm = LLM(model=str(folder), dtype=dtype, max_model_len=MAX_MODEL_LEN, enforce_eager=True,
+        llm_kwargs = {"enforce_eager": True, **llm_kwargs}
+        self.llm = LLM(model=str(folder), dtype=dtype, max_model_len=MAX_MODEL_LEN,
                        skip_tokenizer_init=True, enable_prefix_caching=False, max_num_seqs=8, disable_log_stats=False,
                        max_num_batched_tokens=MAX_MODEL_LEN, seed=0, **llm_kwargs)
         self.info = {"load_s": round(time.perf_counter() - t, 1),
@@ -262,9 +284,9 @@ def _int4_kernels(model) -> str:
 
 def param_bytes(model) -> dict[str, float]:
     """GiB of parameters and buffers by kind: quantized linears (their 4-bit weights, scales, zero points),
-    the embedding and lm_head, the other linears, the rest (norms)."""
+    the embedding, the LM head, the other linears, the rest (norms)."""
     import torch
-    from vllm.model_executor.layers.vocab_parallel_embedding import VocabParallelEmbedding
+    from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead, VocabParallelEmbedding
 
     out: dict[str, float] = {}
     storages: dict[int, int] = {}
@@ -277,8 +299,10 @@ def param_bytes(model) -> dict[str, float]:
         if not tensors:
             continue
         method = type(getattr(module, "quant_method", None)).__name__
-        if isinstance(module, VocabParallelEmbedding):
-            kind = "embed_lm_head"
+        if isinstance(module, ParallelLMHead):
+            kind = "lm_head"
+        elif isinstance(module, VocabParallelEmbedding):
+            kind = "embedding"
         elif method not in ("NoneType", "UnquantizedLinearMethod"):
             kind = "quantized_linear"
         elif method == "UnquantizedLinearMethod":
@@ -321,7 +345,8 @@ class HFRunner:
         self.model = model.eval()
         self.info = {"load_s": round(time.perf_counter() - t, 1), "quantization": None,
                      "param_gib": {"all": round(sum(p.numel() * p.element_size() for p in model.parameters())
-                                                / 2**30, 3)}}
+                                                / 2**30, 3),
+                                   "embedding": round(model.model.embed_tokens.weight.nbytes / 2**30, 3)}}
 
     def generate(self, prompts: list[list[int]], max_tokens: int) -> tuple[float, float]:
         """(wall seconds, decode tokens/s after the first new token, timed by a streamer)."""
@@ -501,10 +526,77 @@ def machine() -> str:
     return f"{model}, {os.cpu_count()} CPUs, {'/'.join(isa) or 'no AVX2'}"
 
 
+def read_bandwidth_gbs(gib: float = 1.0, repeats: int = 5) -> float:
+    """GB/s of the fastest dense read here: a float32 matrix-vector product over `gib` of weights, on
+    torch's threads (best of `repeats`). A decode step cannot read its weights faster than this."""
+    import torch
+
+    w = torch.rand(2048, int(gib * 2**30) // (2048 * 4))
+    v = torch.rand(1, 2048)
+    best = float("inf")
+    for _ in range(repeats + 1):  # the first call pages the matrix in
+        t = time.perf_counter()
+        v @ w
+        best = min(best, time.perf_counter() - t)
+    return w.numel() * 4 / best / 1e9
+
+
+def step_read_gib(result: dict) -> float | None:
+    """GiB a decode step must read from memory: every linear's weights and the LM head; of the
+    embedding only the batch's rows (so none is counted); KV cache reads at 64-token prompts are
+    under 1 MB a sequence."""
+    p = result.get("param_gib") or {}
+    if "all" in p:  # transformers: its parameters less the embedding
+        return p["all"] - p.get("embedding", 0.0)
+    if not p:
+        return None
+    return p.get("quantized_linear", 0) + p.get("dense_linear", 0) + p.get("other", 0) + p.get("lm_head", 0)
+
+
+def add_ceilings(results: list[dict], args, bandwidth_gbs: float) -> None:
+    """Each path's decode ceiling at each batch: the tokens/s if a step cost only reading its weights
+    at the measured bandwidth, and the share of it reached."""
+    for r in results:
+        read = step_read_gib(r)
+        if not read or "error" in r:
+            continue
+        r["step_read_gib"] = round(read, 3)
+        for b in args.batch:
+            ceiling = b * bandwidth_gbs * 1e9 / (read * 2**30)
+            r[f"ceiling_tok_s_b{b}"] = round(ceiling, 1)
+            if f"decode_tok_s_b{b}" in r:
+                r[f"of_ceiling_b{b}"] = round(r[f"decode_tok_s_b{b}"] / ceiling, 2)
+
+
+def ratios(results: list[dict], args) -> str:
+    """Each vLLM path's decode against transformers bfloat16 (first run of each), and the largest
+    ratio its weight bytes allow (its ceiling over transformers' measured rate)."""
+    first = {}
+    for r in results:
+        first.setdefault(r["path"], r)
+    hf = first.get("hf-bf16")
+    if not hf or "error" in hf:
+        return "(no transformers bfloat16 run: no ratios)"
+    lines = []
+    for path, r in first.items():
+        if path.startswith("hf-") or "error" in r:
+            continue
+        parts = []
+        for b in args.batch:
+            base, rate = hf.get(f"decode_tok_s_b{b}"), r.get(f"decode_tok_s_b{b}")
+            if base and rate:
+                cap = r.get(f"ceiling_tok_s_b{b}")
+                parts.append(f"b{b} {rate / base:.2f}x" + (f" (ceiling {cap / base:.2f}x)" if cap else ""))
+        lines.append(f"{path} / transformers bf16 decode: " + ", ".join(parts))
+    return "\n".join(lines)
+
+
 def table(results: list[dict], args) -> str:
     ttft = f"ttft_{args.prompt_len}_s"
-    cols = [f"decode_tok_s_b{b}" for b in args.batch] + [ttft, "peak_rss_gib", "load1_at_start"]
-    heads = [f"decode tok/s b{b}" for b in args.batch] + [f"TTFT {args.prompt_len} (s)", "peak RSS (GiB)", "load"]
+    cols = ([f"decode_tok_s_b{b}" for b in args.batch] + [f"of_ceiling_b{b}" for b in args.batch]
+            + [ttft, "peak_rss_gib", "load_s", "load1_at_start"])
+    heads = ([f"decode tok/s b{b}" for b in args.batch] + [f"of ceiling b{b}" for b in args.batch]
+             + [f"TTFT {args.prompt_len} (s)", "peak RSS (GiB)", "start (s)", "load"])
     lines = ["| path | dtype | " + " | ".join(heads) + " | kernel |", "|" + "---|" * (len(heads) + 3)]
     for r in results:
         if "error" in r:
