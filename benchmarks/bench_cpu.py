@@ -5,6 +5,7 @@
     python benchmarks/bench_cpu.py --layers 4          # a quick run
     python benchmarks/bench_cpu.py --paths vllm-bf16 w4a16 --json out.json
     python benchmarks/bench_cpu.py --layer-ab          # the plugin's int4 operator vs stock's call, per linear
+    python benchmarks/bench_cpu.py --kernel-rows       # vLLM's int4 kernel per call at 1..16 rows, whole / 4 a call
 
 One checkpoint pair is built once under --work-dir: random weights with InternLM2-1.8B's shapes (hidden
 2048, 16 heads / 8 KV heads, intermediate 8192, vocab 92544), RTN-quantized to AWQ gemm G=128 (the
@@ -87,10 +88,15 @@ def main() -> None:
                     "stock vLLM's AWQ call on the 1.8B linears, interleaved in one process")
     ap.add_argument("--ab-rows", type=int, nargs="+", default=[1, 8, 64])
     ap.add_argument("--ab-iters", type=int, default=200)
+    ap.add_argument("--kernel-rows", action="store_true", help="only time vLLM's int4 kernel (the plan w4a8-amx) "
+                    "per call at 1..16 rows on the 1.8B linears, weights read from memory, whole and 4 rows a call")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.layer_ab:
         layer_ab(args)
+        return
+    if args.kernel_rows:
+        kernel_rows(args)
         return
     if args.worker:
         print("RESULT " + json.dumps(run_path(args.worker, args)), flush=True)
@@ -468,6 +474,66 @@ def layer_ab(args) -> None:
             med = {key: statistics.median(v) * 1e3 for key, v in times.items()}
             print(f"| {name} ({k} x {n}) | {rows} | {med['plugin']:.3f} | {med['stock']:.3f} | "
                   f"{med['stock'] / med['plugin']:.2f} |", flush=True)
+
+
+def kernel_rows(args, budget_gb: float = 0.8, min_s: float = 0.4) -> None:
+    """ms a call of vLLM's int4 kernel (``_C.int4_scaled_mm_cpu``, the plan w4a8-amx) at 1..16 rows on
+    the four 1.8B linears, with the weights cycled through `budget_gb` of copies so that every call reads
+    them from memory as a decode step does; beside it the same rows 4 at a time (the kernel's VNNI path
+    takes at most 4, more go to its brgemm path), over the whole weight and per column slice (the second
+    call of a slice finds its weights in L2). Best of 3 timings of at least `min_s` each."""
+    import torch
+
+    from internvl_kernels import quantize_awq
+    from internvl_plugin import quant_cpu
+
+    if "w4a8-amx" not in quant_cpu.available_kernels(torch.bfloat16):
+        sys.exit("--kernel-rows: vLLM's int4 kernel (w4a8-amx) does not run on this machine")
+    op = torch.ops._C.int4_scaled_mm_cpu
+    h, inter = SHAPE["hidden_size"], SHAPE["intermediate_size"]
+    qkv = (SHAPE["num_attention_heads"] + 2 * SHAPE["num_key_value_heads"]) * h // SHAPE["num_attention_heads"]
+    gen = torch.Generator().manual_seed(0)
+
+    def chunked(x, w, blocks):  # rows 4 at a time, per slice of `blocks` x 32 output columns
+        out = torch.empty(x.shape[0], w[0].shape[0] * 32, dtype=x.dtype)
+        for b0 in range(0, w[0].shape[0], blocks):
+            b1 = min(w[0].shape[0], b0 + blocks)
+            for r in range(0, x.shape[0], 4):
+                out[r:r + 4, b0 * 32:b1 * 32] = op(x[r:r + 4], w[0][b0:b1], w[2][b0:b1], w[1][b0:b1], None)
+        return out
+
+    print(f"# {machine()}  load1={os.getloadavg()[0]:.2f}  vLLM's int4_scaled_mm_cpu, ms a call, weights from memory")
+    print("| linear (K x N) | MB | rows | whole | GB/s | 4 rows a call | per 512 / 2048 columns |\n|---|---|---|---|---|---|---|")
+    for name, (k, n) in {"wqkv": (h, qkv), "wo": (h, h), "w1w3": (h, 2 * inter), "w2": (inter, h)}.items():
+        packed = quant_cpu.pack_awq(*quantize_awq(torch.randn(n, k, generator=gen) / k**0.5, GROUP,
+                                                  scale_dtype=torch.bfloat16), GROUP, "w4a8-amx", torch.bfloat16)
+        first = (packed.weight, packed.scales, packed.zeros)
+        mb = sum(t.nbytes for t in first) / 1e6
+        copies = [first] + [tuple(t.clone() for t in first) for _ in range(max(0, int(budget_gb * 1e3 / mb) - 1))]
+
+        def ms(call, x):
+            best = float("inf")
+            for _ in range(3):
+                t, calls = time.perf_counter(), 0
+                while time.perf_counter() - t < min_s:
+                    for w in copies:
+                        call(x, w)
+                    calls += len(copies)
+                best = min(best, (time.perf_counter() - t) / calls)
+            return best * 1e3
+
+        for rows in (1, 2, 4, 5, 8, 12, 16):
+            x = torch.randn(rows, k, generator=gen).bfloat16()
+            whole = ms(lambda x, w: op(x, w[0], w[2], w[1], None), x)
+            cells = [f"{whole:.3f}", f"{mb / whole:.1f}"]
+            if rows > 4:
+                ref = op(x, first[0], first[2], first[1], None)
+                assert torch.equal(chunked(x, first, 16), ref), name  # the same sums, row by row
+                cells += [f"{ms(lambda x, w: chunked(x, w, 10**9), x):.3f}",
+                          f"{ms(lambda x, w: chunked(x, w, 16), x):.3f} / {ms(lambda x, w: chunked(x, w, 64), x):.3f}"]
+            else:
+                cells += ["", ""]
+            print(f"| {name} ({k} x {n}) | {mb:.1f} | {rows} | " + " | ".join(cells) + " |", flush=True)
 
 
 # ------------------------------------------------------------------------------------------ report
