@@ -27,8 +27,9 @@ time includes the compile (vLLM caches it under ~/.cache/vllm, so a second start
 
 The decode ceiling: before and after the paths the script measures the machine's read bandwidth (a
 float32 matrix-vector product over 1 GiB, the fastest dense read torch has here). A decode step must
-read every linear's weights and the LM head once, so no kernel can decode faster than batch x bandwidth
-/ those bytes; each path prints the share of that ceiling it reached, and the last lines its ratio to
+read every linear's weights and the LM head once, so at that read rate no engine decodes faster than
+batch x bandwidth / those bytes (an estimate from a measured rate, not a hardware peak; the larger of the
+two readings); each path prints the share of that ceiling it reached, and the last lines its ratio to
 transformers beside the ratio its ceiling allows.
 """
 
@@ -600,7 +601,7 @@ def read_bandwidth_gbs(gib: float = 1.0, repeats: int = 5) -> float:
     w = torch.rand(2048, int(gib * 2**30) // (2048 * 4))
     v = torch.rand(1, 2048)
     best = float("inf")
-    for _ in range(repeats + 1):  # the first call pages the matrix in
+    for _ in range(repeats + 1):  # one more: a warm-up call
         t = time.perf_counter()
         v @ w
         best = min(best, time.perf_counter() - t)
@@ -612,8 +613,8 @@ def step_read_gib(result: dict) -> float | None:
     embedding only the batch's rows (so none is counted); KV cache reads at 64-token prompts are
     under 1 MB a sequence."""
     p = result.get("param_gib") or {}
-    if "all" in p:  # transformers: its parameters less the embedding
-        return p["all"] - p.get("embedding", 0.0)
+    if "all" in p:  # transformers: its parameters less the embedding (untied, as these checkpoints)
+        return p["all"] - p["embedding"]
     if not p:
         return None
     return p.get("quantized_linear", 0) + p.get("dense_linear", 0) + p.get("other", 0) + p.get("lm_head", 0)

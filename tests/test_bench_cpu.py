@@ -53,6 +53,8 @@ def test_ratios_to_transformers_name_the_ceiling_ratio(bench):
                {"path": "hf-bf16", "param_gib": {"all": 3.25, "embedding": 0.25},
                 "decode_tok_s_b1": 4.0, "decode_tok_s_b8": 32.0}]
     bench.add_ceilings(results, Args, bandwidth_gbs=2**30 * 20 / 1e9)
+    results.append(_vllm("w4a16", (1.0, 1.0), quantized_linear=0.75))  # a second run: the first counts
+    results.append({"path": "stock-awq", "error": "RuntimeError: no kernel"})  # no line for a failed path
     text = bench.ratios(results, Args)
     # 12 / 4 = 3x at b1 (ceiling 20 / 4 = 5x); 64 / 32 = 2x at b8 (ceiling 160 / 32 = 5x)
     assert text == "w4a16 / transformers bf16 decode: b1 3.00x (ceiling 5.00x), b8 2.00x (ceiling 5.00x)"
